@@ -1,0 +1,186 @@
+"""The `armorm` command line.
+
+    armorm score [--model DIR] [--input conversations.jsonl] [--output scores.jsonl]
+
+Without --input it scores the model card's example (three answers to a
+request for synonyms of "beautiful") and prints a table. Without --model it
+uses RLHFlow/ArmoRM-Llama3-8B-v0.1 from the local Hugging Face cache, or
+downloads it when huggingface_hub is installed and the hub is reachable.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .hub import DEFAULT_MODEL, ModelNotFoundError
+
+EXAMPLE_PROMPT = 'What are some synonyms for the word "beautiful"?'
+EXAMPLE_RESPONSES = [
+    "Nicely, Beautifully, Handsome, Stunning, Wonderful, Gorgeous, Pretty, Stunning, Elegant",
+    'Certainly! Here are some synonyms for the word "beautiful":\n\n1. Gorgeous\n2. Lovely\n3. Stunning\n'
+    "4. Attractive\n5. Pretty\n6. Elegant\n7. Exquisite\n8. Handsome\n9. Charming\n10. Alluring\n11. Radiant\n"
+    "12. Magnificent\n13. Graceful\n14. Enchanting\n15. Dazzling\n\nThese synonyms can be used in various "
+    "contexts to convey the idea of beauty.",
+    "Sorry i cannot answer this.",
+]
+
+
+class InputError(ValueError):
+    """A malformed input file (the message names the line)."""
+
+
+def example_conversations() -> List[List[Dict[str, str]]]:
+    """The model card's three example conversations."""
+    return [[{"role": "user", "content": EXAMPLE_PROMPT}, {"role": "assistant", "content": r}]
+            for r in EXAMPLE_RESPONSES]
+
+
+def read_jsonl(path: str) -> Tuple[List[List[Dict[str, str]]], List[Any]]:
+    """Reads conversations (`messages`, or `prompt` + `response`) and optional `id`s from JSONL."""
+    from .tokenizer import conversation_from_record
+    convs, ids = [], []
+    with open(path, "r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            try:
+                conv = conversation_from_record(rec)
+                for j, m in enumerate(conv):
+                    if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                        raise ValueError(f"message {j} needs string 'role' and 'content'")
+                if not conv:
+                    raise ValueError("empty conversation")
+            except ValueError as e:
+                raise InputError(f"{path}:{lineno}: {e}") from None
+            convs.append(conv)
+            ids.append(rec.get("id"))
+    if not convs:
+        raise InputError(f"{path}: no conversations")
+    return convs, ids
+
+
+def _records(out: Any, attributes: Sequence[str], explained: List[List[Tuple[str, float]]],
+             ids: Sequence[Any]) -> List[Dict[str, Any]]:
+    recs = []
+    for i in range(len(out.score)):
+        rec: Dict[str, Any] = {} if ids[i] is None else {"id": ids[i]}
+        rec["score"] = float(out.score[i])
+        if "rewards" in out:
+            rec["rewards"] = {a: float(v) for a, v in zip(attributes, out.rewards[i])}
+            rec["gating_output"] = {a: float(v) for a, v in zip(attributes, out.gating_output[i])}
+            rec["top_objectives"] = [{"objective": a, "coefficient": c} for a, c in explained[i]]
+        recs.append(rec)
+    return recs
+
+
+def write_jsonl_atomic(path: str, records: Sequence[Dict[str, Any]]) -> None:
+    """Writes to a temporary file beside `path`, then renames: never a partial file."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".armorm-", suffix=".tmp", dir=d)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _print_table(convs: Sequence[Sequence[Dict[str, str]]], recs: Sequence[Dict[str, Any]]) -> None:
+    print(f"prompt: {convs[0][-2]['content'] if len(convs[0]) > 1 else ''}")
+    for i, (c, r) in enumerate(zip(convs, recs), 1):
+        text = " ".join(c[-1]["content"].split())
+        text = text if len(text) <= 70 else text[:67] + "..."
+        print(f"\n[{i}] score {r['score']:+.5f}  {text}")
+        for t in r.get("top_objectives", []):
+            print(f"      {t['objective']:<38} {t['coefficient']:+.5f}")
+        if "rewards" in r:
+            hs = [r["rewards"][a] * 5 - 0.5 for a in list(r["rewards"])[:5]]
+            print("      helpsteer (0-4 scale): " + " ".join(f"{v:.3f}" for v in hs))
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .hub import resolve_model_path
+    from .pipeline import ArmoRMPipeline
+    from .progress import make_progress
+    model_ref = args.model or DEFAULT_MODEL
+    try:
+        path = resolve_model_path(model_ref)
+    except ModelNotFoundError as e:
+        print(f"armorm: error: {e}.\nPass a local copy with --model DIR (a directory holding config.json, "
+              f"the safetensors weights and tokenizer.json of {DEFAULT_MODEL} or another ArmoRM-style model).",
+              file=sys.stderr)
+        return 2
+    if args.input:
+        convs, ids = read_jsonl(args.input)
+    else:
+        convs, ids = example_conversations(), [None] * len(EXAMPLE_RESPONSES)
+    rm = ArmoRMPipeline(path, torch_dtype=args.dtype, max_length=args.max_length, num_threads=args.threads,
+                        truncation=not args.no_truncation, batch_tokens=args.batch_tokens)
+    seqs = rm.encode(convs)
+    show = not args.no_progress and len(seqs) > 1 and (args.progress or sys.stderr.isatty())
+    out = rm.model.score_sequences(seqs, fields=None if rm.model.architecture != "LlamaModel" else ["hidden_state"],
+                                   batch_tokens=args.batch_tokens, progress=make_progress(len(seqs), show))
+    if "score" not in out:
+        print("armorm: error: this checkpoint has no reward head (bare LlamaModel)", file=sys.stderr)
+        return 2
+    explained = rm.model.explain(out, args.top_k) if "gating_output" in out else [[] for _ in seqs]
+    recs = _records(out, rm.model.attributes, explained, ids)
+    if args.output:
+        write_jsonl_atomic(args.output, recs)
+        print(f"wrote {len(recs)} scores to {args.output}", file=sys.stderr)
+    elif args.input:
+        for r in recs:
+            print(json.dumps(r, ensure_ascii=False))
+    else:
+        _print_table(convs, recs)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="armorm", description="ArmoRM-style reward models on a C core")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("score", help="score conversations (default: the model card's example)")
+    s.add_argument("--model", metavar="DIR", help=f"model directory or hub id (default: {DEFAULT_MODEL})")
+    s.add_argument("--input", metavar="JSONL", help="one conversation per line: messages, or prompt + response")
+    s.add_argument("--output", metavar="JSONL", help="write one result per line here (atomically)")
+    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16", "auto"],
+                   help="dtype the backbone weights are held in (default bfloat16, as the model card)")
+    s.add_argument("--threads", type=int, default=None, help="CPU threads (default: ARMORM_NUM_THREADS or all)")
+    s.add_argument("--batch-tokens", type=int, default=8192, help="tokens per packed batch")
+    s.add_argument("--max-length", type=int, default=4096, help="truncate conversations to this many tokens")
+    s.add_argument("--no-truncation", action="store_true", help="score whole conversations")
+    s.add_argument("--top-k", type=int, default=3, help="objectives listed per conversation")
+    s.add_argument("--progress", action="store_true", help="show a progress bar even when not on a terminal")
+    s.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    s.set_defaults(func=cmd_score)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (InputError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"armorm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("armorm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,478 @@
+"""The drop-in model: `ArmoRM.from_pretrained(path)(input_ids)`.
+
+`ArmoRM` loads a Hugging Face Llama reward-model directory (ArmoRM's
+`LlamaForRewardModelWithGating`, a plain `LlamaForSequenceClassification`, or
+a bare `LlamaModel` / `LlamaForCausalLM` backbone) into the C core and returns
+the reference's output fields. Input can be NumPy, lists or torch tensors;
+torch input gives torch output, anything else NumPy.
+
+Batching never pads: sequences are packed end to end and each one's result is
+the same as when it is scored alone.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _core
+from .config import ATTRIBUTES, CheckpointError, ModelConfig, load_config, weight_files
+from .hub import resolve_model_path
+from .tokenizer import find_gating_position
+
+#: The gating pattern of the Llama-3 chat format:
+#: "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n".
+LLAMA3_GATING_PATTERN: List[int] = [128009, 128006, 78191, 128007, 271]
+
+FIELDS = ("rewards", "gating_output", "score", "logits", "hidden_state", "prompt_embedding")
+_HF_IGNORED_KWARGS = {"trust_remote_code", "low_cpu_mem_usage", "attn_implementation", "use_safetensors",
+                      "local_files_only", "use_cache", "revision", "cache_dir", "token", "force_download",
+                      "offload_folder", "max_memory"}
+
+
+class GatingPatternError(ValueError):
+    """A sequence does not contain the token pattern that opens the final assistant turn."""
+
+
+class RewardOutput(Mapping):
+    """The model's outputs, named as the reference's (`output.score`, `output["score"]`).
+
+    ArmoRM: rewards [B,K], gating_output [B,K], score [B], logits (= score),
+    hidden_state [B,H], prompt_embedding [B,H]. SequenceClassification: logits
+    [B,num_labels], score = logits[:, 0], hidden_state. Backbone: hidden_state
+    and prompt_embedding (when a gating pattern was found).
+    """
+
+    def __init__(self, **fields: Any) -> None:
+        self._fields = {k: v for k, v in fields.items() if v is not None}
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self._fields[name]
+        except KeyError:
+            raise AttributeError(f"this output has no field {name!r}; it has {', '.join(self._fields)}") from None
+
+    def __getitem__(self, key: Union[str, int]) -> Any:
+        if isinstance(key, int):
+            return list(self._fields.values())[key]
+        return self._fields[key]
+
+    def __iter__(self):
+        return iter(self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def to_tuple(self) -> Tuple[Any, ...]:
+        return tuple(self._fields.values())
+
+    def __repr__(self) -> str:
+        parts = [f"{k}={getattr(v, 'shape', v)}" for k, v in self._fields.items()]
+        return f"RewardOutput({', '.join(parts)})"
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+def _torch_dtype_name(torch_dtype: Any) -> str:
+    if torch_dtype is None:
+        return "auto"
+    s = str(torch_dtype).replace("torch.", "").lower()
+    aliases = {"auto": "auto", "float32": "float32", "fp32": "float32", "float": "float32",
+               "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+               "half": "float16"}
+    if s not in aliases:
+        raise ValueError(f"torch_dtype must be float32, bfloat16, float16 or 'auto', got {torch_dtype!r}")
+    return aliases[s]
+
+
+def _device_name(device_map: Any) -> str:
+    if device_map is None:
+        return "cpu"
+    if isinstance(device_map, dict):
+        devs = {str(v) for v in device_map.values()}
+        if devs <= {"cpu"}:
+            return "cpu"
+        device_map = next(iter(devs - {"cpu"}))
+    s = str(device_map)
+    if s in ("cpu", "auto"):
+        return "cpu"  # "auto" picks a GPU once the CUDA backend exists
+    if s.startswith("cuda"):
+        raise RuntimeError(f"device_map={s!r}: this armorm build has no CUDA backend; use device_map='cpu'")
+    raise ValueError(f"device_map must be 'cpu', 'auto' or 'cuda[:N]', got {device_map!r}")
+
+
+def default_num_threads() -> int:
+    """ARMORM_NUM_THREADS when set, else the cores this process may run on."""
+    env = os.environ.get("ARMORM_NUM_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"ARMORM_NUM_THREADS must be a positive integer, got {env!r}") from None
+        if n < 1:
+            raise ValueError(f"ARMORM_NUM_THREADS must be a positive integer, got {env!r}")
+        return n
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def _as_sequence(x: Any, what: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.dtype == object or a.ndim != 1:
+        raise ValueError(f"{what} must be a 1-D sequence of token ids")
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        if np.issubdtype(a.dtype, np.floating) and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
+            a = a.astype(np.int64)
+        else:
+            raise ValueError(f"{what} must hold integer token ids, got dtype {a.dtype}")
+    a = a.astype(np.int64, copy=False)
+    if a.size and (a.min() < np.iinfo(np.int32).min or a.max() > np.iinfo(np.int32).max):
+        bad = a[(a < 0) | (a > np.iinfo(np.int32).max)][0]
+        raise ValueError(f"{what}: token id {int(bad)} is outside the embedding")
+    return a.astype(np.int32)
+
+
+class ArmoRM:
+    """A Llama reward model on armorm's C core; a stand-in for the HF class.
+
+    Use `ArmoRM.from_pretrained(path, ...)`. Calling the model takes the
+    reference's inputs (`input_ids`, optional `attention_mask`) and returns a
+    RewardOutput. `score_sequences` scores a list of token-id sequences of
+    any lengths in token-budgeted packed batches.
+    """
+
+    attributes: List[str] = ATTRIBUTES
+
+    def __init__(self, core: Any, config: ModelConfig, path: Path, gating_pattern: Optional[Sequence[int]],
+                 tokenizer: Any = None, max_batch_tokens: int = 8192) -> None:
+        self._core = core
+        self.config = config
+        self.name_or_path = str(path)
+        self.tokenizer = tokenizer
+        self.gating_pattern = None if gating_pattern is None else [int(t) for t in gating_pattern]
+        if max_batch_tokens < 1:
+            raise ValueError("max_batch_tokens must be positive")
+        self.max_batch_tokens = int(max_batch_tokens)
+        self.device = "cpu"
+
+    # ---- loading --------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], *, device_map: Any = None,
+                        torch_dtype: Any = None, dtype: Any = None, num_threads: Optional[int] = None,
+                        gating_pattern: Optional[Sequence[int]] = None, tokenizer: Any = None,
+                        architecture: Optional[str] = None, max_batch_tokens: int = 8192,
+                        **hf_kwargs: Any) -> "ArmoRM":
+        """Loads a model directory (or a hub id found in the local HF cache).
+
+        Accepts the keyword arguments the model card passes (`device_map`,
+        `torch_dtype`, `trust_remote_code`; the last is ignored: armorm never
+        runs code from a checkpoint). `torch_dtype` picks the dtype the
+        backbone weights are held in (fp32 accumulation always); None/'auto'
+        keeps the stored dtype. `gating_pattern` overrides the token ids that
+        open the final assistant turn; by default they are derived from the
+        directory's tokenizer (or `tokenizer`), else Llama-3's.
+        `architecture="LlamaModel"` loads only the backbone of any checkpoint.
+        """
+        unknown = set(hf_kwargs) - _HF_IGNORED_KWARGS
+        if unknown:
+            raise TypeError(f"from_pretrained() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+        if dtype is not None and torch_dtype is not None and _torch_dtype_name(dtype) != _torch_dtype_name(torch_dtype):
+            raise ValueError("dtype and torch_dtype disagree")
+        wdtype = _torch_dtype_name(torch_dtype if torch_dtype is not None else dtype)
+        _device_name(device_map)
+        path = resolve_model_path(pretrained_model_name_or_path)
+        config = load_config(path, architecture=architecture)
+        files = weight_files(path)
+        core_cfg = dict(config.core)
+        if architecture is not None:
+            core_cfg["compute_head"] = int(architecture == config.architecture)
+        nt = default_num_threads() if num_threads is None else int(num_threads)
+        core = _core.Model(files, core_cfg, wdtype, nt)
+        if tokenizer is None and (path / "tokenizer.json").is_file():
+            from .tokenizer import ChatTokenizer
+            try:
+                tokenizer = ChatTokenizer.from_pretrained(path)
+            except (ValueError, OSError):
+                tokenizer = None  # the model still scores token ids; chat helpers will say what is missing
+        if gating_pattern is None and tokenizer is not None:
+            from .tokenizer import gating_pattern as derive
+            try:
+                gating_pattern = derive(tokenizer)
+            except ValueError:
+                gating_pattern = None
+        if gating_pattern is None:
+            gating_pattern = LLAMA3_GATING_PATTERN
+        return cls(core, config, path, gating_pattern, tokenizer, max_batch_tokens)
+
+    def close(self) -> None:
+        """Unmaps the checkpoint and frees the weights; the model is unusable after."""
+        self._core.close()
+
+    def __enter__(self) -> "ArmoRM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- HF-compatible surface -----------------------------------------
+
+    @property
+    def architecture(self) -> str:
+        return self.config.architecture
+
+    @property
+    def dtype(self) -> str:
+        """The dtype the backbone weights are held in."""
+        return self._core.dtype
+
+    def eval(self) -> "ArmoRM":
+        return self
+
+    def to(self, device: Any) -> "ArmoRM":
+        _device_name(device)
+        return self
+
+    def _head_tensor(self, name: str) -> Any:
+        if self.config.architecture != "LlamaForRewardModelWithGating":
+            raise AttributeError(f"{name} exists only on ArmoRM checkpoints (this is {self.config.architecture})")
+        a = self._core.tensor(name)
+        if "torch" in sys.modules:  # the model card calls .data.cpu().float() on it
+            import torch
+            return torch.from_numpy(a)
+        return a
+
+    @property
+    def reward_transform_matrix(self) -> Any:
+        """[K, K] matrix applied to the rewards (torch tensor when torch is imported)."""
+        return self._head_tensor("reward_transform_matrix")
+
+    @property
+    def regression_layer_weight(self) -> Any:
+        """[K, H] regression weights."""
+        return self._head_tensor("regression_layer.weight")
+
+    def __call__(self, input_ids: Any = None, attention_mask: Any = None, **kwargs: Any) -> RewardOutput:
+        """Scores `input_ids` like the reference model's forward.
+
+        `input_ids`: one sequence (1-D), a padded batch (2-D, the reference's
+        pad rule, or `attention_mask`), a list of sequences of different
+        lengths, or a tokenizer's dict output. Returns a RewardOutput (torch
+        tensors when the input is a torch tensor).
+        """
+        for k in kwargs:
+            if k not in ("return_dict", "output_hidden_states", "use_cache"):
+                raise TypeError(f"unexpected keyword argument {k!r}")
+        if isinstance(input_ids, Mapping):
+            attention_mask = input_ids.get("attention_mask", attention_mask)
+            input_ids = input_ids["input_ids"]
+        if input_ids is None:
+            raise ValueError("input_ids is required")
+        as_torch = _is_torch(input_ids)
+        seqs, reward_pos = self._rows(input_ids, attention_mask)
+        out = self.score_sequences(seqs, reward_pos=reward_pos)
+        if as_torch:
+            import torch
+            return RewardOutput(**{k: torch.from_numpy(v) for k, v in out.items()})
+        return out
+
+    forward = __call__
+
+    def _rows(self, input_ids: Any, attention_mask: Any) -> Tuple[List[np.ndarray], Optional[List[int]]]:
+        """Splits the reference's input forms into unpadded sequences."""
+        if _is_torch(input_ids):
+            input_ids = input_ids.detach().cpu().numpy()
+        if attention_mask is not None and _is_torch(attention_mask):
+            attention_mask = attention_mask.detach().cpu().numpy()
+        if isinstance(input_ids, np.ndarray):
+            if input_ids.ndim == 1:
+                input_ids = input_ids[None, :]
+                if attention_mask is not None:
+                    attention_mask = np.asarray(attention_mask).reshape(1, -1)
+            if input_ids.ndim != 2:
+                raise ValueError(f"input_ids must be 1-D or 2-D, got shape {input_ids.shape}")
+            rows = list(input_ids)
+        elif isinstance(input_ids, (list, tuple)):
+            if not input_ids:
+                raise ValueError("input_ids is empty")
+            if all(isinstance(t, (int, np.integer)) for t in input_ids):
+                rows = [np.asarray(input_ids)]
+            else:
+                rows = list(input_ids)
+        else:
+            raise TypeError(f"input_ids must be a list, NumPy array or torch tensor, not {type(input_ids).__name__}")
+        seqs = [_as_sequence(r, f"input_ids[{i}]") for i, r in enumerate(rows)]
+        if attention_mask is not None:
+            mask = np.asarray(attention_mask)
+            if mask.ndim == 1 and len(seqs) == 1:
+                mask = mask[None, :]
+            if mask.shape != (len(seqs), len(seqs[0])) or any(len(s) != len(seqs[0]) for s in seqs):
+                raise ValueError("attention_mask must have the shape of input_ids")
+            out = []
+            for i, (s, m) in enumerate(zip(seqs, mask)):
+                keep = np.flatnonzero(m)
+                if keep.size == 0:
+                    raise ValueError(f"input_ids[{i}]: attention_mask masks every token")
+                if keep[-1] - keep[0] + 1 != keep.size:
+                    raise ValueError(f"input_ids[{i}]: attention_mask must be one contiguous run of ones "
+                                     "(left or right padding)")
+                out.append(s[keep[0]:keep[-1] + 1])
+            return out, None
+        pad = self.config.pad_token_id
+        if pad is None:
+            if len(seqs) > 1 and len({len(s) for s in seqs}) == 1 and isinstance(input_ids, np.ndarray):
+                pass  # equal-length rows without padding are fine
+            return seqs, None
+        out = []
+        for s in seqs:
+            is_pad = s == pad
+            if not is_pad.any():
+                out.append(s)
+            elif self.config.architecture == "LlamaForSequenceClassification":
+                # reference: the last token that is not padding
+                nonpad = np.flatnonzero(~is_pad)
+                out.append(s[: nonpad[-1] + 1] if nonpad.size else s[:1])
+            else:
+                # reference: first pad minus one, modulo the length (a leading pad means the last token)
+                first = int(np.argmax(is_pad))
+                out.append(s if first == 0 else s[:first])
+        return out, None
+
+    # ---- the packed-batch engine ---------------------------------------
+
+    def gating_positions(self, seqs: Sequence[np.ndarray]) -> np.ndarray:
+        """Start of the last gating-pattern occurrence in each sequence.
+
+        Raises GatingPatternError naming the first sequence without one.
+        """
+        pos = np.empty(len(seqs), dtype=np.int64)
+        for i, s in enumerate(seqs):
+            p = find_gating_position(s, self.gating_pattern)
+            if p < 0:
+                raise GatingPatternError(
+                    f"sequence {i}: gating pattern {self.gating_pattern} not found; the conversation must "
+                    "end with an assistant turn in the model's chat format (pass gating_pattern= to override)")
+            pos[i] = p
+        return pos
+
+    def score_sequences(self, sequences: Sequence[Any], reward_pos: Optional[Sequence[int]] = None,
+                        fields: Optional[Iterable[str]] = None, batch_tokens: Optional[int] = None,
+                        progress: Optional[Callable[[int, int], None]] = None) -> RewardOutput:
+        """Scores token-id sequences of any lengths, packed without padding.
+
+        `reward_pos[i]` is where sequence i's reward is read (default: its last
+        token). `fields` limits the outputs (default: all the architecture
+        has). `batch_tokens` caps the tokens per core call (default
+        `max_batch_tokens`; a longer sequence runs alone). `progress(done,
+        total)` is called after each core call with sequence counts.
+        """
+        seqs = [s if isinstance(s, np.ndarray) and s.dtype == np.int32 and s.ndim == 1
+                else _as_sequence(s, f"sequence {i}") for i, s in enumerate(sequences)]
+        if not seqs:
+            raise ValueError("no sequences to score")
+        for i, s in enumerate(seqs):
+            if s.size == 0:
+                raise ValueError(f"sequence {i} is empty")
+            if s.size > self.config.max_position_embeddings:
+                raise ValueError(f"sequence {i} has {s.size} tokens; the model allows at most "
+                                 f"{self.config.max_position_embeddings} (max_position_embeddings)")
+            bad = (s < 0) | (s >= self.config.core["vocab_size"])
+            if bad.any():
+                j = int(np.argmax(bad))
+                raise ValueError(f"sequence {i}, position {j}: token id {int(s[j])} is outside the embedding "
+                                 f"(vocab_size {self.config.core['vocab_size']})")
+        arch = self.config.architecture
+        available = {"LlamaForRewardModelWithGating": FIELDS,
+                     "LlamaForSequenceClassification": ("score", "logits", "hidden_state"),
+                     }.get(arch, ("hidden_state", "prompt_embedding"))
+        if not self.config.core["compute_head"]:
+            available = ("hidden_state", "prompt_embedding")
+        wanted = list(available) if fields is None else list(fields)
+        for f in wanted:
+            if f not in available:
+                raise ValueError(f"field {f!r} is not available for {arch}; available: {', '.join(available)}")
+        need_gating = "prompt_embedding" in wanted or (arch == "LlamaForRewardModelWithGating" and
+                                                        self.config.core["compute_head"] and
+                                                        bool({"rewards", "gating_output", "score", "logits"} & set(wanted)))
+        if need_gating:
+            gpos = self.gating_positions(seqs)
+        elif "prompt_embedding" in available and fields is None:
+            gpos = None
+            wanted = [f for f in wanted if f != "prompt_embedding"]
+        else:
+            gpos = None
+        rpos = None
+        if reward_pos is not None:
+            rpos = np.asarray(reward_pos, dtype=np.int64)
+            if rpos.shape != (len(seqs),):
+                raise ValueError("reward_pos must have one entry per sequence")
+        core_fields = [f for f in wanted if f != "logits" or arch == "LlamaForSequenceClassification"]
+        if arch == "LlamaForRewardModelWithGating" and "logits" in wanted and "score" not in core_fields:
+            core_fields.append("score")
+        budget = int(batch_tokens or self.max_batch_tokens)
+        parts: Dict[str, List[np.ndarray]] = {f: [] for f in core_fields}
+        done = 0
+        for group in _pack([s.size for s in seqs], budget):
+            toks = np.concatenate([seqs[i] for i in group])
+            cu = np.zeros(len(group) + 1, dtype=np.int64)
+            np.cumsum([seqs[i].size for i in group], out=cu[1:])
+            res = self._core.forward(toks, cu, None if rpos is None else rpos[group],
+                                     None if gpos is None else gpos[group], core_fields)
+            for f in core_fields:
+                parts[f].append(res[f])
+            done += len(group)
+            if progress is not None:
+                progress(done, len(seqs))
+        out = {f: np.concatenate(v, axis=0) for f, v in parts.items()}
+        if arch == "LlamaForRewardModelWithGating" and "logits" in wanted:
+            out["logits"] = out["score"]
+            if "score" not in wanted:
+                del out["score"]
+        return RewardOutput(**{f: out[f] for f in FIELDS if f in out})
+
+    # ---- interpretation --------------------------------------------------
+
+    def coefficients(self, gating_output: Any) -> np.ndarray:
+        """coeffs = gating_output @ T^T, so that score == sum(rewards * coeffs)."""
+        g = np.asarray(gating_output.detach().cpu().numpy() if _is_torch(gating_output) else gating_output,
+                       dtype=np.float32)
+        return g @ self._core.tensor("reward_transform_matrix").T
+
+    def explain(self, output: Mapping, k: int = 3) -> List[List[Tuple[str, float]]]:
+        """Top-`k` objectives by |coefficient| for each row, as the model card prints them."""
+        coeffs = self.coefficients(output["gating_output"])
+        names = self.attributes if coeffs.shape[1] == len(self.attributes) else \
+            [f"objective-{i}" for i in range(coeffs.shape[1])]
+        result = []
+        for row in coeffs:
+            order = np.argsort(-np.abs(row), kind="stable")[:k]
+            result.append([(names[j], float(row[j])) for j in order])
+        return result
+
+    def __repr__(self) -> str:
+        return f"ArmoRM({self.name_or_path!r}, architecture={self.architecture}, dtype={self.dtype})"
+
+
+def _pack(lengths: Sequence[int], budget: int) -> List[List[int]]:
+    """Groups consecutive sequences so each group's tokens fit `budget`."""
+    groups: List[List[int]] = []
+    cur: List[int] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if cur and used + n > budget:
+            groups.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += n
+    if cur:
+        groups.append(cur)
+    return groups

@@ -1,0 +1,105 @@
+"""`ArmoRMPipeline`: the model card's pipeline, plus batched scoring.
+
+    rm = ArmoRMPipeline("RLHFlow/ArmoRM-Llama3-8B-v0.1", trust_remote_code=True)
+    rm([{"role": "user", "content": p}, {"role": "assistant", "content": r}])  # {"score": ...}
+    rm.score_batch(conversations)  # every field, for many conversations at once
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .model import ArmoRM, GatingPatternError, RewardOutput
+from .progress import make_progress
+from .tokenizer import ChatTokenizer, conversation_from_record, find_gating_position, format_conversations
+
+Conversation = List[Dict[str, str]]
+
+
+class ArmoRMPipeline:
+    """Scores chat conversations with an ArmoRM-style model.
+
+    The constructor takes the model card's arguments (`model_id`,
+    `device_map`, `torch_dtype`, `truncation`, `trust_remote_code`,
+    `max_length`); `tokenizer` may be a ChatTokenizer or any transformers
+    tokenizer; `model` reuses an already loaded ArmoRM.
+    """
+
+    def __init__(self, model_id: Union[str, os.PathLike, None] = None, device_map: Any = "auto",
+                 torch_dtype: Any = "bfloat16", truncation: bool = True, trust_remote_code: bool = False,
+                 max_length: int = 4096, *, tokenizer: Any = None, model: Optional[ArmoRM] = None,
+                 num_threads: Optional[int] = None, gating_pattern: Optional[Sequence[int]] = None,
+                 batch_tokens: int = 8192) -> None:
+        if model is None:
+            if model_id is None:
+                raise ValueError("give model_id (a model directory or hub id) or model=")
+            model = ArmoRM.from_pretrained(model_id, device_map=device_map, torch_dtype=torch_dtype,
+                                           trust_remote_code=trust_remote_code, num_threads=num_threads,
+                                           gating_pattern=gating_pattern, tokenizer=tokenizer)
+        elif gating_pattern is not None:
+            model.gating_pattern = [int(t) for t in gating_pattern]
+        if tokenizer is None:
+            tokenizer = model.tokenizer
+        if tokenizer is None:
+            if model_id is None:
+                raise ValueError("the model has no tokenizer; pass tokenizer=")
+            tokenizer = ChatTokenizer.from_pretrained(model.name_or_path)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.truncation = truncation
+        self.max_length = int(max_length)
+        self.batch_tokens = int(batch_tokens)
+        self.device = model.device
+
+    def encode(self, conversations: Sequence[Union[Conversation, Mapping[str, Any]]]) -> List[np.ndarray]:
+        """Chat-formats and tokenizes conversations, checking the gating pattern.
+
+        Raises GatingPatternError when a conversation has no final assistant
+        header, and ValueError when truncation to `max_length` would cut it.
+        """
+        convs = [conversation_from_record(c) if isinstance(c, Mapping) else c for c in conversations]
+        ids = format_conversations(self.tokenizer, convs)
+        pattern = self.model.gating_pattern
+        out = []
+        for i, seq in enumerate(ids):
+            arr = np.asarray(seq, dtype=np.int32)
+            p = find_gating_position(arr, pattern)
+            if p < 0:
+                raise GatingPatternError(
+                    f"conversation {i}: the final assistant header (tokens {pattern}) was not found; "
+                    "a conversation to score must end with an assistant message")
+            if self.truncation and arr.size > self.max_length:
+                if p + len(pattern) > self.max_length:
+                    raise ValueError(
+                        f"conversation {i}: truncation to max_length={self.max_length} tokens would cut off the "
+                        f"final assistant header (it starts at token {p} of {arr.size}); raise max_length or "
+                        "shorten the conversation")
+                arr = arr[: self.max_length]
+            out.append(arr)
+        return out
+
+    def __call__(self, messages: Conversation) -> Dict[str, float]:
+        """Scores one conversation: {"score": float}, as the model card's pipeline."""
+        if not isinstance(messages, (list, tuple)):
+            raise TypeError("messages must be a list of {'role', 'content'} dicts")
+        out = self.model.score_sequences(self.encode([messages]), fields=["score"])
+        return {"score": float(out.score[0])}
+
+    def score_batch(self, conversations: Sequence[Union[Conversation, Mapping[str, Any]]],
+                    batch_tokens: Optional[int] = None, progress: bool = False) -> RewardOutput:
+        """Scores many conversations in packed batches of at most `batch_tokens` tokens.
+
+        Returns every field as NumPy arrays (row i = conversation i).
+        """
+        seqs = self.encode(conversations)
+        cb = make_progress(len(seqs), progress)
+        return self.model.score_sequences(seqs, batch_tokens=batch_tokens or self.batch_tokens, progress=cb)
+
+    def explain(self, conversation_or_output: Union[Conversation, Mapping], k: int = 3) -> List[Tuple[str, float]]:
+        """Top-`k` objectives by |coefficient| for one conversation (or row 0 of an output)."""
+        out = conversation_or_output
+        if not isinstance(out, Mapping):
+            out = self.score_batch([conversation_or_output])
+        return self.model.explain(out, k)[0]

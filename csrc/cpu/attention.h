@@ -1,0 +1,106 @@
+// attention.h: causal grouped-query attention over packed sequences.
+//
+// q (T, nh*hd), k and v (T, nkv*hd), out (T, nh*hd); sequences given by
+// cu_seqlens (B+1). Each task is one (sequence, head, block of ATT_QB queries)
+// and walks the keys in blocks of ATT_KB with an online softmax (running max
+// and sum), so memory is O(ATT_QB * (ATT_KB + hd)) per thread, never L x L.
+// Query blocks start at each sequence's first token, so a sequence's result
+// does not depend on what else is in the batch.
+#ifndef ARMORM_CPU_ATTENTION_H
+#define ARMORM_CPU_ATTENTION_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ATT_QB 16
+#define ATT_KB 64
+
+typedef struct {
+    int64_t start;  // first token of the sequence
+    int64_t len;    // tokens in the sequence
+    int64_t q0;     // first query of the block, relative to start
+    int head;
+} AttTask;
+
+static void attention_block(float *out, const float *q, const float *k, const float *v, const AttTask *tk,
+                            int nh, int nkv, int hd, float *scratch) {
+    const int64_t qs = (int64_t)nh * hd, ks = (int64_t)nkv * hd;
+    const int g = tk->head / (nh / nkv);
+    const int64_t nq = tk->len - tk->q0 < ATT_QB ? tk->len - tk->q0 : ATT_QB;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float *acc = scratch;                  // (ATT_QB, hd)
+    float *sc = acc + ATT_QB * hd;         // (ATT_QB, ATT_KB)
+    float mx[ATT_QB], sum[ATT_QB];
+    memset(acc, 0, sizeof(float) * (size_t)(ATT_QB * hd));
+    for (int i = 0; i < ATT_QB; i++) { mx[i] = -INFINITY; sum[i] = 0.0f; }
+    const int64_t kend = tk->q0 + nq;  // keys needed: 0 .. last query (causal)
+    for (int64_t k0 = 0; k0 < kend; k0 += ATT_KB) {
+        const int64_t nk = kend - k0 < ATT_KB ? kend - k0 : ATT_KB;
+        for (int64_t i = 0; i < nq; i++) {
+            const int64_t qi = tk->q0 + i;
+            const float *qr = q + (tk->start + qi) * qs + (int64_t)tk->head * hd;
+            float m = mx[i];
+            float *s = sc + i * ATT_KB;
+            int64_t lim = qi - k0 + 1;  // keys of this block visible to query qi
+            if (lim > nk) lim = nk;
+            if (lim <= 0) continue;
+            for (int64_t j = 0; j < lim; j++) {
+                const float *kr = k + (tk->start + k0 + j) * ks + (int64_t)g * hd;
+                float d = 0.0f;
+                for (int c = 0; c < hd; c++) d += qr[c] * kr[c];
+                s[j] = d * scale;
+                if (s[j] > m) m = s[j];
+            }
+            const float corr = expf(mx[i] - m);  // exp(-inf) = 0 on the first block
+            float *a = acc + i * hd;
+            float l = sum[i] * corr;
+            for (int c = 0; c < hd; c++) a[c] *= corr;
+            for (int64_t j = 0; j < lim; j++) {
+                const float p = expf(s[j] - m);
+                l += p;
+                const float *vr = v + (tk->start + k0 + j) * ks + (int64_t)g * hd;
+                for (int c = 0; c < hd; c++) a[c] += p * vr[c];
+            }
+            mx[i] = m;
+            sum[i] = l;
+        }
+    }
+    for (int64_t i = 0; i < nq; i++) {
+        float *o = out + (tk->start + tk->q0 + i) * qs + (int64_t)tk->head * hd;
+        const float inv = 1.0f / sum[i];
+        for (int c = 0; c < hd; c++) o[c] = acc[i * hd + c] * inv;
+    }
+}
+
+// Returns 0, or -1 when scratch allocation fails.
+static int attention(float *out, const float *q, const float *k, const float *v, const int64_t *cu_seqlens,
+                     int B, int nh, int nkv, int hd, int nthreads) {
+    int64_t ntasks = 0;
+    for (int b = 0; b < B; b++) ntasks += (cu_seqlens[b + 1] - cu_seqlens[b] + ATT_QB - 1) / ATT_QB * nh;
+    AttTask *tasks = malloc((size_t)ntasks * sizeof *tasks);
+    if (!tasks) return -1;
+    int64_t n = 0;
+    for (int b = 0; b < B; b++) {
+        const int64_t len = cu_seqlens[b + 1] - cu_seqlens[b];
+        // longest query blocks first balances the dynamic schedule
+        for (int64_t q0 = (len - 1) / ATT_QB * ATT_QB; q0 >= 0; q0 -= ATT_QB)
+            for (int h = 0; h < nh; h++) tasks[n++] = (AttTask){cu_seqlens[b], len, q0, h};
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        float *scratch = malloc(sizeof(float) * (size_t)(ATT_QB * hd + ATT_QB * ATT_KB));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < ntasks; i++) {
+            if (!scratch) { failed = 1; continue; }
+            attention_block(out, q, k, v, &tasks[i], nh, nkv, hd, scratch);
+        }
+        free(scratch);
+    }
+    free(tasks);
+    return failed ? -1 : 0;
+}
+
+#endif

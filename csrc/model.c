@@ -1,0 +1,469 @@
+// model.c: config validation, checkpoint loading and weight binding.
+//
+// Loading is all-or-nothing: every shard is mapped and parsed, every tensor is
+// matched against the list the config implies (names, shapes, dtypes), and
+// only then are pointers bound or dtypes converted. Any defect frees
+// everything and returns an error naming the tensor and file.
+#define _GNU_SOURCE
+#include "model.h"
+#include "dtype.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+int arm_fail(ArmError *e, const char *fmt, ...) {
+    if (e) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(e->msg, sizeof e->msg, fmt, ap);
+        va_end(ap);
+    }
+    return -1;
+}
+
+int config_validate(const Config *c, ArmError *e) {
+    const struct { const char *name; int value; } sizes[] = {
+        {"hidden_size", c->hidden_size}, {"intermediate_size", c->intermediate_size},
+        {"num_hidden_layers", c->num_layers}, {"num_attention_heads", c->num_heads},
+        {"num_key_value_heads", c->num_kv_heads}, {"head_dim", c->head_dim},
+        {"vocab_size", c->vocab_size}, {"max_position_embeddings", c->max_position_embeddings}};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
+        if (sizes[i].value <= 0)
+            return arm_fail(e, "config: %s must be positive, got %d", sizes[i].name, sizes[i].value);
+    if (c->num_heads % c->num_kv_heads != 0)
+        return arm_fail(e, "config: num_attention_heads (%d) is not a multiple of num_key_value_heads (%d)",
+                        c->num_heads, c->num_kv_heads);
+    if (c->head_dim % 2 != 0)
+        return arm_fail(e, "config: head_dim (%d) must be even for rotary embeddings", c->head_dim);
+    // Limits keep every size product far inside int64 and allocations sane.
+    if (c->hidden_size > 65536 || c->intermediate_size > 1048576 || c->num_layers > 4096 ||
+        c->num_heads > 4096 || c->head_dim > 4096 || c->vocab_size > 16777216)
+        return arm_fail(e, "config: sizes beyond supported limits");
+    if ((int64_t)c->num_heads * c->head_dim > 1048576)
+        return arm_fail(e, "config: num_attention_heads * head_dim too large");
+    if (!(c->rms_norm_eps >= 0.0f) || !isfinite(c->rms_norm_eps))
+        return arm_fail(e, "config: rms_norm_eps must be a finite non-negative number");
+    if (!(c->rope_theta > 0.0) || !isfinite(c->rope_theta))
+        return arm_fail(e, "config: rope_theta must be a positive finite number");
+    if (c->rope_type == ROPE_LLAMA3) {
+        if (!(c->rope_factor > 0) || !(c->rope_low_freq_factor > 0) || !(c->rope_high_freq_factor > 0) ||
+            c->rope_original_max_pos <= 0 || c->rope_high_freq_factor == c->rope_low_freq_factor)
+            return arm_fail(e, "config: rope_scaling of type llama3 needs positive factor, low_freq_factor, "
+                               "high_freq_factor (distinct) and original_max_position_embeddings");
+    } else if (c->rope_type == ROPE_LINEAR) {
+        if (!(c->rope_factor > 0)) return arm_fail(e, "config: rope_scaling linear needs a positive factor");
+    }
+    if (c->arch == ARCH_ARMORM) {
+        if (c->num_objectives <= 0 || c->num_objectives > 65536)
+            return arm_fail(e, "config: num_objectives must be in 1..65536, got %d", c->num_objectives);
+        if (c->gating_hidden_dim <= 0 || c->gating_hidden_dim > 1048576)
+            return arm_fail(e, "config: gating_hidden_dim must be positive, got %d", c->gating_hidden_dim);
+        if (c->gating_n_hidden < 0 || c->gating_n_hidden > 64)
+            return arm_fail(e, "config: gating_n_hidden must be in 0..64, got %d", c->gating_n_hidden);
+        if (!(c->gating_temperature > 0) || !isfinite(c->gating_temperature))
+            return arm_fail(e, "config: gating_temperature must be positive and finite");
+    }
+    if (c->arch == ARCH_SEQCLS && (c->num_labels <= 0 || c->num_labels > 65536))
+        return arm_fail(e, "config: num_labels must be in 1..65536, got %d", c->num_labels);
+    return 0;
+}
+
+// ---------------------------------------------------------------------------
+// The tensors a config implies.
+
+typedef enum { DEST_W, DEST_F32, DEST_SCALAR } DestKind;
+
+typedef struct {
+    char name[160];
+    int ndim;
+    int64_t shape[2];
+    DestKind kind;
+    WTensor *w;           // DEST_W: backbone tensor, held in compute dtype (matrices) or f32 (vectors)
+    const float **f;      // DEST_F32: head tensor, held in f32
+    float *scalar;        // DEST_SCALAR
+    int optional;         // may be absent (tied lm_head)
+    int unused;           // present in the file but not read (lm_head)
+    const StTensor *found;
+    int found_file;
+} Expect;
+
+typedef struct {
+    Expect *v;
+    int n, cap;
+} ExpectList;
+
+static Expect *expect_add(ExpectList *l, ArmError *e, int ndim, int64_t d0, int64_t d1, const char *fmt, ...)
+    __attribute__((format(printf, 6, 7)));
+static Expect *expect_add(ExpectList *l, ArmError *e, int ndim, int64_t d0, int64_t d1, const char *fmt, ...) {
+    if (l->n == l->cap) {
+        int cap = l->cap ? l->cap * 2 : 256;
+        Expect *v = realloc(l->v, (size_t)cap * sizeof *v);
+        if (!v) { arm_fail(e, "out of memory"); return NULL; }
+        l->v = v;
+        l->cap = cap;
+    }
+    Expect *x = &l->v[l->n++];
+    memset(x, 0, sizeof *x);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(x->name, sizeof x->name, fmt, ap);
+    va_end(ap);
+    x->ndim = ndim;
+    x->shape[0] = d0;
+    x->shape[1] = d1;
+    x->found_file = -1;
+    return x;
+}
+
+#define ADD_W(dst, nd, a, b, ...)                                  \
+    do {                                                           \
+        Expect *x_ = expect_add(&L, e, nd, a, b, __VA_ARGS__);     \
+        if (!x_) goto fail;                                        \
+        x_->kind = DEST_W;                                         \
+        x_->w = (dst);                                             \
+    } while (0)
+#define ADD_F(dst, nd, a, b, ...)                                  \
+    do {                                                           \
+        Expect *x_ = expect_add(&L, e, nd, a, b, __VA_ARGS__);     \
+        if (!x_) goto fail;                                        \
+        x_->kind = DEST_F32;                                       \
+        x_->f = (dst);                                             \
+    } while (0)
+
+static int cmp_expect(const void *a, const void *b) {
+    return strcmp(((const Expect *)a)->name, ((const Expect *)b)->name);
+}
+
+static int is_ignored_buffer(const char *name) {
+    // Older Llama checkpoints saved the RoPE frequency buffer; it is recomputed.
+    size_t n = strlen(name), k = strlen("rotary_emb.inv_freq");
+    return n >= k && strcmp(name + n - k, "rotary_emb.inv_freq") == 0;
+}
+
+static void *own(Model *m, size_t bytes, ArmError *e) {
+    if (m->n_owned == m->cap_owned) {
+        int cap = m->cap_owned ? m->cap_owned * 2 : 64;
+        void **v = realloc(m->owned, (size_t)cap * sizeof *v);
+        if (!v) { arm_fail(e, "out of memory"); return NULL; }
+        m->owned = v;
+        m->cap_owned = cap;
+    }
+    void *p = malloc(bytes ? bytes : 1);
+    if (!p) { arm_fail(e, "out of memory allocating %zu bytes for converted weights", bytes); return NULL; }
+    m->owned[m->n_owned++] = p;
+    return p;
+}
+
+// Drops the source pages of a converted tensor so a model stored in fp32 and
+// held in bf16 never keeps both copies resident.
+static void release_pages(const void *p, size_t bytes) {
+    long pg = sysconf(_SC_PAGESIZE);
+    if (pg <= 0) return;
+    uintptr_t a = ((uintptr_t)p + (uintptr_t)pg - 1) & ~((uintptr_t)pg - 1);
+    uintptr_t b = ((uintptr_t)p + bytes) & ~((uintptr_t)pg - 1);
+    if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
+}
+
+static int wdtype_of(StDType d, WDType *out) {
+    switch (d) {
+        case ST_F32: *out = WT_F32; return 0;
+        case ST_BF16: *out = WT_BF16; return 0;
+        case ST_F16: *out = WT_F16; return 0;
+        default: return -1;
+    }
+}
+
+// Converts n elements from `src` (dtype s) into `dst` (dtype d), in place-free.
+static void convert(void *dst, WDType d, const void *src, WDType s, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        float x = load_as_f32(src, (int)s, i);
+        if (d == WT_F32) ((float *)dst)[i] = x;
+        else if (d == WT_BF16) ((uint16_t *)dst)[i] = f32_to_bf16(x);
+        else ((uint16_t *)dst)[i] = f32_to_f16(x);
+    }
+}
+
+static size_t wsize(WDType t) { return t == WT_F32 ? 4 : 2; }
+
+// Binds one found tensor to its destination, converting when needed.
+static int bind(Model *m, Expect *x, WDType wdtype, ArmError *e) {
+    const StTensor *t = x->found;
+    WDType s = WT_F32;
+    wdtype_of(t->dtype, &s);  // checked by the caller
+    int64_t n = (int64_t)t->numel;
+    if (x->kind == DEST_W) {
+        // Matrices live in the compute dtype; vectors (norms, biases) in fp32.
+        WDType want = x->ndim == 2 ? wdtype : WT_F32;
+        x->w->rows = x->ndim == 2 ? x->shape[0] : 1;
+        x->w->cols = x->ndim == 2 ? x->shape[1] : x->shape[0];
+        x->w->dtype = want;
+        if (s == want) {
+            x->w->data = t->data;
+        } else {
+            void *buf = own(m, (size_t)n * wsize(want), e);
+            if (!buf) return -1;
+            convert(buf, want, t->data, s, n);
+            release_pages(t->data, (size_t)n * wsize(s));
+            x->w->data = buf;
+        }
+    } else {
+        const float *p;
+        if (s == WT_F32) {
+            p = t->data;
+        } else {
+            float *buf = own(m, (size_t)n * sizeof(float), e);
+            if (!buf) return -1;
+            convert(buf, WT_F32, t->data, s, n);
+            p = buf;
+        }
+        if (x->kind == DEST_F32) *x->f = p;
+        else *x->scalar = p[0];
+    }
+    return 0;
+}
+
+static void fmt_shape(char *buf, size_t len, int ndim, const int64_t *shape) {
+    size_t o = 0;
+    o += (size_t)snprintf(buf + o, len - o, "[");
+    for (int i = 0; i < ndim && o < len; i++)
+        o += (size_t)snprintf(buf + o, len - o, "%s%lld", i ? ", " : "", (long long)shape[i]);
+    if (o < len) snprintf(buf + o, len - o, "]");
+}
+
+static void compute_inv_freq(Model *m) {
+    const Config *c = &m->cfg;
+    int half = c->head_dim / 2;
+    for (int i = 0; i < half; i++) {
+        // fp32 like the reference: base ** (2i / dim) evaluated in float.
+        float expo = (float)(2 * i) / (float)c->head_dim;
+        float f = 1.0f / powf((float)c->rope_theta, expo);
+        if (c->rope_type == ROPE_LINEAR) {
+            f = f / (float)c->rope_factor;
+        } else if (c->rope_type == ROPE_LLAMA3) {
+            const float pi = 3.14159265358979323846f;
+            float factor = (float)c->rope_factor;
+            float lo = (float)c->rope_low_freq_factor, hi = (float)c->rope_high_freq_factor;
+            float old_len = (float)c->rope_original_max_pos;
+            float low_wavelen = old_len / lo, high_wavelen = old_len / hi;
+            float wavelen = 2.0f * pi / f;
+            float g = wavelen > low_wavelen ? f / factor : f;
+            if (!(wavelen < high_wavelen) && !(wavelen > low_wavelen)) {
+                float smooth = (old_len / wavelen - lo) / (hi - lo);
+                g = (1.0f - smooth) * g / factor + smooth * g;
+            }
+            f = g;
+        }
+        m->inv_freq[i] = f;
+    }
+}
+
+int model_load(Model *m, const Config *cfg, const char *const *paths, int n_paths,
+               WDType wdtype, int num_threads, ArmError *e) {
+    memset(m, 0, sizeof *m);
+    ExpectList L = {0};
+    char sh1[96], sh2[96];
+    if (config_validate(cfg, e)) return -1;
+    if (n_paths <= 0) return arm_fail(e, "no weight files given");
+    m->cfg = *cfg;
+    m->compute_wdtype = wdtype;
+    m->num_threads = num_threads > 0 ? num_threads : 1;
+    const Config *c = &m->cfg;
+
+    m->files = calloc((size_t)n_paths, sizeof *m->files);
+    if (!m->files) { arm_fail(e, "out of memory"); goto fail; }
+    for (int i = 0; i < n_paths; i++) m->files[i].fd = -1;
+    for (int i = 0; i < n_paths; i++) {
+        m->n_files = i + 1;
+        if (st_open(&m->files[i], paths[i], e->msg, sizeof e->msg)) goto fail;
+    }
+
+    // Tensor name prefix: a bare LlamaModel is saved without "model.".
+    const char *P = "model.";
+    if (c->arch == ARCH_BACKBONE) {
+        int bare = 0;
+        for (int i = 0; i < m->n_files; i++)
+            if (st_find(&m->files[i], "embed_tokens.weight")) bare = 1;
+        if (bare) P = "";
+    }
+
+    m->w.layers = calloc((size_t)c->num_layers, sizeof *m->w.layers);
+    m->inv_freq = calloc((size_t)c->head_dim / 2, sizeof(float));
+    if (!m->w.layers || !m->inv_freq) { arm_fail(e, "out of memory"); goto fail; }
+
+    const int64_t H = c->hidden_size, I = c->intermediate_size, V = c->vocab_size;
+    const int64_t QD = (int64_t)c->num_heads * c->head_dim, KD = (int64_t)c->num_kv_heads * c->head_dim;
+    ADD_W(&m->w.embed, 2, V, H, "%sembed_tokens.weight", P);
+    for (int l = 0; l < c->num_layers; l++) {
+        LayerWeights *lw = &m->w.layers[l];
+        ADD_W(&lw->attn_norm, 1, H, 0, "%slayers.%d.input_layernorm.weight", P, l);
+        ADD_W(&lw->q, 2, QD, H, "%slayers.%d.self_attn.q_proj.weight", P, l);
+        ADD_W(&lw->k, 2, KD, H, "%slayers.%d.self_attn.k_proj.weight", P, l);
+        ADD_W(&lw->v, 2, KD, H, "%slayers.%d.self_attn.v_proj.weight", P, l);
+        ADD_W(&lw->o, 2, H, QD, "%slayers.%d.self_attn.o_proj.weight", P, l);
+        if (c->attention_bias) {
+            ADD_W(&lw->q_b, 1, QD, 0, "%slayers.%d.self_attn.q_proj.bias", P, l);
+            ADD_W(&lw->k_b, 1, KD, 0, "%slayers.%d.self_attn.k_proj.bias", P, l);
+            ADD_W(&lw->v_b, 1, KD, 0, "%slayers.%d.self_attn.v_proj.bias", P, l);
+            ADD_W(&lw->o_b, 1, H, 0, "%slayers.%d.self_attn.o_proj.bias", P, l);
+        }
+        ADD_W(&lw->mlp_norm, 1, H, 0, "%slayers.%d.post_attention_layernorm.weight", P, l);
+        ADD_W(&lw->gate, 2, I, H, "%slayers.%d.mlp.gate_proj.weight", P, l);
+        ADD_W(&lw->up, 2, I, H, "%slayers.%d.mlp.up_proj.weight", P, l);
+        ADD_W(&lw->down, 2, H, I, "%slayers.%d.mlp.down_proj.weight", P, l);
+        if (c->mlp_bias) {
+            ADD_W(&lw->gate_b, 1, I, 0, "%slayers.%d.mlp.gate_proj.bias", P, l);
+            ADD_W(&lw->up_b, 1, I, 0, "%slayers.%d.mlp.up_proj.bias", P, l);
+            ADD_W(&lw->down_b, 1, H, 0, "%slayers.%d.mlp.down_proj.bias", P, l);
+        }
+    }
+    ADD_W(&m->w.final_norm, 1, H, 0, "%snorm.weight", P);
+
+    if (c->arch == ARCH_ARMORM) {
+        const int64_t K = c->num_objectives, D = c->gating_hidden_dim;
+        int nl = c->gating_n_hidden + 1;
+        m->w.gate_w = calloc((size_t)nl, sizeof *m->w.gate_w);
+        m->w.gate_b = calloc((size_t)nl, sizeof *m->w.gate_b);
+        if (!m->w.gate_w || !m->w.gate_b) { arm_fail(e, "out of memory"); goto fail; }
+        ADD_F(&m->w.regression, 2, K, H, "regression_layer.weight");
+        ADD_F(&m->w.transform, 2, K, K, "reward_transform_matrix");
+        for (int j = 0; j < nl; j++) {
+            int64_t in = j == 0 ? H : D, outd = j == nl - 1 ? K : D;
+            ADD_F(&m->w.gate_w[j], 2, outd, in, "gating.layers.%d.weight", j);
+            ADD_F(&m->w.gate_b[j], 1, outd, 0, "gating.layers.%d.bias", j);
+        }
+        Expect *x = expect_add(&L, e, 1, 1, 0, "gating.logit_scale");
+        if (!x) goto fail;
+        x->kind = DEST_SCALAR;
+        x->scalar = &m->w.logit_scale;
+    } else if (c->arch == ARCH_SEQCLS) {
+        ADD_F(&m->w.score, 2, c->num_labels, H, "score.weight");
+    } else if (c->arch == ARCH_CAUSALLM) {
+        Expect *x = expect_add(&L, e, 2, V, H, "lm_head.weight");
+        if (!x) goto fail;
+        x->unused = 1;
+        x->optional = c->tie_word_embeddings;
+    }
+
+    // Match every tensor of every file against the expected list.
+    qsort(L.v, (size_t)L.n, sizeof *L.v, cmp_expect);
+    for (int f = 0; f < m->n_files; f++) {
+        const StFile *sf = &m->files[f];
+        for (int t = 0; t < sf->n_tensors; t++) {
+            const StTensor *st = &sf->tensors[t];
+            Expect key;
+            snprintf(key.name, sizeof key.name, "%s", st->name);
+            Expect *x = strlen(st->name) < sizeof key.name
+                            ? bsearch(&key, L.v, (size_t)L.n, sizeof *L.v, cmp_expect) : NULL;
+            if (!x) {
+                if (is_ignored_buffer(st->name)) continue;
+                arm_fail(e, "%s: unexpected tensor '%s' (not part of a %s checkpoint with this config)",
+                         sf->path, st->name,
+                         c->arch == ARCH_ARMORM ? "LlamaForRewardModelWithGating"
+                         : c->arch == ARCH_SEQCLS ? "LlamaForSequenceClassification"
+                         : c->arch == ARCH_CAUSALLM ? "LlamaForCausalLM" : "LlamaModel");
+                goto fail;
+            }
+            if (x->found) {
+                arm_fail(e, "tensor '%s' appears twice: in %s and in %s", st->name,
+                         m->files[x->found_file].path, sf->path);
+                goto fail;
+            }
+            x->found = st;
+            x->found_file = f;
+            int same = st->ndim == x->ndim;
+            for (int d = 0; same && d < x->ndim; d++) same = st->shape[d] == x->shape[d];
+            if (!same) {
+                fmt_shape(sh1, sizeof sh1, st->ndim, st->shape);
+                fmt_shape(sh2, sizeof sh2, x->ndim, x->shape);
+                arm_fail(e, "%s: tensor '%s' has shape %s, expected %s from config.json", sf->path,
+                         st->name, sh1, sh2);
+                goto fail;
+            }
+            WDType dt;
+            if (wdtype_of(st->dtype, &dt)) {
+                arm_fail(e, "%s: tensor '%s' has dtype %s; supported: F32, BF16, F16", sf->path,
+                         st->name, st->dtype_name);
+                goto fail;
+            }
+        }
+    }
+    for (int i = 0; i < L.n; i++) {
+        if (!L.v[i].found && !L.v[i].optional) {
+            arm_fail(e, "missing tensor '%s' (required by config.json; looked in %d file%s)", L.v[i].name,
+                     m->n_files, m->n_files == 1 ? "" : "s");
+            goto fail;
+        }
+    }
+    if (wdtype == WT_AUTO)
+        for (int i = 0; i < L.n; i++)
+            if (L.v[i].w == &m->w.embed) wdtype_of(L.v[i].found->dtype, &wdtype);
+    m->compute_wdtype = wdtype;
+    // Everything checked: bind or convert.
+    for (int i = 0; i < L.n; i++)
+        if (L.v[i].found && !L.v[i].unused && bind(m, &L.v[i], wdtype, e)) goto fail;
+    compute_inv_freq(m);
+    free(L.v);
+    return 0;
+fail:
+    free(L.v);
+    model_free(m);
+    return -1;
+}
+
+void model_free(Model *m) {
+    if (!m) return;
+    for (int i = 0; i < m->n_files; i++) st_close(&m->files[i]);
+    free(m->files);
+    for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
+    free(m->owned);
+    free(m->w.layers);
+    free(m->w.gate_w);
+    free(m->w.gate_b);
+    free(m->inv_freq);
+    memset(m, 0, sizeof *m);
+}
+
+void arm_convert_to_f32(float *dst, const void *src, StDType dtype, uint64_t n) {
+    WDType s;
+    if (wdtype_of(dtype, &s) == 0) convert(dst, WT_F32, src, s, (int64_t)n);
+}
+
+const StTensor *model_find_tensor(const Model *m, const char *name) {
+    for (int i = 0; i < m->n_files; i++) {
+        const StTensor *t = st_find(&m->files[i], name);
+        if (t) return t;
+    }
+    return NULL;
+}
+
+int batch_validate(const Model *m, const Batch *b, ArmError *e) {
+    const Config *c = &m->cfg;
+    if (b->B <= 0) return arm_fail(e, "empty batch");
+    if (b->cu_seqlens[0] != 0) return arm_fail(e, "cu_seqlens must start at 0");
+    for (int s = 0; s < b->B; s++) {
+        int64_t len = b->cu_seqlens[s + 1] - b->cu_seqlens[s];
+        if (len <= 0) return arm_fail(e, "sequence %d is empty", s);
+        if (len > c->max_position_embeddings)
+            return arm_fail(e, "sequence %d has %lld tokens; the model allows at most %d "
+                               "(max_position_embeddings)", s, (long long)len, c->max_position_embeddings);
+        if (b->reward_pos && (b->reward_pos[s] < 0 || b->reward_pos[s] >= len))
+            return arm_fail(e, "sequence %d: reward position %lld outside its %lld tokens", s,
+                            (long long)b->reward_pos[s], (long long)len);
+        if (b->gating_pos && (b->gating_pos[s] < 0 || b->gating_pos[s] >= len))
+            return arm_fail(e, "sequence %d: gating position %lld outside its %lld tokens", s,
+                            (long long)b->gating_pos[s], (long long)len);
+        for (int64_t i = b->cu_seqlens[s]; i < b->cu_seqlens[s + 1]; i++) {
+            int32_t t = b->tokens[i];
+            if (t < 0 || t >= c->vocab_size)
+                return arm_fail(e, "sequence %d, position %lld: token id %d is outside the embedding "
+                                   "(vocab_size %d)", s, (long long)(i - b->cu_seqlens[s]), (int)t,
+                                c->vocab_size);
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,145 @@
+// model.h: the model description shared by every backend.
+//
+// Config     : the numbers read from config.json (validated here, not trusted).
+// Weights    : pointers to every tensor the forward pass reads. Each points into
+//              a read-only file mapping (zero copy) or into a buffer this struct
+//              owns when the stored dtype differs from the compute dtype.
+// Model      : Config + Weights + the mapped files. Immutable after model_load,
+//              so one Model may be used by many threads at once: every forward
+//              call allocates its own RunState. There is no global mutable
+//              state anywhere in the core.
+#ifndef ARMORM_MODEL_H
+#define ARMORM_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "safetensors.h"
+
+#define ARM_ERRLEN 1024
+
+// Error carrier: every fallible function takes one and returns 0 / -1.
+typedef struct { char msg[ARM_ERRLEN]; } ArmError;
+int arm_fail(ArmError *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+// Weight storage formats the kernels read directly.
+typedef enum { WT_AUTO = -1, WT_F32 = 0, WT_BF16 = 1, WT_F16 = 2 } WDType;
+
+typedef enum {
+    ARCH_BACKBONE = 0,  // bare LlamaModel: hidden states only
+    ARCH_ARMORM = 1,    // LlamaForRewardModelWithGating
+    ARCH_SEQCLS = 2,    // LlamaForSequenceClassification
+    ARCH_CAUSALLM = 3,  // LlamaForCausalLM (lm_head present, unused)
+} Arch;
+
+typedef enum { ROPE_DEFAULT = 0, ROPE_LLAMA3 = 1, ROPE_LINEAR = 2 } RopeType;
+
+typedef struct {
+    Arch arch;                 // what the checkpoint holds
+    int compute_head;          // 0: skip the head even when present
+    int hidden_size;           // H
+    int intermediate_size;     // I
+    int num_layers;
+    int num_heads;             // query heads
+    int num_kv_heads;          // key/value heads (GQA: num_heads % num_kv_heads == 0)
+    int head_dim;              // hd
+    int vocab_size;            // rows of the embedding
+    int max_position_embeddings;
+    float rms_norm_eps;
+    double rope_theta;
+    RopeType rope_type;
+    double rope_factor, rope_low_freq_factor, rope_high_freq_factor;
+    int rope_original_max_pos;
+    int attention_bias, mlp_bias;
+    int tie_word_embeddings;
+    // head
+    int num_objectives;        // K (ArmoRM)
+    float gating_temperature;
+    int gating_hidden_dim;     // D
+    int gating_n_hidden;
+    int num_labels;            // SeqCls
+} Config;
+
+// A weight matrix or vector as the kernels see it.
+typedef struct {
+    const void *data;
+    WDType dtype;
+    int64_t rows, cols;        // vectors: rows = 1
+} WTensor;
+
+typedef struct {
+    WTensor attn_norm, q, k, v, o, q_b, k_b, v_b, o_b;   // biases have data NULL when absent
+    WTensor mlp_norm, gate, up, down, gate_b, up_b, down_b;
+} LayerWeights;
+
+typedef struct {
+    WTensor embed;             // (vocab, H)
+    LayerWeights *layers;      // num_layers
+    WTensor final_norm;        // (H)
+    // ArmoRM head, always fp32 (small): converted on load when stored otherwise
+    const float *regression;   // (K, H)
+    const float *transform;    // (K, K)
+    const float **gate_w;      // gating_n_hidden + 1 matrices: (D,H), (D,D)..., (K,D)
+    const float **gate_b;      // their biases: (D)... (K)
+    float logit_scale;
+    // SeqCls head
+    const float *score;        // (num_labels, H)
+} Weights;
+
+typedef struct {
+    Config cfg;
+    WDType compute_wdtype;     // dtype the backbone matrices are held in
+    Weights w;
+    StFile *files;
+    int n_files;
+    void **owned;              // buffers holding converted tensors
+    int n_owned, cap_owned;
+    float *inv_freq;           // (head_dim/2) RoPE frequencies, precomputed
+    int num_threads;
+} Model;
+
+// Checks the config numbers for consistency (positive sizes, divisibility, ...).
+int config_validate(const Config *c, ArmError *e);
+
+// Maps `paths`, checks every tensor against `cfg` (presence, shape, dtype,
+// no extras), converts where the stored dtype differs from `wdtype`
+// (WT_AUTO: hold the backbone in the embedding's stored dtype).
+int model_load(Model *m, const Config *cfg, const char *const *paths, int n_paths,
+               WDType wdtype, int num_threads, ArmError *e);
+void model_free(Model *m);
+
+// Copies n elements of a stored F32/BF16/F16 tensor into fp32.
+void arm_convert_to_f32(float *dst, const void *src, StDType dtype, uint64_t n);
+
+// Looks up a tensor by name in the mapped files (NULL when absent).
+const StTensor *model_find_tensor(const Model *m, const char *name);
+
+// One packed batch: B sequences laid end to end, no padding.
+typedef struct {
+    const int32_t *tokens;     // (T) token ids
+    const int64_t *cu_seqlens; // (B+1) cu_seqlens[b] = start of sequence b, cu_seqlens[B] = T
+    int B;
+    const int64_t *reward_pos; // (B) position within each sequence, or NULL = last token
+    const int64_t *gating_pos; // (B) position within each sequence, or NULL (no gating)
+} Batch;
+
+// Outputs; any pointer may be NULL when the field is not wanted.
+typedef struct {
+    float *hidden_state;       // (B, H) final-norm state at reward_pos
+    float *prompt_embedding;   // (B, H) final-norm state at gating_pos
+    float *rewards;            // (B, K)        ArmoRM
+    float *gating_output;      // (B, K)        ArmoRM
+    float *score;              // (B)           ArmoRM: gated score; SeqCls: logits[:,0]
+    float *logits;             // (B, num_labels) SeqCls
+    float *all_hidden;         // (T, H) every token's final-norm state (embeddings API)
+} Outputs;
+
+// Checks a batch against the model (ids in range, lengths, positions).
+int batch_validate(const Model *m, const Batch *b, ArmError *e);
+
+// CPU forward pass. `cancel` (may be NULL) is polled between layers; when it
+// returns non-zero the pass stops and the function returns -2.
+typedef int (*CancelFn)(void *ctx);
+int forward_cpu(const Model *m, const Batch *b, Outputs *out, CancelFn cancel,
+                void *cancel_ctx, ArmError *e);
+
+#endif

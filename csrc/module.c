@@ -1,0 +1,449 @@
+// module.c: the CPython face of the core (armorm._core).
+//
+// Model(paths, config, dtype, num_threads) maps and validates a checkpoint;
+// Model.forward(...) runs one packed batch with the GIL released and returns
+// a dict of NumPy arrays. Every C error becomes a Python exception carrying
+// the core's message: ValueError for bad checkpoints and inputs, MemoryError
+// for allocation failures, KeyboardInterrupt when Ctrl-C arrives mid-batch.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include <string.h>
+#include "model.h"
+
+typedef struct {
+    PyObject_HEAD
+    Model model;
+    int loaded;
+    int busy;  // forward calls in flight: close() must not unmap under them
+} PyModel;
+
+static PyObject *raise_arm(const ArmError *e) {
+    if (strncmp(e->msg, "out of memory", 13) == 0) return PyErr_Format(PyExc_MemoryError, "%s", e->msg);
+    return PyErr_Format(PyExc_ValueError, "%s", e->msg);
+}
+
+// ---- config dict -> Config ------------------------------------------------
+
+static int get_num(PyObject *d, const char *key, double *out, int required) {
+    PyObject *v = PyDict_GetItemString(d, key);  // borrowed
+    if (!v || v == Py_None) {
+        if (required) {
+            PyErr_Format(PyExc_KeyError, "config is missing '%s'", key);
+            return -1;
+        }
+        return 1;
+    }
+    if (PyBool_Check(v)) {
+        *out = v == Py_True;
+        return 0;
+    }
+    double x = PyFloat_AsDouble(v);
+    if (x == -1.0 && PyErr_Occurred()) {
+        PyErr_Format(PyExc_TypeError, "config '%s' must be a number", key);
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
+static int get_int(PyObject *d, const char *key, int *out, int required, int dflt) {
+    double x;
+    int r = get_num(d, key, &x, required);
+    if (r < 0) return -1;
+    if (r == 1) { *out = dflt; return 0; }
+    if (x != (double)(long long)x || x < -2147483648.0 || x > 2147483647.0) {
+        PyErr_Format(PyExc_ValueError, "config '%s' must be an integer, got %g", key, x);
+        return -1;
+    }
+    *out = (int)x;
+    return 0;
+}
+
+static int config_from_dict(PyObject *d, Config *c) {
+    memset(c, 0, sizeof *c);
+    if (!PyDict_Check(d)) {
+        PyErr_SetString(PyExc_TypeError, "config must be a dict");
+        return -1;
+    }
+    int arch = 0, head = 1, rope = 0;
+    double x;
+    if (get_int(d, "arch", &arch, 1, 0) || get_int(d, "compute_head", &head, 0, 1) ||
+        get_int(d, "hidden_size", &c->hidden_size, 1, 0) ||
+        get_int(d, "intermediate_size", &c->intermediate_size, 1, 0) ||
+        get_int(d, "num_hidden_layers", &c->num_layers, 1, 0) ||
+        get_int(d, "num_attention_heads", &c->num_heads, 1, 0) ||
+        get_int(d, "num_key_value_heads", &c->num_kv_heads, 1, 0) ||
+        get_int(d, "head_dim", &c->head_dim, 1, 0) || get_int(d, "vocab_size", &c->vocab_size, 1, 0) ||
+        get_int(d, "max_position_embeddings", &c->max_position_embeddings, 1, 0) ||
+        get_int(d, "rope_type", &rope, 0, 0) ||
+        get_int(d, "rope_original_max_position_embeddings", &c->rope_original_max_pos, 0, 0) ||
+        get_int(d, "attention_bias", &c->attention_bias, 0, 0) || get_int(d, "mlp_bias", &c->mlp_bias, 0, 0) ||
+        get_int(d, "tie_word_embeddings", &c->tie_word_embeddings, 0, 0) ||
+        get_int(d, "num_objectives", &c->num_objectives, 0, 19) ||
+        get_int(d, "gating_hidden_dim", &c->gating_hidden_dim, 0, 1024) ||
+        get_int(d, "gating_n_hidden", &c->gating_n_hidden, 0, 3) ||
+        get_int(d, "num_labels", &c->num_labels, 0, 1))
+        return -1;
+    if (arch < 0 || arch > 3 || rope < 0 || rope > 2) {
+        PyErr_SetString(PyExc_ValueError, "config: arch / rope_type out of range");
+        return -1;
+    }
+    c->arch = (Arch)arch;
+    c->compute_head = head;
+    c->rope_type = (RopeType)rope;
+    if (get_num(d, "rms_norm_eps", &x, 1) < 0) return -1;
+    c->rms_norm_eps = (float)x;
+    if (get_num(d, "rope_theta", &c->rope_theta, 1) < 0) return -1;
+    c->rope_factor = c->rope_low_freq_factor = c->rope_high_freq_factor = 1.0;
+    if (get_num(d, "rope_factor", &c->rope_factor, 0) < 0 ||
+        get_num(d, "rope_low_freq_factor", &c->rope_low_freq_factor, 0) < 0 ||
+        get_num(d, "rope_high_freq_factor", &c->rope_high_freq_factor, 0) < 0)
+        return -1;
+    c->gating_temperature = 10.0f;
+    int r = get_num(d, "gating_temperature", &x, 0);
+    if (r < 0) return -1;
+    if (r == 0) c->gating_temperature = (float)x;
+    return 0;
+}
+
+// ---- Model ----------------------------------------------------------------
+
+static void PyModel_dealloc(PyModel *self) {
+    if (self->loaded) model_free(&self->model);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int PyModel_init(PyModel *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"paths", "config", "dtype", "num_threads", NULL};
+    PyObject *paths, *cfgd;
+    const char *dtype = "float32";
+    int nthreads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|si", kwlist, &paths, &cfgd, &dtype, &nthreads)) return -1;
+    if (self->loaded) {
+        PyErr_SetString(PyExc_RuntimeError, "Model already initialised");
+        return -1;
+    }
+    WDType wd;
+    if (!strcmp(dtype, "auto")) wd = WT_AUTO;
+    else if (!strcmp(dtype, "float32")) wd = WT_F32;
+    else if (!strcmp(dtype, "bfloat16")) wd = WT_BF16;
+    else if (!strcmp(dtype, "float16")) wd = WT_F16;
+    else {
+        PyErr_Format(PyExc_ValueError, "dtype must be auto, float32, bfloat16 or float16, got '%s'", dtype);
+        return -1;
+    }
+    if (nthreads < 1 || nthreads > 1024) {
+        PyErr_Format(PyExc_ValueError, "num_threads must be in 1..1024, got %d", nthreads);
+        return -1;
+    }
+    Config cfg;
+    if (config_from_dict(cfgd, &cfg)) return -1;
+    PyObject *seq = PySequence_Fast(paths, "paths must be a sequence of str");
+    if (!seq) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n < 1 || n > 100000) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "paths must name 1..100000 files");
+        return -1;
+    }
+    const char **cpaths = PyMem_Calloc((size_t)n, sizeof *cpaths);
+    PyObject **encoded = PyMem_Calloc((size_t)n, sizeof *encoded);
+    int rc = -1;
+    if (!cpaths || !encoded) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!PyUnicode_FSConverter(PySequence_Fast_GET_ITEM(seq, i), &encoded[i])) goto done;
+        cpaths[i] = PyBytes_AS_STRING(encoded[i]);
+    }
+    ArmError e = {{0}};
+    int lr;
+    Py_BEGIN_ALLOW_THREADS
+    lr = model_load(&self->model, &cfg, cpaths, (int)n, wd, nthreads, &e);
+    Py_END_ALLOW_THREADS
+    if (lr) {
+        raise_arm(&e);
+        goto done;
+    }
+    self->loaded = 1;
+    rc = 0;
+done:
+    if (encoded)
+        for (Py_ssize_t i = 0; i < n; i++) Py_XDECREF(encoded[i]);
+    PyMem_Free(encoded);
+    PyMem_Free(cpaths);
+    Py_DECREF(seq);
+    return rc;
+}
+
+static int check_loaded(PyModel *self) {
+    if (!self->loaded) {
+        PyErr_SetString(PyExc_RuntimeError, "model is closed");
+        return -1;
+    }
+    return 0;
+}
+
+// Polled by the core between layers, with the GIL released.
+static int cancel_check(void *ctx) {
+    (void)ctx;
+    PyGILState_STATE st = PyGILState_Ensure();
+    int r = PyErr_CheckSignals();
+    PyGILState_Release(st);
+    return r != 0;
+}
+
+static PyArrayObject *as_i64_1d(PyObject *o, const char *what) {
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(o, NPY_INT64, 1, 1, NPY_ARRAY_CARRAY_RO);
+    if (!a) PyErr_Format(PyExc_TypeError, "%s must be a 1-D integer array", what);
+    return a;
+}
+
+static PyObject *PyModel_forward(PyModel *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"tokens", "cu_seqlens", "reward_pos", "gating_pos", "fields", NULL};
+    PyObject *tok_o, *cu_o, *rp_o = Py_None, *gp_o = Py_None, *fields = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOO", kwlist, &tok_o, &cu_o, &rp_o, &gp_o, &fields))
+        return NULL;
+    if (check_loaded(self)) return NULL;
+    const Config *c = &self->model.cfg;
+    PyArrayObject *tok = NULL, *cu = NULL, *rp = NULL, *gp = NULL;
+    PyObject *result = NULL, *arrays[7] = {0};
+    static const char *names[7] = {"hidden_state", "prompt_embedding", "rewards", "gating_output",
+                                   "score", "logits", "all_hidden"};
+    tok = (PyArrayObject *)PyArray_FROMANY(tok_o, NPY_INT32, 1, 1, NPY_ARRAY_CARRAY_RO | NPY_ARRAY_FORCECAST);
+    if (!tok) goto done;
+    if (!(cu = as_i64_1d(cu_o, "cu_seqlens"))) goto done;
+    const npy_intp T = PyArray_DIM(tok, 0), nb = PyArray_DIM(cu, 0) - 1;
+    if (nb < 1 || nb > 0x7fffffff) {
+        PyErr_SetString(PyExc_ValueError, "cu_seqlens must hold B+1 offsets with B >= 1");
+        goto done;
+    }
+    const int64_t *cus = PyArray_DATA(cu);
+    if (cus[0] != 0 || cus[nb] != (int64_t)T) {
+        PyErr_Format(PyExc_ValueError, "cu_seqlens must run from 0 to the token count %lld", (long long)T);
+        goto done;
+    }
+    for (npy_intp i = 0; i < nb; i++)
+        if (cus[i + 1] <= cus[i]) {
+            PyErr_Format(PyExc_ValueError, "cu_seqlens must be strictly increasing (sequence %lld is empty)",
+                         (long long)i);
+            goto done;
+        }
+    if (rp_o != Py_None) {
+        if (!(rp = as_i64_1d(rp_o, "reward_pos"))) goto done;
+        if (PyArray_DIM(rp, 0) != nb) { PyErr_SetString(PyExc_ValueError, "reward_pos must have B entries"); goto done; }
+    }
+    if (gp_o != Py_None) {
+        if (!(gp = as_i64_1d(gp_o, "gating_pos"))) goto done;
+        if (PyArray_DIM(gp, 0) != nb) { PyErr_SetString(PyExc_ValueError, "gating_pos must have B entries"); goto done; }
+    }
+    Batch b = {PyArray_DATA(tok), cus, (int)nb, rp ? PyArray_DATA(rp) : NULL, gp ? PyArray_DATA(gp) : NULL};
+    const npy_intp H = c->hidden_size, K = c->num_objectives, NL = c->num_labels;
+    npy_intp shapes[7][2] = {{nb, H}, {nb, H}, {nb, K}, {nb, K}, {nb, 0}, {nb, NL}, {T, H}};
+    int ndims[7] = {2, 2, 2, 2, 1, 2, 2};
+    int allowed[7] = {1, gp != NULL, c->arch == ARCH_ARMORM, c->arch == ARCH_ARMORM,
+                      c->arch == ARCH_ARMORM || c->arch == ARCH_SEQCLS, c->arch == ARCH_SEQCLS, 1};
+    float *ptr[7] = {0};
+    PyObject *fseq = fields ? PySequence_Fast(fields, "fields must be a sequence of str") : NULL;
+    if (fields && !fseq) goto done;
+    for (int i = 0; i < 7; i++) {
+        int want = 0;
+        if (!fseq) {
+            want = allowed[i] && i != 6;
+        } else {
+            for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(fseq); j++) {
+                PyObject *s = PySequence_Fast_GET_ITEM(fseq, j);
+                if (PyUnicode_Check(s) && PyUnicode_CompareWithASCIIString(s, names[i]) == 0) want = 1;
+            }
+            if (want && !allowed[i]) {
+                Py_DECREF(fseq);
+                PyErr_Format(PyExc_ValueError, "field '%s' is not available for this model or batch", names[i]);
+                goto done;
+            }
+        }
+        if (!want) continue;
+        arrays[i] = PyArray_ZEROS(ndims[i], shapes[i], NPY_FLOAT32, 0);
+        if (!arrays[i]) { Py_XDECREF(fseq); goto done; }
+        ptr[i] = PyArray_DATA((PyArrayObject *)arrays[i]);
+    }
+    Py_XDECREF(fseq);
+    Outputs out = {ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], ptr[5], ptr[6]};
+    ArmError e = {{0}};
+    int r;
+    self->busy++;
+    Py_BEGIN_ALLOW_THREADS
+    r = forward_cpu(&self->model, &b, &out, cancel_check, NULL, &e);
+    Py_END_ALLOW_THREADS
+    self->busy--;
+    if (r == -2) {
+        if (!PyErr_Occurred()) PyErr_SetNone(PyExc_KeyboardInterrupt);
+        goto done;
+    }
+    if (r) { raise_arm(&e); goto done; }
+    result = PyDict_New();
+    if (!result) goto done;
+    for (int i = 0; i < 7; i++)
+        if (arrays[i] && PyDict_SetItemString(result, names[i], arrays[i])) { Py_CLEAR(result); goto done; }
+done:
+    for (int i = 0; i < 7; i++) Py_XDECREF(arrays[i]);
+    Py_XDECREF(tok); Py_XDECREF(cu); Py_XDECREF(rp); Py_XDECREF(gp);
+    return result;
+}
+
+static PyObject *tensor_to_array(const StTensor *t) {
+    npy_intp dims[ST_MAX_DIMS];
+    for (int i = 0; i < t->ndim; i++) dims[i] = (npy_intp)t->shape[i];
+    PyObject *a = PyArray_SimpleNew(t->ndim, dims, NPY_FLOAT32);
+    if (!a) return NULL;
+    float *dst = PyArray_DATA((PyArrayObject *)a);
+    arm_convert_to_f32(dst, t->data, t->dtype, t->numel);
+    return a;
+}
+
+static PyObject *PyModel_tensor(PyModel *self, PyObject *arg) {
+    if (check_loaded(self)) return NULL;
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (!name) return NULL;
+    const StTensor *t = model_find_tensor(&self->model, name);
+    if (!t) return PyErr_Format(PyExc_KeyError, "no tensor named '%s'", name);
+    if (t->dtype != ST_F32 && t->dtype != ST_BF16 && t->dtype != ST_F16)
+        return PyErr_Format(PyExc_TypeError, "tensor '%s' has dtype %s", name, t->dtype_name);
+    return tensor_to_array(t);
+}
+
+static PyObject *PyModel_close(PyModel *self, PyObject *unused) {
+    (void)unused;
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot close a model while a forward call is running");
+        return NULL;
+    }
+    if (self->loaded) {
+        model_free(&self->model);
+        self->loaded = 0;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *PyModel_get_closed(PyModel *self, void *c) {
+    (void)c;
+    return PyBool_FromLong(!self->loaded);
+}
+
+static PyObject *PyModel_get_dtype(PyModel *self, void *c) {
+    (void)c;
+    if (check_loaded(self)) return NULL;
+    WDType t = self->model.compute_wdtype;
+    return PyUnicode_FromString(t == WT_F32 ? "float32" : t == WT_BF16 ? "bfloat16" : "float16");
+}
+
+static PyMethodDef PyModel_methods[] = {
+    {"forward", (PyCFunction)(void (*)(void))PyModel_forward, METH_VARARGS | METH_KEYWORDS,
+     "forward(tokens, cu_seqlens, reward_pos=None, gating_pos=None, fields=None) -> dict of arrays"},
+    {"tensor", (PyCFunction)PyModel_tensor, METH_O, "tensor(name) -> float32 copy of a stored tensor"},
+    {"close", (PyCFunction)PyModel_close, METH_NOARGS, "unmap the checkpoint and free the weights"},
+    {NULL, NULL, 0, NULL}};
+
+static PyGetSetDef PyModel_getset[] = {{"closed", (getter)PyModel_get_closed, NULL, "True after close()", NULL},
+                                       {"dtype", (getter)PyModel_get_dtype, NULL, "dtype the backbone weights are held in", NULL},
+                                       {NULL, NULL, NULL, NULL, NULL}};
+
+static PyTypeObject PyModelType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "armorm._core.Model",
+    .tp_basicsize = sizeof(PyModel),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Model(paths, config, dtype='float32', num_threads=1): a mapped, validated checkpoint",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)PyModel_init,
+    .tp_dealloc = (destructor)PyModel_dealloc,
+    .tp_methods = PyModel_methods,
+    .tp_getset = PyModel_getset,
+};
+
+// ---- module functions -----------------------------------------------------
+
+static PyObject *st_to_list(const StFile *f) {
+    PyObject *lst = PyList_New(f->n_tensors);
+    if (!lst) return NULL;
+    for (int i = 0; i < f->n_tensors; i++) {
+        const StTensor *t = &f->tensors[i];
+        PyObject *shape = PyTuple_New(t->ndim);
+        if (!shape) { Py_DECREF(lst); return NULL; }
+        for (int d = 0; d < t->ndim; d++) PyTuple_SET_ITEM(shape, d, PyLong_FromLongLong(t->shape[d]));
+        PyObject *item = Py_BuildValue("{s:s,s:s,s:N,s:(KK)}", "name", t->name, "dtype", t->dtype_name, "shape",
+                                       shape, "data_offsets", (unsigned long long)t->begin,
+                                       (unsigned long long)t->end);
+        if (!item) { Py_DECREF(lst); return NULL; }
+        PyList_SET_ITEM(lst, i, item);
+    }
+    return lst;
+}
+
+static PyObject *py_inspect_safetensors(PyObject *m, PyObject *arg) {
+    (void)m;
+    PyObject *enc;
+    if (!PyUnicode_FSConverter(arg, &enc)) return NULL;
+    StFile f;
+    memset(&f, 0, sizeof f);
+    f.fd = -1;
+    char err[ARM_ERRLEN] = {0};
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = st_open(&f, PyBytes_AS_STRING(enc), err, sizeof err);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(enc);
+    if (r) return PyErr_Format(PyExc_ValueError, "%s", err);
+    PyObject *lst = st_to_list(&f);
+    st_close(&f);
+    return lst;
+}
+
+static PyObject *py_parse_safetensors_bytes(PyObject *m, PyObject *arg) {
+    (void)m;
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE)) return NULL;
+    StFile f;
+    memset(&f, 0, sizeof f);
+    f.fd = -1;
+    char err[ARM_ERRLEN] = {0};
+    int r = st_parse_buffer(&f, view.buf, (size_t)view.len, "<bytes>", err, sizeof err);
+    PyObject *res = r ? PyErr_Format(PyExc_ValueError, "%s", err) : st_to_list(&f);
+    st_close(&f);
+    PyBuffer_Release(&view);
+    return res;
+}
+
+static PyMethodDef module_methods[] = {
+    {"inspect_safetensors", py_inspect_safetensors, METH_O,
+     "inspect_safetensors(path) -> list of {name, dtype, shape, data_offsets}; ValueError on a bad file"},
+    {"parse_safetensors_bytes", py_parse_safetensors_bytes, METH_O,
+     "parse_safetensors_bytes(buf) -> like inspect_safetensors, for an in-memory file (fuzzing)"},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "armorm._core",
+                                       "armorm's C core: checkpoint loading and the forward pass.", -1,
+                                       module_methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__core(void) {
+    import_array();
+    if (PyType_Ready(&PyModelType) < 0) return NULL;
+    PyObject *mod = PyModule_Create(&moduledef);
+    if (!mod) return NULL;
+    Py_INCREF(&PyModelType);
+    if (PyModule_AddObject(mod, "Model", (PyObject *)&PyModelType) < 0) {
+        Py_DECREF(&PyModelType);
+        Py_DECREF(mod);
+        return NULL;
+    }
+    PyModule_AddIntConstant(mod, "ARCH_BACKBONE", ARCH_BACKBONE);
+    PyModule_AddIntConstant(mod, "ARCH_ARMORM", ARCH_ARMORM);
+    PyModule_AddIntConstant(mod, "ARCH_SEQCLS", ARCH_SEQCLS);
+    PyModule_AddIntConstant(mod, "ARCH_CAUSALLM", ARCH_CAUSALLM);
+    PyModule_AddIntConstant(mod, "ROPE_DEFAULT", ROPE_DEFAULT);
+    PyModule_AddIntConstant(mod, "ROPE_LLAMA3", ROPE_LLAMA3);
+    PyModule_AddIntConstant(mod, "ROPE_LINEAR", ROPE_LINEAR);
+    return mod;
+}
