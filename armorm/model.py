@@ -21,7 +21,8 @@ import numpy as np
 from . import _core
 from .config import ATTRIBUTES, CheckpointError, ModelConfig, load_config, weight_files
 from .hub import resolve_model_path
-from .tokenizer import find_gating_position
+from .tokenizer import ChatTokenizer, find_gating_position
+from .tokenizer import gating_pattern as derive_gating_pattern
 
 #: The gating pattern of the Llama-3 chat format:
 #: "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n".
@@ -163,6 +164,7 @@ class ArmoRM:
             raise ValueError("max_batch_tokens must be positive")
         self.max_batch_tokens = int(max_batch_tokens)
         self.device = "cpu"
+        self._pattern_error: Optional[str] = None
 
     # ---- loading --------------------------------------------------------
 
@@ -199,20 +201,19 @@ class ArmoRM:
         nt = default_num_threads() if num_threads is None else int(num_threads)
         core = _core.Model(files, core_cfg, wdtype, nt)
         if tokenizer is None and (path / "tokenizer.json").is_file():
-            from .tokenizer import ChatTokenizer
-            try:
-                tokenizer = ChatTokenizer.from_pretrained(path)
-            except (ValueError, OSError):
-                tokenizer = None  # the model still scores token ids; chat helpers will say what is missing
+            tokenizer = ChatTokenizer.from_pretrained(path)
+        pattern_error = None
         if gating_pattern is None and tokenizer is not None:
-            from .tokenizer import gating_pattern as derive
             try:
-                gating_pattern = derive(tokenizer)
-            except ValueError:
-                gating_pattern = None
-        if gating_pattern is None:
-            gating_pattern = LLAMA3_GATING_PATTERN
-        return cls(core, config, path, gating_pattern, tokenizer, max_batch_tokens)
+                gating_pattern = derive_gating_pattern(tokenizer)
+            except ValueError as e:
+                # token-id scoring still works for backbones; gated scoring raises this reason
+                pattern_error = str(e)
+        elif gating_pattern is None:
+            gating_pattern = LLAMA3_GATING_PATTERN  # no tokenizer: the reference's hard-coded pattern
+        model = cls(core, config, path, gating_pattern, tokenizer, max_batch_tokens)
+        model._pattern_error = pattern_error
+        return model
 
     def close(self) -> None:
         """Unmaps the checkpoint and frees the weights; the model is unusable after."""
@@ -349,18 +350,21 @@ class ArmoRM:
 
     # ---- the packed-batch engine ---------------------------------------
 
-    def gating_positions(self, seqs: Sequence[np.ndarray]) -> np.ndarray:
+    def gating_positions(self, seqs: Sequence[np.ndarray], what: str = "sequence") -> np.ndarray:
         """Start of the last gating-pattern occurrence in each sequence.
 
-        Raises GatingPatternError naming the first sequence without one.
+        Raises GatingPatternError naming the first sequence (`what` i) without one.
         """
+        if not self.gating_pattern:
+            raise GatingPatternError(self._pattern_error or "no gating pattern: pass gating_pattern=[...]")
         pos = np.empty(len(seqs), dtype=np.int64)
         for i, s in enumerate(seqs):
             p = find_gating_position(s, self.gating_pattern)
             if p < 0:
                 raise GatingPatternError(
-                    f"sequence {i}: gating pattern {self.gating_pattern} not found; the conversation must "
-                    "end with an assistant turn in the model's chat format (pass gating_pattern= to override)")
+                    f"{what} {i}: the gating pattern {self.gating_pattern} (the header that opens the final "
+                    "assistant turn) was not found; a conversation to score must end with an assistant message "
+                    "in the model's chat format (pass gating_pattern= to override the pattern)")
             pos[i] = p
         return pos
 

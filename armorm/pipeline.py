@@ -11,9 +11,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .model import ArmoRM, GatingPatternError, RewardOutput
+from .model import ArmoRM, RewardOutput
 from .progress import make_progress
-from .tokenizer import ChatTokenizer, conversation_from_record, find_gating_position, format_conversations
+from .tokenizer import ChatTokenizer, conversation_from_record, format_conversations
 
 Conversation = List[Dict[str, str]]
 
@@ -61,17 +61,13 @@ class ArmoRMPipeline:
         """
         convs = [conversation_from_record(c) if isinstance(c, Mapping) else c for c in conversations]
         ids = format_conversations(self.tokenizer, convs)
-        pattern = self.model.gating_pattern
+        seqs = [np.asarray(seq, dtype=np.int32) for seq in ids]
+        gpos = self.model.gating_positions(seqs, what="conversation")
+        n_pattern = len(self.model.gating_pattern)
         out = []
-        for i, seq in enumerate(ids):
-            arr = np.asarray(seq, dtype=np.int32)
-            p = find_gating_position(arr, pattern)
-            if p < 0:
-                raise GatingPatternError(
-                    f"conversation {i}: the final assistant header (tokens {pattern}) was not found; "
-                    "a conversation to score must end with an assistant message")
+        for i, (arr, p) in enumerate(zip(seqs, gpos)):
             if self.truncation and arr.size > self.max_length:
-                if p + len(pattern) > self.max_length:
+                if p + n_pattern > self.max_length:
                     raise ValueError(
                         f"conversation {i}: truncation to max_length={self.max_length} tokens would cut off the "
                         f"final assistant header (it starts at token {p} of {arr.size}); raise max_length or "
