@@ -222,6 +222,11 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
 
 
+# transformers' AutoTokenizer.from_pretrained options that do not change the tokenizer
+_HF_LOADING_KWARGS = ("use_fast", "trust_remote_code", "revision", "cache_dir", "local_files_only", "token",
+                      "force_download", "legacy")
+
+
 class ChatTokenizer:
     """A ``tokenizers.Tokenizer`` plus the chat template and special tokens of a HF model directory.
 
@@ -383,12 +388,17 @@ class ChatTokenizer:
         Args:
             path: The model directory.
             **overrides: Constructor keyword arguments that replace the config's values.
+                The loading options transformers takes (``use_fast``, ``trust_remote_code``,
+                ``revision``, ...) are accepted and ignored, so model-card code runs unchanged.
 
         Raises:
             FileNotFoundError: ``path`` is not a directory or has no ``tokenizer.json``.
             ValueError: a file is malformed.
         """
         from tokenizers import Tokenizer
+
+        for key in _HF_LOADING_KWARGS:
+            overrides.pop(key, None)
 
         root = Path(path).expanduser()
         if not root.is_dir():
