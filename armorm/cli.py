@@ -44,8 +44,12 @@ def read_jsonl(path: str) -> Tuple[List[List[Dict[str, str]]], List[Any]]:
     """Reads conversations (`messages`, or `prompt` + `response`) and optional `id`s from JSONL."""
     from .tokenizer import conversation_from_record
     convs, ids = [], []
-    with open(path, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start})") from None
             if not line.strip():
                 continue
             try:
@@ -116,6 +120,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .hub import resolve_model_path
     from .pipeline import ArmoRMPipeline
     from .progress import make_progress
+    if args.output:
+        out_dir = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(out_dir):
+            raise InputError(f"--output {args.output}: directory {out_dir} does not exist")
     model_ref = args.model or DEFAULT_MODEL
     try:
         path = resolve_model_path(model_ref)
@@ -150,6 +158,18 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {v}")
+        return v
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="armorm", description="ArmoRM-style reward models on a C core")
     sub = p.add_subparsers(dest="command", required=True)
@@ -159,11 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", metavar="JSONL", help="write one result per line here (atomically)")
     s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16", "auto"],
                    help="dtype the backbone weights are held in (default bfloat16, as the model card)")
-    s.add_argument("--threads", type=int, default=None, help="CPU threads (default: ARMORM_NUM_THREADS or all)")
-    s.add_argument("--batch-tokens", type=int, default=8192, help="tokens per packed batch")
-    s.add_argument("--max-length", type=int, default=4096, help="truncate conversations to this many tokens")
+    s.add_argument("--threads", type=_int_at_least(1), default=None,
+                   help="CPU threads (default: ARMORM_NUM_THREADS or all)")
+    s.add_argument("--batch-tokens", type=_int_at_least(1), default=8192, help="tokens per packed batch")
+    s.add_argument("--max-length", type=_int_at_least(1), default=4096,
+                   help="truncate conversations to this many tokens")
     s.add_argument("--no-truncation", action="store_true", help="score whole conversations")
-    s.add_argument("--top-k", type=int, default=3, help="objectives listed per conversation")
+    s.add_argument("--top-k", type=_int_at_least(0), default=3, help="objectives listed per conversation")
     s.add_argument("--progress", action="store_true", help="show a progress bar even when not on a terminal")
     s.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     s.set_defaults(func=cmd_score)

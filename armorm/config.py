@@ -61,8 +61,10 @@ def _int(raw: Dict[str, Any], key: str, default: Any = None) -> int:
     v = raw.get(key, default)
     if v is None:
         raise CheckpointError(f"config.json: '{key}' is required")
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v):
         raise CheckpointError(f"config.json: '{key}' must be an integer, got {v!r}")
+    if not -2**31 <= v < 2**31:
+        raise CheckpointError(f"config.json: '{key}' = {v!r} is out of range")
     return int(v)
 
 

@@ -128,17 +128,22 @@ def default_num_threads() -> int:
 
 def _as_sequence(x: Any, what: str) -> np.ndarray:
     a = np.asarray(x)
+    if a.dtype == object and a.ndim == 1 and all(type(t) is int for t in a):
+        a = np.array([t if 0 <= t < 2**31 else -1 for t in a], dtype=np.int64)  # ids beyond int64
+        if (a < 0).any():
+            j = int(np.argmax(a < 0))
+            raise ValueError(f"{what}, position {j}: token id {x[j]} is outside the embedding")
     if a.dtype == object or a.ndim != 1:
         raise ValueError(f"{what} must be a 1-D sequence of token ids")
     if a.size and not np.issubdtype(a.dtype, np.integer):
-        if np.issubdtype(a.dtype, np.floating) and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
-            a = a.astype(np.int64)
-        else:
+        if not (np.issubdtype(a.dtype, np.floating) and np.all(np.isfinite(a)) and np.all(a == np.round(a))):
             raise ValueError(f"{what} must hold integer token ids, got dtype {a.dtype}")
-    a = a.astype(np.int64, copy=False)
-    if a.size and (a.min() < np.iinfo(np.int32).min or a.max() > np.iinfo(np.int32).max):
-        bad = a[(a < 0) | (a > np.iinfo(np.int32).max)][0]
-        raise ValueError(f"{what}: token id {int(bad)} is outside the embedding")
+    if a.size:
+        # checked before any cast: uint64 or large floats would wrap
+        bad = (a < 0) | (a > np.iinfo(np.int32).max)
+        if bad.any():
+            j = int(np.argmax(bad))
+            raise ValueError(f"{what}, position {j}: token id {int(a[j])} is outside the embedding")
     return a.astype(np.int32)
 
 
@@ -199,7 +204,12 @@ class ArmoRM:
         if architecture is not None:
             core_cfg["compute_head"] = int(architecture == config.architecture)
         nt = default_num_threads() if num_threads is None else int(num_threads)
-        core = _core.Model(files, core_cfg, wdtype, nt)
+        if not 1 <= nt <= 1024:
+            raise ValueError(f"num_threads must be in 1..1024, got {num_threads!r}")
+        try:
+            core = _core.Model(files, core_cfg, wdtype, nt)
+        except ValueError as e:  # the core's checkpoint checks: missing/misshapen/corrupt tensors, bad sizes
+            raise CheckpointError(str(e)) from None
         if tokenizer is None and (path / "tokenizer.json").is_file():
             tokenizer = ChatTokenizer.from_pretrained(path)
         pattern_error = None
@@ -305,7 +315,7 @@ class ArmoRM:
         elif isinstance(input_ids, (list, tuple)):
             if not input_ids:
                 raise ValueError("input_ids is empty")
-            if all(isinstance(t, (int, np.integer)) for t in input_ids):
+            if all(isinstance(t, (int, float, np.integer, np.floating)) for t in input_ids):  # one sequence
                 rows = [np.asarray(input_ids)]
             else:
                 rows = list(input_ids)
@@ -383,17 +393,16 @@ class ArmoRM:
                 else _as_sequence(s, f"sequence {i}") for i, s in enumerate(sequences)]
         if not seqs:
             raise ValueError("no sequences to score")
-        for i, s in enumerate(seqs):
-            if s.size == 0:
-                raise ValueError(f"sequence {i} is empty")
-            if s.size > self.config.max_position_embeddings:
-                raise ValueError(f"sequence {i} has {s.size} tokens; the model allows at most "
-                                 f"{self.config.max_position_embeddings} (max_position_embeddings)")
-            bad = (s < 0) | (s >= self.config.core["vocab_size"])
-            if bad.any():
-                j = int(np.argmax(bad))
-                raise ValueError(f"sequence {i}, position {j}: token id {int(s[j])} is outside the embedding "
-                                 f"(vocab_size {self.config.core['vocab_size']})")
+        lengths = np.array([s.size for s in seqs], dtype=np.int64)
+        cu_all = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=cu_all[1:])
+        rpos = None
+        if reward_pos is not None:
+            rpos = np.asarray(reward_pos, dtype=np.int64)
+            if rpos.shape != (len(seqs),):
+                raise ValueError("reward_pos must have one entry per sequence")
+        # every check the core makes, on the whole input, before hours of compute
+        self._core.validate(np.concatenate(seqs), cu_all, rpos)
         arch = self.config.architecture
         available = {"LlamaForRewardModelWithGating": FIELDS,
                      "LlamaForSequenceClassification": ("score", "logits", "hidden_state"),
@@ -414,23 +423,17 @@ class ArmoRM:
             wanted = [f for f in wanted if f != "prompt_embedding"]
         else:
             gpos = None
-        rpos = None
-        if reward_pos is not None:
-            rpos = np.asarray(reward_pos, dtype=np.int64)
-            if rpos.shape != (len(seqs),):
-                raise ValueError("reward_pos must have one entry per sequence")
         core_fields = [f for f in wanted if f != "logits" or arch == "LlamaForSequenceClassification"]
         if arch == "LlamaForRewardModelWithGating" and "logits" in wanted and "score" not in core_fields:
             core_fields.append("score")
         budget = int(batch_tokens or self.max_batch_tokens)
         parts: Dict[str, List[np.ndarray]] = {f: [] for f in core_fields}
         done = 0
-        for group in _pack([s.size for s in seqs], budget):
+        for group in _pack(lengths, budget):
             toks = np.concatenate([seqs[i] for i in group])
-            cu = np.zeros(len(group) + 1, dtype=np.int64)
-            np.cumsum([seqs[i].size for i in group], out=cu[1:])
+            cu = cu_all[group[0]:group[-1] + 2] - cu_all[group[0]]
             res = self._core.forward(toks, cu, None if rpos is None else rpos[group],
-                                     None if gpos is None else gpos[group], core_fields)
+                                     None if gpos is None else gpos[group], core_fields, group[0])
             for f in core_fields:
                 parts[f].append(res[f])
             done += len(group)

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .model import ArmoRM, RewardOutput
+from .model import ArmoRM, GatingPatternError, RewardOutput
 from .progress import make_progress
 from .tokenizer import ChatTokenizer, conversation_from_record, format_conversations
 
@@ -61,6 +61,14 @@ class ArmoRMPipeline:
         """
         convs = [conversation_from_record(c) if isinstance(c, Mapping) else c for c in conversations]
         ids = format_conversations(self.tokenizer, convs)
+        for i, conv in enumerate(convs):
+            # an earlier assistant turn would still hold the pattern: score the wrong turn, silently
+            last = conv[-1] if isinstance(conv, (list, tuple)) and conv else None
+            role = last.get("role") if isinstance(last, Mapping) else None
+            if role != "assistant":
+                raise GatingPatternError(
+                    f"conversation {i} ends with a {role!r} message; the reward model scores the final "
+                    "assistant turn, so a conversation must end with an assistant message")
         seqs = [np.asarray(seq, dtype=np.int32) for seq in ids]
         gpos = self.model.gating_positions(seqs, what="conversation")
         n_pattern = len(self.model.gating_pattern)

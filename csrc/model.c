@@ -447,21 +447,21 @@ int batch_validate(const Model *m, const Batch *b, ArmError *e) {
     if (b->cu_seqlens[0] != 0) return arm_fail(e, "cu_seqlens must start at 0");
     for (int s = 0; s < b->B; s++) {
         int64_t len = b->cu_seqlens[s + 1] - b->cu_seqlens[s];
-        if (len <= 0) return arm_fail(e, "sequence %d is empty", s);
+        if (len <= 0) return arm_fail(e, "sequence %lld is empty", (long long)(s + b->index_base));
         if (len > c->max_position_embeddings)
-            return arm_fail(e, "sequence %d has %lld tokens; the model allows at most %d "
-                               "(max_position_embeddings)", s, (long long)len, c->max_position_embeddings);
+            return arm_fail(e, "sequence %lld has %lld tokens; the model allows at most %d "
+                               "(max_position_embeddings)", (long long)(s + b->index_base), (long long)len, c->max_position_embeddings);
         if (b->reward_pos && (b->reward_pos[s] < 0 || b->reward_pos[s] >= len))
-            return arm_fail(e, "sequence %d: reward position %lld outside its %lld tokens", s,
+            return arm_fail(e, "sequence %lld: reward position %lld outside its %lld tokens", (long long)(s + b->index_base),
                             (long long)b->reward_pos[s], (long long)len);
         if (b->gating_pos && (b->gating_pos[s] < 0 || b->gating_pos[s] >= len))
-            return arm_fail(e, "sequence %d: gating position %lld outside its %lld tokens", s,
+            return arm_fail(e, "sequence %lld: gating position %lld outside its %lld tokens", (long long)(s + b->index_base),
                             (long long)b->gating_pos[s], (long long)len);
         for (int64_t i = b->cu_seqlens[s]; i < b->cu_seqlens[s + 1]; i++) {
             int32_t t = b->tokens[i];
             if (t < 0 || t >= c->vocab_size)
-                return arm_fail(e, "sequence %d, position %lld: token id %d is outside the embedding "
-                                   "(vocab_size %d)", s, (long long)(i - b->cu_seqlens[s]), (int)t,
+                return arm_fail(e, "sequence %lld, position %lld: token id %d is outside the embedding "
+                                   "(vocab_size %d)", (long long)(s + b->index_base), (long long)(i - b->cu_seqlens[s]), (int)t,
                                 c->vocab_size);
         }
     }

@@ -120,6 +120,7 @@ typedef struct {
     int B;
     const int64_t *reward_pos; // (B) position within each sequence, or NULL = last token
     const int64_t *gating_pos; // (B) position within each sequence, or NULL (no gating)
+    int64_t index_base;        // number of sequence 0 in error messages (its index in the caller's list)
 } Batch;
 
 // Outputs; any pointer may be NULL when the field is not wanted.

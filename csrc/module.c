@@ -54,8 +54,11 @@ static int get_int(PyObject *d, const char *key, int *out, int required, int dfl
     int r = get_num(d, key, &x, required);
     if (r < 0) return -1;
     if (r == 1) { *out = dflt; return 0; }
-    if (x != (double)(long long)x || x < -2147483648.0 || x > 2147483647.0) {
-        PyErr_Format(PyExc_ValueError, "config '%s' must be an integer, got %g", key, x);
+    // range first: converting NaN or an out-of-range double to an integer is undefined
+    if (!(x >= -2147483648.0 && x <= 2147483647.0) || x != (double)(long long)x) {
+        char buf[64];
+        snprintf(buf, sizeof buf, "%g", x);  // PyErr_Format has no %g
+        PyErr_Format(PyExc_ValueError, "config '%s' must be an integer in the int32 range, got %s", key, buf);
         return -1;
     }
     *out = (int)x;
@@ -203,45 +206,88 @@ static PyArrayObject *as_i64_1d(PyObject *o, const char *what) {
     return a;
 }
 
-static PyObject *PyModel_forward(PyModel *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"tokens", "cu_seqlens", "reward_pos", "gating_pos", "fields", NULL};
-    PyObject *tok_o, *cu_o, *rp_o = Py_None, *gp_o = Py_None, *fields = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOO", kwlist, &tok_o, &cu_o, &rp_o, &gp_o, &fields))
-        return NULL;
-    if (check_loaded(self)) return NULL;
-    const Config *c = &self->model.cfg;
-    PyArrayObject *tok = NULL, *cu = NULL, *rp = NULL, *gp = NULL;
-    PyObject *result = NULL, *arrays[7] = {0};
-    static const char *names[7] = {"hidden_state", "prompt_embedding", "rewards", "gating_output",
-                                   "score", "logits", "all_hidden"};
-    tok = (PyArrayObject *)PyArray_FROMANY(tok_o, NPY_INT32, 1, 1, NPY_ARRAY_CARRAY_RO | NPY_ARRAY_FORCECAST);
-    if (!tok) goto done;
-    if (!(cu = as_i64_1d(cu_o, "cu_seqlens"))) goto done;
-    const npy_intp T = PyArray_DIM(tok, 0), nb = PyArray_DIM(cu, 0) - 1;
+// The arrays behind a Batch, converted from Python objects (owned references).
+typedef struct {
+    PyArrayObject *tok, *cu, *rp, *gp;
+} BatchArrays;
+
+static void batch_arrays_clear(BatchArrays *a) {
+    Py_CLEAR(a->tok); Py_CLEAR(a->cu); Py_CLEAR(a->rp); Py_CLEAR(a->gp);
+}
+
+// Converts and shape-checks a batch; token values and positions are checked by batch_validate.
+static int parse_batch(PyObject *tok_o, PyObject *cu_o, PyObject *rp_o, PyObject *gp_o, long long base,
+                       BatchArrays *a, Batch *b) {
+    memset(a, 0, sizeof *a);
+    a->tok = (PyArrayObject *)PyArray_FROMANY(tok_o, NPY_INT32, 1, 1, NPY_ARRAY_CARRAY_RO | NPY_ARRAY_FORCECAST);
+    if (!a->tok) return -1;
+    if (!(a->cu = as_i64_1d(cu_o, "cu_seqlens"))) return -1;
+    const npy_intp T = PyArray_DIM(a->tok, 0), nb = PyArray_DIM(a->cu, 0) - 1;
     if (nb < 1 || nb > 0x7fffffff) {
         PyErr_SetString(PyExc_ValueError, "cu_seqlens must hold B+1 offsets with B >= 1");
-        goto done;
+        return -1;
     }
-    const int64_t *cus = PyArray_DATA(cu);
+    const int64_t *cus = PyArray_DATA(a->cu);
     if (cus[0] != 0 || cus[nb] != (int64_t)T) {
         PyErr_Format(PyExc_ValueError, "cu_seqlens must run from 0 to the token count %lld", (long long)T);
-        goto done;
+        return -1;
     }
     for (npy_intp i = 0; i < nb; i++)
         if (cus[i + 1] <= cus[i]) {
-            PyErr_Format(PyExc_ValueError, "cu_seqlens must be strictly increasing (sequence %lld is empty)",
-                         (long long)i);
-            goto done;
+            PyErr_Format(PyExc_ValueError, "sequence %lld is empty (cu_seqlens must be strictly increasing)",
+                         (long long)(i + base));
+            return -1;
         }
     if (rp_o != Py_None) {
-        if (!(rp = as_i64_1d(rp_o, "reward_pos"))) goto done;
-        if (PyArray_DIM(rp, 0) != nb) { PyErr_SetString(PyExc_ValueError, "reward_pos must have B entries"); goto done; }
+        if (!(a->rp = as_i64_1d(rp_o, "reward_pos"))) return -1;
+        if (PyArray_DIM(a->rp, 0) != nb) { PyErr_SetString(PyExc_ValueError, "reward_pos must have B entries"); return -1; }
     }
     if (gp_o != Py_None) {
-        if (!(gp = as_i64_1d(gp_o, "gating_pos"))) goto done;
-        if (PyArray_DIM(gp, 0) != nb) { PyErr_SetString(PyExc_ValueError, "gating_pos must have B entries"); goto done; }
+        if (!(a->gp = as_i64_1d(gp_o, "gating_pos"))) return -1;
+        if (PyArray_DIM(a->gp, 0) != nb) { PyErr_SetString(PyExc_ValueError, "gating_pos must have B entries"); return -1; }
     }
-    Batch b = {PyArray_DATA(tok), cus, (int)nb, rp ? PyArray_DATA(rp) : NULL, gp ? PyArray_DATA(gp) : NULL};
+    *b = (Batch){PyArray_DATA(a->tok), cus, (int)nb, a->rp ? PyArray_DATA(a->rp) : NULL,
+                 a->gp ? PyArray_DATA(a->gp) : NULL, (int64_t)base};
+    return 0;
+}
+
+static PyObject *PyModel_validate(PyModel *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"tokens", "cu_seqlens", "reward_pos", "gating_pos", "index_base", NULL};
+    PyObject *tok_o, *cu_o, *rp_o = Py_None, *gp_o = Py_None;
+    long long base = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOL", kwlist, &tok_o, &cu_o, &rp_o, &gp_o, &base)) return NULL;
+    if (check_loaded(self)) return NULL;
+    BatchArrays a;
+    Batch b;
+    PyObject *res = NULL;
+    if (parse_batch(tok_o, cu_o, rp_o, gp_o, base, &a, &b) == 0) {
+        ArmError e = {{0}};
+        if (batch_validate(&self->model, &b, &e)) raise_arm(&e);
+        else {
+            Py_INCREF(Py_None);
+            res = Py_None;
+        }
+    }
+    batch_arrays_clear(&a);
+    return res;
+}
+
+static PyObject *PyModel_forward(PyModel *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"tokens", "cu_seqlens", "reward_pos", "gating_pos", "fields", "index_base", NULL};
+    PyObject *tok_o, *cu_o, *rp_o = Py_None, *gp_o = Py_None, *fields = NULL;
+    long long base = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOOL", kwlist, &tok_o, &cu_o, &rp_o, &gp_o, &fields, &base))
+        return NULL;
+    if (check_loaded(self)) return NULL;
+    const Config *c = &self->model.cfg;
+    BatchArrays ba;
+    Batch b;
+    PyObject *result = NULL, *arrays[7] = {0};
+    static const char *names[7] = {"hidden_state", "prompt_embedding", "rewards", "gating_output",
+                                   "score", "logits", "all_hidden"};
+    if (parse_batch(tok_o, cu_o, rp_o, gp_o, base, &ba, &b)) goto done;
+    const npy_intp T = PyArray_DIM(ba.tok, 0), nb = b.B;
+    PyArrayObject *gp = ba.gp;
     const npy_intp H = c->hidden_size, K = c->num_objectives, NL = c->num_labels;
     npy_intp shapes[7][2] = {{nb, H}, {nb, H}, {nb, K}, {nb, K}, {nb, 0}, {nb, NL}, {T, H}};
     int ndims[7] = {2, 2, 2, 2, 1, 2, 2};
@@ -290,7 +336,7 @@ static PyObject *PyModel_forward(PyModel *self, PyObject *args, PyObject *kw) {
         if (arrays[i] && PyDict_SetItemString(result, names[i], arrays[i])) { Py_CLEAR(result); goto done; }
 done:
     for (int i = 0; i < 7; i++) Py_XDECREF(arrays[i]);
-    Py_XDECREF(tok); Py_XDECREF(cu); Py_XDECREF(rp); Py_XDECREF(gp);
+    batch_arrays_clear(&ba);
     return result;
 }
 
@@ -342,7 +388,10 @@ static PyObject *PyModel_get_dtype(PyModel *self, void *c) {
 
 static PyMethodDef PyModel_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))PyModel_forward, METH_VARARGS | METH_KEYWORDS,
-     "forward(tokens, cu_seqlens, reward_pos=None, gating_pos=None, fields=None) -> dict of arrays"},
+     "forward(tokens, cu_seqlens, reward_pos=None, gating_pos=None, fields=None, index_base=0) -> dict of arrays"},
+    {"validate", (PyCFunction)(void (*)(void))PyModel_validate, METH_VARARGS | METH_KEYWORDS,
+     "validate(tokens, cu_seqlens, reward_pos=None, gating_pos=None, index_base=0): the checks forward makes, "
+     "without computing"},
     {"tensor", (PyCFunction)PyModel_tensor, METH_O, "tensor(name) -> float32 copy of a stored tensor"},
     {"close", (PyCFunction)PyModel_close, METH_NOARGS, "unmap the checkpoint and free the weights"},
     {NULL, NULL, 0, NULL}};
