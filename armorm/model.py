@@ -127,7 +127,10 @@ def default_num_threads() -> int:
 
 
 def _as_sequence(x: Any, what: str) -> np.ndarray:
-    a = np.asarray(x)
+    try:
+        a = np.asarray(x)
+    except (ValueError, TypeError):  # ragged nesting: numpy's "inhomogeneous shape"
+        raise ValueError(f"{what} must be a 1-D sequence of token ids") from None
     if a.dtype == object and a.ndim == 1 and all(type(t) is int for t in a):
         a = np.array([t if 0 <= t < 2**31 else -1 for t in a], dtype=np.int64)  # ids beyond int64
         if (a < 0).any():
@@ -139,8 +142,9 @@ def _as_sequence(x: Any, what: str) -> np.ndarray:
         if not (np.issubdtype(a.dtype, np.floating) and np.all(np.isfinite(a)) and np.all(a == np.round(a))):
             raise ValueError(f"{what} must hold integer token ids, got dtype {a.dtype}")
     if a.size:
-        # checked before any cast: uint64 or large floats would wrap
-        bad = (a < 0) | (a > np.iinfo(np.int32).max)
+        # ids that int32 cannot hold, checked before the cast (uint64 or large floats would wrap);
+        # the core names the others (negative, >= vocab_size) with the vocabulary size
+        bad = (a < np.iinfo(np.int32).min) | (a > np.iinfo(np.int32).max)
         if bad.any():
             j = int(np.argmax(bad))
             raise ValueError(f"{what}, position {j}: token id {int(a[j])} is outside the embedding")

@@ -219,7 +219,22 @@ static void batch_arrays_clear(BatchArrays *a) {
 static int parse_batch(PyObject *tok_o, PyObject *cu_o, PyObject *rp_o, PyObject *gp_o, long long base,
                        BatchArrays *a, Batch *b) {
     memset(a, 0, sizeof *a);
-    a->tok = (PyArrayObject *)PyArray_FROMANY(tok_o, NPY_INT32, 1, 1, NPY_ARRAY_CARRAY_RO | NPY_ARRAY_FORCECAST);
+    // Tokens are read as int64 with numpy's safe casting (floats are refused) and range-checked
+    // before narrowing: a forced cast to int32 would silently wrap 2**32 to the valid id 0.
+    PyArrayObject *t64 = as_i64_1d(tok_o, "tokens");
+    if (!t64) return -1;
+    npy_intp nt = PyArray_DIM(t64, 0);
+    const int64_t *src = PyArray_DATA(t64);
+    for (npy_intp i = 0; i < nt; i++)
+        if (src[i] < INT32_MIN || src[i] > INT32_MAX) {  // smaller ones: batch_validate names sequence and position
+            PyErr_Format(PyExc_ValueError, "tokens[%lld]: token id %lld is outside the embedding",
+                         (long long)i, (long long)src[i]);
+            Py_DECREF(t64);
+            return -1;
+        }
+    a->tok = (PyArrayObject *)PyArray_FROMANY((PyObject *)t64, NPY_INT32, 1, 1,
+                                              NPY_ARRAY_CARRAY_RO | NPY_ARRAY_FORCECAST);
+    Py_DECREF(t64);
     if (!a->tok) return -1;
     if (!(a->cu = as_i64_1d(cu_o, "cu_seqlens"))) return -1;
     const npy_intp T = PyArray_DIM(a->tok, 0), nb = PyArray_DIM(a->cu, 0) - 1;

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import pickle
 import random
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -184,7 +185,7 @@ def test_extra_unexpected_tensor_is_named(ckpt):
         load(ckpt)
 
 
-def test_extra_layer_beyond_config_is_unexpected(ckpt):
+def test_config_layers_missing_or_zero(ckpt):
     edit_config(ckpt, num_hidden_layers=...)  # absent: required
     with pytest.raises(CheckpointError, match="'num_hidden_layers' is required"):
         load(ckpt)
@@ -307,15 +308,15 @@ def test_partially_overlapping_data_offsets(ckpt):
 
 @pytest.mark.parametrize("change,match", [
     (lambda b, e: [b, e - 4], r"data_offsets \[\d+, \d+\] hold 124 bytes but shape \[32\] of F32 needs 128"),
-    (lambda b, e: [b, e + 4], r"hold 132 bytes but shape \[32\] of F32 needs 128"),
-    (lambda b, e: [e, b], r"have begin > end"),
+    (lambda b, e: [b, e + 4], r"data_offsets \[\d+, \d+\] hold 132 bytes but shape \[32\] of F32 needs 128"),
+    (lambda b, e: [e, b], r"data_offsets \[\d+, \d+\] have begin > end"),
     (lambda b, e: [b], r"data_offsets must have exactly 2 entries"),
     (lambda b, e: [b, e, e], r"data_offsets must have exactly 2 entries"),
     (lambda b, e: [-1, e], r"data_offsets must contain only non-negative integers"),
     (lambda b, e: [b + 0.5, e], r"data_offsets must contain only non-negative integers"),
     (lambda b, e: [b, 2**64], r"data_offsets value is too large"),
     (lambda b, e: "x", r"data_offsets is not an array"),
-])
+], ids=["short", "long", "reversed", "one", "three", "negative", "fraction", "huge", "string"])
 def test_data_offsets_not_matching_shape(ckpt, change, match):
     def fn(h):
         h[NORM]["data_offsets"] = change(*h[NORM]["data_offsets"])
@@ -656,7 +657,7 @@ def _entry(name="a", dtype="F32", shape=(2,), offsets=(0, 8)):
     (struct.pack("<Q", 4) + b"{}\n ", r"unexpected byte 0x0a at header byte 2"),
     (struct.pack("<Q", 3) + b"{\x00}", r"invalid JSON header"),
     (struct.pack("<Q", 2) + b"\xc0\x80", r"not valid UTF-8 at byte 0"),  # overlong NUL
-    (struct.pack("<Q", 200) + b"{" + b'"a":[' * 60 + b" " * 200, r"nested deeper than 64 levels|invalid JSON"),
+    (struct.pack("<Q", 206) + b'{"a":' + b"[" * 100 + b"]" * 100 + b"}", r"JSON header nested deeper than 64 levels"),
     (st_pack(_entry(), b"\0" * 4), r"tensor 'a': data_offsets \[0, 8\] extend past the end of the data section "
                                    r"\(4 bytes\)"),
     (st_pack(_entry(offsets=(0, 4)), b"\0" * 8), r"tensor 'a': data_offsets \[0, 4\] hold 4 bytes but shape \[2\] "
@@ -1014,19 +1015,18 @@ def _tok(*ids):
     ([0, 2], ValueError, r"cu_seqlens must run from 0 to the token count 3"),
     ([1, 3], ValueError, r"cu_seqlens must run from 0 to the token count 3"),
     ([0, 4], ValueError, r"cu_seqlens must run from 0 to the token count 3"),
-    ([0, 2, 2, 3], ValueError, r"cu_seqlens must be strictly increasing \(sequence 1 is empty\)"),
-    ([0, 3, 1, 3], ValueError, r"cu_seqlens must be strictly increasing \(sequence 1 is empty\)"),
+    ([0, 2, 2, 3], ValueError, r"sequence 1 is empty \(cu_seqlens must be strictly increasing\)"),
+    ([0, 3, 1, 3], ValueError, r"sequence 1 is empty \(cu_seqlens must be strictly increasing\)"),
     ([0], ValueError, r"cu_seqlens must hold B\+1 offsets with B >= 1"),
-    ([], ValueError, r"cu_seqlens must hold B\+1 offsets with B >= 1"),
+    (np.zeros(0, dtype=np.int64), ValueError, r"cu_seqlens must hold B\+1 offsets with B >= 1"),
     ([[0, 3]], TypeError, r"cu_seqlens must be a 1-D integer array"),
     ([0, 1.5, 3], TypeError, r"cu_seqlens must be a 1-D integer array"),
     ("abc", TypeError, r"cu_seqlens must be a 1-D integer array"),
 ])
 def test_core_forward_inconsistent_cu_seqlens(model, cu, exc, match):
     with pytest.raises(exc, match=match):
-        model._core.forward(_tok(5, 6, 7), np.array(cu) if not isinstance(cu, str) else cu,
-                            None, np.zeros(max(len(cu) - 1, 1), dtype=np.int64) if cu and
-                            not isinstance(cu, str) and np.ndim(cu) == 1 else None, ["hidden_state"])
+        model._core.forward(_tok(5, 6, 7), cu if isinstance(cu, (str, np.ndarray)) else np.array(cu),
+                            fields=["hidden_state"])
 
 
 @pytest.mark.parametrize("kw,exc,match", [
@@ -1174,9 +1174,10 @@ def test_pipeline_bad_records(rm):
 
 
 def test_pipeline_truncation_cuts_final_header(rm):
-    short = armorm.ArmoRMPipeline(model=rm.model, tokenizer=rm.tokenizer, max_length=12)
+    short = armorm.ArmoRMPipeline(model=rm.model, tokenizer=rm.tokenizer, max_length=40)
+    assert np.isfinite(short([U, A])["score"])  # a short conversation fits
     long_prompt = [{"role": "user", "content": "word " * 50}, A]
-    with pytest.raises(ValueError, match=r"conversation 0: truncation to max_length=12 tokens would cut off the "
+    with pytest.raises(ValueError, match=r"conversation 0: truncation to max_length=40 tokens would cut off the "
                                          r"final assistant header \(it starts at token \d+ of \d+\)"):
         short(long_prompt)
     with pytest.raises(ValueError, match=r"conversation 1: truncation"):
@@ -1227,7 +1228,7 @@ def test_cli_malformed_jsonl_line(l3_ckpt, tmp_path, capsys, bad, match):
     assert cli("score", "--model", l3_ckpt, "--input", inp, "--output", out, "--dtype", "float32") == 2
     err = capsys.readouterr().err
     assert err.startswith("armorm: error: ")
-    assert pytest.approx(0) == 0 and __import__("re").search(match, err), err
+    assert re.search(match, err), err
     assert not out.exists()  # no partial output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no temp file left either
 
