@@ -288,6 +288,8 @@ class ArmoRM:
             if k not in ("return_dict", "output_hidden_states", "use_cache"):
                 raise TypeError(f"unexpected keyword argument {k!r}")
         if isinstance(input_ids, Mapping):
+            if "input_ids" not in input_ids:
+                raise ValueError("a dict input must hold 'input_ids' (as a tokenizer's output does)")
             attention_mask = input_ids.get("attention_mask", attention_mask)
             input_ids = input_ids["input_ids"]
         if input_ids is None:
