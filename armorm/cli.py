@@ -170,6 +170,43 @@ def _int_at_least(lo: int):
     return parse
 
 
+def _show_progress(args: argparse.Namespace) -> bool:
+    return not args.no_progress and (args.progress or sys.stderr.isatty())
+
+
+def cmd_prepare_stage1(args: argparse.Namespace) -> int:
+    from .train import stage1
+    try:
+        path = stage1.prepare(args.model, args.dataset, args.output, n_shards=args.n_shards,
+                              shard_idx=args.shard_idx, split=args.split, name=args.name,
+                              objectives=args.objectives, batch_tokens=args.batch_tokens,
+                              embeddings_dtype=args.embeddings_dtype, torch_dtype=args.dtype, seed=args.seed,
+                              shard_mode=args.shard_mode, chunk_rows=args.chunk_rows, num_threads=args.threads,
+                              progress=_show_progress(args), overwrite=args.overwrite, restart=args.restart,
+                              quiet=False)
+    except ImportError as e:
+        print(f"armorm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("armorm: interrupted; finished chunks are kept: rerun the same command to resume", file=sys.stderr)
+        return 130
+    print(path)
+    return 0
+
+
+def cmd_train_stage1(args: argparse.Namespace) -> int:
+    from .train import stage1
+    result = stage1.train(args.embeddings, args.output, report=args.report,
+                          alphas=args.alphas or stage1.DEFAULT_ALPHAS, val_fraction=args.val_fraction,
+                          seed=args.seed, objectives=args.objectives,
+                          solver=args.solver, form=args.form, skip_unlabeled=args.skip_unlabeled,
+                          chunk_rows=args.chunk_rows, max_workers=args.workers, progress=_show_progress(args))
+    print(result.table())
+    print(f"wrote regression_layer.weight {list(result.weight.shape)} to {result.output} "
+          f"and the report to {result.report_path}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="armorm", description="ArmoRM-style reward models on a C core")
     sub = p.add_subparsers(dest="command", required=True)
@@ -189,6 +226,72 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--progress", action="store_true", help="show a progress bar even when not on a terminal")
     s.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     s.set_defaults(func=cmd_score)
+
+    s = sub.add_parser("prepare-stage1", help="stage 1: embed a multi-objective dataset with a backbone",
+                       description="Formats each row's `messages` with the model's chat template, runs the "
+                       "backbone (packed batches, no padding) and writes {embeddings [N,H], labels [N,K]} to "
+                       "OUTPUT/<name>-<shard:05d>-of-<n_shards:05d>.safetensors, as the reference's "
+                       "stage-1_prepare.py. Resumable: rerun the same command after an interruption.")
+    s.add_argument("--model", metavar="DIR", required=True, help="backbone / reward model directory or hub id")
+    s.add_argument("--dataset", metavar="PATH", required=True,
+                   help="JSONL, Parquet, a datasets save_to_disk directory, or a hub dataset id")
+    s.add_argument("--output", metavar="DIR", required=True, help="directory for the shard file")
+    s.add_argument("--n-shards", type=_int_at_least(1), default=1, help="number of shards (default 1)")
+    s.add_argument("--shard-idx", type=_int_at_least(1), default=1,
+                   help="this shard, 1-based as the reference (default 1)")
+    s.add_argument("--shard-mode", default="contiguous", choices=["contiguous", "strided"],
+                   help="datasets' shard(): contiguous blocks (datasets >= 3.1, default) or every n-th row "
+                        "(datasets < 3.1)")
+    s.add_argument("--split", default="train", help="dataset split (default train)")
+    s.add_argument("--name", help="file name stem (default: the dataset's last path component)")
+    s.add_argument("--objectives", nargs="+", metavar="NAME",
+                   help="label columns, in order (names or comma lists; default: the 19 ArmoRM attributes)")
+    s.add_argument("--batch-tokens", type=_int_at_least(1), default=8192,
+                   help="tokens per packed batch (default 8192)")
+    s.add_argument("--embeddings-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="stored embedding dtype (default bfloat16, as the reference)")
+    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16", "auto"],
+                   help="dtype the backbone weights are held in (default bfloat16, as the reference)")
+    s.add_argument("--seed", type=int, default=0, help="shuffle seed before sharding (default 0, as the reference)")
+    s.add_argument("--chunk-rows", type=_int_at_least(1), default=1024,
+                   help="rows per resumable chunk (default 1024)")
+    s.add_argument("--threads", type=_int_at_least(1), default=None,
+                   help="CPU threads (default: ARMORM_NUM_THREADS or all)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output made with other settings")
+    s.add_argument("--restart", action="store_true", help="discard the partial work of an interrupted run")
+    s.add_argument("--progress", action="store_true", help="show a progress bar even when not on a terminal")
+    s.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    s.set_defaults(func=cmd_prepare_stage1)
+
+    s = sub.add_parser("train-stage1", help="stage 1: fit the regression layer (ridge per objective)",
+                       description="Ridge regression without intercept per objective on its labelled rows, "
+                       "alpha chosen by validation MSE on an 80/20 split (scikit-learn's train_test_split with "
+                       "random_state 42, reproduced), as the reference's stage-1_train.py; writes "
+                       "regression_layer.weight [K,H] and a JSON report.")
+    s.add_argument("--embeddings", nargs="+", metavar="GLOB", required=True,
+                   help="stage-1 files: globs, directories or files (rows taken in sorted path order)")
+    s.add_argument("--output", metavar="FILE", required=True, help="safetensors file for regression_layer.weight")
+    s.add_argument("--report", metavar="FILE", help="JSON report (default: OUTPUT with a .json suffix)")
+    s.add_argument("--alphas", nargs="+", type=float, default=None,
+                   help="ridge penalties (default: 1e-4 1e-3 ... 1e4, the reference's grid)")
+    s.add_argument("--val-fraction", type=float, default=0.2, help="validation fraction (default 0.2)")
+    s.add_argument("--seed", type=int, default=42, help="split seed (default 42, as the reference)")
+    s.add_argument("--objectives", nargs="+", metavar="NAME", help="names of the label columns (default: from "
+                   "the files' metadata, else the 19 ArmoRM attributes)")
+    s.add_argument("--solver", default="auto", choices=["auto", "cholesky", "eigh", "lu"],
+                   help="linear solver for the alpha grid (default auto)")
+    s.add_argument("--form", default="auto", choices=["auto", "primal", "dual"],
+                   help="primal (H x H) or dual (n x n) normal equations (default: the smaller)")
+    s.add_argument("--skip-unlabeled", action="store_true",
+                   help="write a zero row (marked in the report) for an objective without training or "
+                        "validation labels instead of failing")
+    s.add_argument("--chunk-rows", type=_int_at_least(1), default=4096, help="rows read per step (default 4096)")
+    s.add_argument("--workers", type=_int_at_least(1), default=None,
+                   help="parallel solves, each with a one-thread BLAS, when threadpoolctl is installed "
+                        "(default: the usable CPUs, at most 8)")
+    s.add_argument("--progress", action="store_true", help="show a progress bar even when not on a terminal")
+    s.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    s.set_defaults(func=cmd_train_stage1)
     return p
 
 

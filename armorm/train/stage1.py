@@ -1,0 +1,937 @@
+"""ArmoRM training, stage 1: embeddings, then multi-objective ridge regression.
+
+`prepare(model, dataset, output)` -- the reference's `stage-1_prepare.py`:
+each conversation (`messages`) is formatted with the model's chat template
+(one BOS: the Llama-3 template writes `<|begin_of_text|>` itself and is
+tokenized without special tokens; a doubled BOS is an error), run through the
+frozen backbone in packed batches (no padding), and the final hidden state of
+its last token kept. Output, as the reference writes it:
+`<output>/<name>-<shard:05d>-of-<n_shards:05d>.safetensors` holding
+`embeddings` [N, H] (bfloat16 by default, as the reference, whose bf16 model
+returns bf16 hidden states; float32 on request) and `labels` [N, K] float32
+with NaN for a missing label. `<name>` defaults to the dataset's last path
+component (the reference uses the dataset path's last component).
+
+Order of rows: the dataset is shuffled with `numpy.random.default_rng(seed)
+.permutation(N)` (seed 0), which is exactly what `datasets.Dataset.shuffle(
+seed=0)` does, then sharded. Sharding follows `datasets.Dataset.shard`:
+`shard_mode="contiguous"` (datasets >= 3.1, the default) or `"strided"`
+(rows i, i+n, i+2n, ...: datasets < 3.1, which the 2024 ArmoRM release ran
+with). Shard indices are 1-based, as the reference's `--shard_idx`.
+
+Resuming: rows are processed in chunks of `chunk_rows`; each finished chunk is
+written (atomically) to a hidden work directory next to the output,
+`.<file>.partial/`. Running the same command again skips finished chunks.
+The final file is written to a temporary name and renamed, so it only ever
+appears complete; the work directory is then removed. Changing settings that
+affect the result (model, dataset, objectives, seed, shards, dtypes,
+chunk_rows) makes a resume refuse with a clear error (`restart=True` starts
+over). `batch_tokens` and threads can change between runs: a row's embedding
+does not depend on what it was batched with.
+
+`train(files, output)` -- the reference's `stage-1_train.py`, done the
+efficient way, with the same result as a float64 solve of the reference's
+procedure:
+
+- rows = the files sorted by path and concatenated (as the reference's
+  `sorted(glob(...))`); split 80/20 exactly as scikit-learn's
+  `train_test_split(test_size=0.2, random_state=42)` (a `RandomState(42)`
+  permutation; the first ceil(0.2 N) rows of it validate), reproduced here
+  without scikit-learn;
+- per objective: rows with a label (not NaN); ridge without intercept,
+  `(X^T X + alpha I) w = X^T y`, for every alpha of the grid; the alpha with
+  the lowest validation MSE wins (ties: the smaller alpha, as the reference's
+  `idxmin`); its training-row solution is the weight row (the reference's
+  final refit on the same rows with the same alpha gives the same vector).
+- Objectives whose label masks are identical (one source labels several
+  objectives) share one accumulation of X^T X (float64, streamed over the
+  files in row chunks; the reference recomputes X^T X for every objective and
+  alpha). A mask with fewer training rows than H is solved in the dual
+  (kernel) form on the n x n Gram matrix. Validation MSE is computed from
+  predictions on the validation rows (kept in their stored dtype meanwhile).
+
+Objectives without training or validation labels: a ValueError naming them,
+or with `skip_unlabeled=True` a zero weight row that the report marks
+`"skipped"` with the reason, plus a warning -- never a silent zero row.
+"""
+from __future__ import annotations
+
+import glob as _glob
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ..config import ATTRIBUTES
+from ..data import DatasetError, open_dataset
+from ..safetensors_io import SafetensorsError, SafetensorsFile, save_file, to_float
+
+#: The reference's alpha grid.
+DEFAULT_ALPHAS: List[float] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4]
+EMBEDDING_DTYPES = {"bfloat16": "BF16", "bf16": "BF16", "float32": "F32", "fp32": "F32"}
+FORMAT_VERSION = 1
+_META_KEY = "armorm_stage1"
+
+ProgressArg = Union[None, bool, Callable[[int, int, int], None]]
+
+
+# =========================================================================== helpers shared by both stages
+
+
+def shard_file_name(name: str, shard_idx: int, n_shards: int) -> str:
+    """The reference's shard naming: `<name>-<shard:05d>-of-<n_shards:05d>.safetensors`."""
+    return f"{name}-{shard_idx:05d}-of-{n_shards:05d}.safetensors"
+
+
+def shard_rows(n: int, *, seed: Optional[int] = 0, n_shards: int = 1, shard_idx: int = 1,
+               shard_mode: str = "contiguous") -> np.ndarray:
+    """Dataset rows of shard `shard_idx` (1-based) in processing order.
+
+    `datasets`' `shuffle(seed)` (a `default_rng(seed)` permutation; `seed=None`:
+    no shuffle), then `shard(n_shards, shard_idx - 1, contiguous=...)`.
+    """
+    if n_shards < 1:
+        raise ValueError(f"n_shards must be >= 1, got {n_shards}")
+    if not 1 <= shard_idx <= n_shards:
+        raise ValueError(f"shard_idx must be in 1..{n_shards} (1-based, as the reference), got {shard_idx}")
+    if shard_mode not in ("contiguous", "strided"):
+        raise ValueError(f"shard_mode must be 'contiguous' or 'strided', got {shard_mode!r}")
+    order = np.arange(n, dtype=np.int64) if seed is None else np.random.default_rng(seed).permutation(n)
+    if n_shards == 1:
+        return order
+    i = shard_idx - 1
+    if shard_mode == "strided":
+        return order[i::n_shards]
+    div, mod = divmod(n, n_shards)
+    start = div * i + min(i, mod)
+    return order[start:start + div + (1 if i < mod else 0)]
+
+
+def train_test_split_indices(n: int, test_size: float = 0.2, seed: int = 42) -> Tuple[np.ndarray, np.ndarray]:
+    """(train, test) row indices exactly as scikit-learn's `train_test_split(test_size, random_state=seed)`.
+
+    ShuffleSplit: `RandomState(seed).permutation(n)`; the first
+    `ceil(test_size * n)` entries are the test rows, the rest train.
+    """
+    if not isinstance(test_size, float) or not 0.0 < test_size < 1.0:
+        raise ValueError(f"the validation fraction must be a float in (0, 1), got {test_size!r}")
+    n_test = math.ceil(test_size * n)
+    n_train = n - n_test
+    if n_train <= 0 or n_test <= 0:
+        raise ValueError(f"cannot split {n} rows with a validation fraction of {test_size}: "
+                         f"{n_train} training and {n_test} validation rows")
+    perm = np.random.RandomState(seed).permutation(n)
+    return perm[n_test:], perm[:n_test]
+
+
+class _Progress:
+    """tqdm bar (examples/s, tokens/s) when enabled, a stderr line without tqdm, or a user callback."""
+
+    def __init__(self, arg: ProgressArg, total: int, initial: int, desc: str, unit: str = "ex") -> None:
+        self.callback = arg if callable(arg) else None
+        enabled = (sys.stderr.isatty() if arg is None else bool(arg)) and self.callback is None
+        self.total, self.done, self.tokens = total, initial, 0
+        self.start = time.monotonic()
+        self.bar = None
+        self.enabled = enabled
+        self._last_print = 0.0
+        if enabled:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr,
+                                dynamic_ncols=True, smoothing=0.1)
+            except ImportError:
+                self.bar = None
+        self.desc, self.unit = desc, unit
+
+    def update(self, n_rows: int, n_tokens: int) -> None:
+        self.done += n_rows
+        self.tokens += n_tokens
+        if self.callback is not None:
+            self.callback(self.done, self.total, self.tokens)
+            return
+        if not self.enabled:
+            return
+        rate = self.tokens / max(time.monotonic() - self.start, 1e-9)
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+            self.bar.update(n_rows)
+        else:
+            now = time.monotonic()
+            if now - self._last_print > 0.5 or self.done >= self.total:
+                self._last_print = now
+                ex = (self.done) / max(now - self.start, 1e-9)
+                print(f"\r{self.desc}: {self.done}/{self.total} {self.unit} ({ex:.1f} {self.unit}/s, "
+                      f"{rate:,.0f} tok/s)", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled and self.callback is None:
+            print(file=sys.stderr)
+
+
+def _log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr)
+
+
+# =========================================================================== prepare
+
+
+def _resolve_objectives(objectives: Optional[Sequence[str]]) -> List[str]:
+    if objectives is None:
+        return list(ATTRIBUTES)
+    if isinstance(objectives, str):
+        objectives = [objectives]
+    names: List[str] = []
+    for o in objectives:
+        names.extend(p.strip() for p in str(o).split(",") if p.strip())
+    if not names:
+        raise ValueError("no objectives given")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"objectives listed twice: {', '.join(dup)}")
+    return names
+
+
+def _messages(rec: Dict[str, Any], where: str) -> List[Dict[str, Any]]:
+    if "messages" not in rec:
+        keys = ", ".join(sorted(map(str, rec))) or "none"
+        raise DatasetError(f"{where}: has no 'messages' (its keys: {keys})")
+    msgs = rec["messages"]
+    if not isinstance(msgs, (list, tuple)) or not msgs:
+        raise DatasetError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} dicts")
+    out = []
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DatasetError(f"{where}: message {j} must be a dict with string 'role' and 'content'")
+        out.append(m)
+    return out
+
+
+def _label(value: Any, name: str, where: str) -> float:
+    if value is None:
+        return math.nan
+    if isinstance(value, (bool, np.bool_)):
+        return float(value)
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, str):
+        v = float(value)
+        if math.isinf(v):
+            raise DatasetError(f"{where}: objective {name!r} has an infinite label ({value!r})")
+        return v
+    raise DatasetError(f"{where}: objective {name!r} has a label that is not a number: {value!r} "
+                       f"({type(value).__name__}); use a number, or null for a missing label")
+
+
+def _model_fingerprint(model: Any) -> Dict[str, Any]:
+    path = getattr(model, "name_or_path", str(model))
+    fp: Dict[str, Any] = {"path": os.path.abspath(path)}
+    cfg = os.path.join(path, "config.json")
+    if os.path.isfile(cfg):
+        with open(cfg, "rb") as f:
+            fp["config_sha256"] = hashlib.sha256(f.read()).hexdigest()
+        fp["weights_bytes"] = sum(os.path.getsize(p) for p in _glob.glob(os.path.join(path, "*.safetensors")))
+    return fp
+
+
+def _load_model(model: Any, torch_dtype: str, num_threads: Optional[int], batch_tokens: int) -> Any:
+    from ..model import ArmoRM
+    if isinstance(model, ArmoRM):
+        return model
+    return ArmoRM.from_pretrained(model, architecture="LlamaModel", torch_dtype=torch_dtype,
+                                  num_threads=num_threads, max_batch_tokens=batch_tokens)
+
+
+def _tokenize(tok: Any, convs: List[List[Dict[str, Any]]], wheres: List[str]) -> List[np.ndarray]:
+    """Chat-template + tokenize, one BOS (see the module docstring)."""
+    from ..tokenizer import format_conversations
+    try:
+        ids = format_conversations(tok, convs)
+    except Exception:
+        # find the offending row to name it
+        for conv, where in zip(convs, wheres):
+            try:
+                format_conversations(tok, [conv])
+            except Exception as e:
+                raise DatasetError(f"{where}: cannot apply the chat template: {e}") from None
+        raise
+    bos = getattr(tok, "bos_token_id", None)
+    adds_bos = bool(getattr(tok, "add_bos_token", False))
+    out = []
+    for s, where in zip(ids, wheres):
+        if bos is not None:
+            if len(s) >= 2 and s[0] == bos and s[1] == bos:
+                raise DatasetError(f"{where}: the formatted conversation starts with two BOS tokens ({bos}); "
+                                   "the chat template must write BOS once (the tokenizer adds none here)")
+            if adds_bos and (not s or s[0] != bos):
+                s = [bos] + list(s)  # a template without BOS: the tokenizer's own BOS, as the reference gets
+        if not s:
+            raise DatasetError(f"{where}: the formatted conversation has no tokens")
+        out.append(np.asarray(s, dtype=np.int32))
+    return out
+
+
+def _read_json(path: str) -> Any:
+    with open(path, "r", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+    import tempfile
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _diff(a: Dict[str, Any], b: Dict[str, Any]) -> str:
+    keys = sorted(set(a) | set(b))
+    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k))
+
+
+def _chunk_path(work: str, c: int) -> str:
+    return os.path.join(work, f"chunk-{c:06d}.safetensors")
+
+
+def _valid_chunk(path: str, rows: int, K: int) -> bool:
+    try:
+        f = SafetensorsFile(path)
+        e, lab = f.info("embeddings"), f.info("labels")
+        return e.shape[0] == rows and lab.shape == (rows, K)
+    except (SafetensorsError, OSError):
+        return False
+
+
+def prepare(model: Any, dataset: Any, output: Union[str, os.PathLike], *, n_shards: int = 1, shard_idx: int = 1,
+            split: str = "train", name: Optional[str] = None, objectives: Optional[Sequence[str]] = None,
+            batch_tokens: int = 8192, embeddings_dtype: str = "bfloat16", torch_dtype: str = "bfloat16",
+            seed: Optional[int] = 0, shard_mode: str = "contiguous", chunk_rows: int = 1024,
+            num_threads: Optional[int] = None, progress: ProgressArg = None, overwrite: bool = False,
+            restart: bool = False, quiet: bool = False) -> str:
+    """Writes one shard of stage-1 embeddings and labels; returns the file's path.
+
+    `model`: a model directory / hub id (its backbone is loaded, weights held
+    in `torch_dtype`, bfloat16 as the reference) or a loaded `ArmoRM`.
+    `dataset`: see `armorm.data.open_dataset` (JSONL, Parquet, `datasets`
+    directory or hub id); each row needs `messages` and may have a number
+    or null for each of `objectives` (default: the 19 ArmoRM attributes; a
+    JSONL row may also omit a key, which counts as missing).
+    `embeddings_dtype`: "bfloat16" (the reference's) or "float32".
+    `progress`: None (a bar when stderr is a terminal), True/False, or a
+    callable `(rows_done, rows_total, tokens_done)` called after each packed
+    batch. `overwrite`: replace an existing output made with other settings
+    (an existing output with the same settings is returned as is).
+    `restart`: discard the partial work of an interrupted run.
+    """
+    objectives = _resolve_objectives(objectives)
+    K = len(objectives)
+    st_dtype = EMBEDDING_DTYPES.get(str(embeddings_dtype).replace("torch.", "").lower())
+    if st_dtype is None:
+        raise ValueError(f"embeddings_dtype must be 'bfloat16' or 'float32', got {embeddings_dtype!r}")
+    embeddings_dtype = "bfloat16" if st_dtype == "BF16" else "float32"
+    if chunk_rows < 1:
+        raise ValueError("chunk_rows must be >= 1")
+    if batch_tokens < 1:
+        raise ValueError("batch_tokens must be >= 1")
+    src = open_dataset(dataset, split=split, columns=["messages", *objectives])
+    cols = src.columns()
+    if cols is not None:
+        missing = [c for c in ["messages", *objectives] if c not in cols]
+        if missing:
+            raise DatasetError(f"{src.location}: the dataset has no column(s) {', '.join(missing)} "
+                               f"(it has {', '.join(cols)}); set the objectives to the label columns")
+    N = len(src)
+    rows = shard_rows(N, seed=seed, n_shards=n_shards, shard_idx=shard_idx, shard_mode=shard_mode)
+    if rows.size == 0:
+        raise ValueError(f"shard {shard_idx} of {n_shards} has no rows (the dataset has {N})")
+    name = name or src.name
+    if isinstance(model, (str, os.PathLike)):
+        from ..hub import resolve_model_path
+        model = str(resolve_model_path(model))
+    output = os.fspath(output)
+    os.makedirs(output, exist_ok=True)
+    final = os.path.join(output, shard_file_name(name, shard_idx, n_shards))
+    model_fp = _model_fingerprint(model)
+    if not isinstance(model, (str, os.PathLike)):
+        model_fp["dtype"] = getattr(model, "dtype", None)
+    else:
+        model_fp["dtype"] = str(torch_dtype)
+    settings = {"version": FORMAT_VERSION, "model": model_fp, "dataset": src.fingerprint(), "split": split,
+                "seed": seed, "n_shards": n_shards, "shard_idx": shard_idx, "shard_mode": shard_mode,
+                "objectives": objectives, "embeddings_dtype": embeddings_dtype, "rows": int(rows.size)}
+    settings = json.loads(json.dumps(settings))  # normalized (tuples -> lists) for comparisons
+
+    if os.path.exists(final):
+        try:
+            old = json.loads(SafetensorsFile(final).metadata.get(_META_KEY, "null"))
+        except (SafetensorsError, ValueError):
+            old = None
+        if old == settings and not overwrite:
+            _log(f"{final} is already complete", quiet)
+            return final
+        if not overwrite:
+            why = _diff(old, settings) if isinstance(old, dict) else "it was not written by armorm prepare-stage1"
+            raise ValueError(f"{final} exists with different settings ({why}); pass overwrite=True "
+                             "(--overwrite) to replace it")
+
+    for stale in _glob.glob(os.path.join(_glob.escape(output), f".{_glob.escape(os.path.basename(final))}.*.tmp")):
+        try:  # the temporary of a final write that was killed midway
+            os.unlink(stale)
+        except OSError:
+            pass
+    work = os.path.join(output, f".{os.path.basename(final)}.partial")
+    work_settings = dict(settings, chunk_rows=chunk_rows)
+    meta_path = os.path.join(work, "job.json")
+    if restart and os.path.isdir(work):
+        shutil.rmtree(work)
+    if os.path.isfile(meta_path):
+        try:
+            old = _read_json(meta_path)
+        except (OSError, ValueError):
+            old = None
+        if old != work_settings:
+            why = _diff(old, work_settings) if isinstance(old, dict) else "unreadable job.json"
+            raise ValueError(f"{work} holds an interrupted run with different settings ({why}); "
+                             "pass restart=True (--restart) to discard it, or rerun with the same settings")
+    else:
+        os.makedirs(work, exist_ok=True)
+        _write_json_atomic(meta_path, work_settings)
+
+    n_chunks = -(-rows.size // chunk_rows)
+    bounds = [(c * chunk_rows, min(rows.size, (c + 1) * chunk_rows)) for c in range(n_chunks)]
+    done = {c for c, (a, b) in enumerate(bounds) if _valid_chunk(_chunk_path(work, c), b - a, K)}
+    todo = [c for c in range(n_chunks) if c not in done]
+    if done:
+        _log(f"resuming: {len(done)} of {n_chunks} chunks already done in {work}", quiet)
+
+    if todo:
+        rm = tok = None
+        max_pos = 0
+        done_rows = sum(bounds[c][1] - bounds[c][0] for c in done)
+        bar = _Progress(progress, int(rows.size), done_rows, desc=f"embedding {os.path.basename(final)}")
+        try:
+            for c in todo:
+                a, b = bounds[c]
+                idx = rows[a:b]
+                recs = src.take(idx)
+                wheres = [src.where(int(r)) for r in idx]
+                labels = np.empty((len(idx), K), dtype=np.float32)
+                convs = []
+                for j, (rec, where) in enumerate(zip(recs, wheres)):
+                    convs.append(_messages(rec, where))
+                    for k, o in enumerate(objectives):
+                        labels[j, k] = _label(rec.get(o), o, where)
+                if rm is None:  # loaded once the first rows are known to be good
+                    rm = _load_model(model, torch_dtype, num_threads, batch_tokens)
+                    tok = rm.tokenizer
+                    if tok is None:
+                        raise ValueError(f"{rm.name_or_path} has no tokenizer (tokenizer.json); stage 1 formats "
+                                         "conversations with the model's chat template")
+                    max_pos = rm.config.max_position_embeddings
+                seqs = _tokenize(tok, convs, wheres)
+                for s, where in zip(seqs, wheres):
+                    if s.size > max_pos:
+                        raise DatasetError(f"{where}: the conversation has {s.size} tokens; the model allows "
+                                           f"at most {max_pos} (max_position_embeddings)")
+                cum = np.cumsum([s.size for s in seqs])
+                state = {"rows": 0}
+
+                def on_batch(n_done: int, _total: int) -> None:
+                    prev = state["rows"]
+                    state["rows"] = n_done
+                    toks = int(cum[n_done - 1] - (cum[prev - 1] if prev else 0))
+                    bar.update(n_done - prev, toks)
+
+                hidden = rm.score_sequences(seqs, fields=["hidden_state"], batch_tokens=batch_tokens,
+                                            progress=on_batch)["hidden_state"]
+                hidden = np.asarray(hidden, dtype=np.float32)
+                save_file({"embeddings": hidden, "labels": labels}, _chunk_path(work, c),
+                          metadata={"tokens": str(int(cum[-1]))}, dtypes={"embeddings": st_dtype})
+        finally:
+            bar.close()
+
+    # assemble the shard from the chunks, streaming
+    files = [SafetensorsFile(_chunk_path(work, c)) for c in range(n_chunks)]
+    H = files[0].info("embeddings").shape[1]
+    for f in files:
+        if f.info("embeddings").shape[1:] != (H,) or f.info("embeddings").dtype != st_dtype:
+            raise ValueError(f"{f.path}: chunk does not match the others; pass restart=True to redo the shard")
+    labels_all = np.concatenate([f.read("labels") for f in files], axis=0)
+    for k in np.flatnonzero(np.isnan(labels_all).all(axis=0)):
+        msg = (f"objective {objectives[int(k)]!r} has no label in any of the {rows.size} rows of this shard "
+               "(check the objective names)")
+        warnings.warn(msg, stacklevel=2)
+        _log(f"warning: {msg}", quiet)
+    meta = {"format": "pt", _META_KEY: json.dumps(settings), "objectives": json.dumps(objectives)}
+    save_file({"embeddings": (st_dtype, (int(rows.size), H), (f.read("embeddings") for f in files)),
+               "labels": ("F32", (int(rows.size), K), (f.read("labels") for f in files))},
+              final, metadata=meta)
+    shutil.rmtree(work, ignore_errors=True)
+    _log(f"wrote {rows.size} embeddings [{rows.size}, {H}] {embeddings_dtype} and labels [{rows.size}, {K}] "
+         f"to {final}", quiet)
+    return final
+
+
+# =========================================================================== train
+
+
+@dataclass
+class Stage1Result:
+    """What `train` returns: the [K, H] weight, the objective names and the report."""
+
+    weight: np.ndarray
+    objectives: List[str]
+    report: Dict[str, Any]
+    output: Optional[str] = None
+    report_path: Optional[str] = None
+
+    def table(self) -> str:
+        return format_report_table(self.report)
+
+
+def format_report_table(report: Dict[str, Any]) -> str:
+    rows = report["objectives"]
+    w = max([len("objective")] + [len(r["objective"]) for r in rows])
+    lines = [f"{'objective':<{w}}  {'alpha':>7}  {'val MSE':>10}  {'train':>8}  {'val':>7}  form",
+             f"{'-' * w}  {'-' * 7}  {'-' * 10}  {'-' * 8}  {'-' * 7}  {'-' * 6}"]
+    for r in rows:
+        if r.get("skipped"):
+            lines.append(f"{r['objective']:<{w}}  {'-':>7}  {'-':>10}  {r['train_count']:>8,}  {r['val_count']:>7,}  "
+                         f"skipped: {r['reason']}")
+        else:
+            lines.append(f"{r['objective']:<{w}}  {r['alpha']:>7.0e}  {r['val_mse']:>10.6f}  {r['train_count']:>8,}  "
+                         f"{r['val_count']:>7,}  {r['form']}")
+    lines.append(f"{report['rows']:,} rows ({report['train_rows']:,} train / {report['val_rows']:,} validation), "
+                 f"hidden size {report['hidden_size']}, {len(report['files'])} file(s), "
+                 f"{report['timings_s']['total']:.1f} s")
+    return "\n".join(lines)
+
+
+def resolve_embedding_files(embeddings: Any) -> List[str]:
+    """Files from a glob, a directory (its *.safetensors), a file, or a list of those; sorted by path.
+
+    Sorted, as the reference's `sorted(glob(...))`: the row order (and so the
+    train/validation split) does not depend on the order given.
+    """
+    items = [embeddings] if isinstance(embeddings, (str, os.PathLike)) else list(embeddings)
+    if not items:
+        raise ValueError("no embedding files given")
+    files: List[str] = []
+    for it in items:
+        p = os.path.expanduser(os.fspath(it))
+        if os.path.isdir(p):
+            found = _glob.glob(os.path.join(p, "*.safetensors"))
+            if not found:
+                raise FileNotFoundError(f"{p}: no .safetensors files in this directory")
+        elif _glob.has_magic(p):
+            found = _glob.glob(p)
+            if not found:
+                raise FileNotFoundError(f"no files match {p}")
+        elif os.path.isfile(p):
+            found = [p]
+        else:
+            raise FileNotFoundError(f"{p}: no such file")
+        files.extend(found)
+    return sorted(set(os.path.normpath(f) for f in files))
+
+
+@dataclass
+class _Group:
+    objectives: List[int]
+    train_rows: np.ndarray            # sorted global row indices
+    val_rows: np.ndarray
+    form: str = "primal"
+    A: Optional[np.ndarray] = None    # primal: X^T X ; dual: the training rows X (n x H)
+    B: Optional[np.ndarray] = None    # primal: X^T Y
+    Ytr: Optional[np.ndarray] = None  # [n_train, k] float64
+    mse: Optional[np.ndarray] = None  # [n_alpha, k]
+    W: Optional[List[np.ndarray]] = None  # per alpha [H, k]
+    S: Optional[np.ndarray] = None    # primal: staged training rows (float64) and their labels
+    SY: Optional[np.ndarray] = None
+    fill: int = 0
+
+
+def _first_nonfinite_row(raw: np.ndarray, st_dtype: str) -> int:
+    """Index of the first row holding a NaN or infinity (stored values), or -1."""
+    if st_dtype == "BF16":
+        bad = (raw & np.uint16(0x7F80)) == np.uint16(0x7F80)  # exponent all ones
+    else:
+        bad = ~np.isfinite(raw)
+    rows = np.flatnonzero(bad.any(axis=1))
+    return int(rows[0]) if rows.size else -1
+
+
+def _decode_into(raw: np.ndarray, st_dtype: str, out: np.ndarray) -> None:
+    """Stored embedding rows -> float64 `out` (exact: every stored dtype is a subset of float64)."""
+    if st_dtype == "BF16":
+        out[...] = (raw.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    else:
+        out[...] = raw
+
+
+def _add_diag(M: np.ndarray, a: float) -> np.ndarray:
+    out = M.copy()
+    out.flat[:: M.shape[0] + 1] += a
+    return out
+
+
+def _tri_solve(L: np.ndarray, B: np.ndarray, lower: bool, block: int = 256) -> np.ndarray:
+    """Solves L X = B (lower) or L^T X = B (lower=False: L is the lower factor), blocked."""
+    n = L.shape[0]
+    X = np.array(B, dtype=np.float64, copy=True)
+    starts = list(range(0, n, block))
+    if lower:
+        for i0 in starts:
+            i1 = min(n, i0 + block)
+            if i0:
+                X[i0:i1] -= L[i0:i1, :i0] @ X[:i0]
+            X[i0:i1] = np.linalg.solve(L[i0:i1, i0:i1], X[i0:i1])
+    else:
+        U = L.T
+        for i0 in reversed(starts):
+            i1 = min(n, i0 + block)
+            if i1 < n:
+                X[i0:i1] -= U[i0:i1, i1:] @ X[i1:]
+            X[i0:i1] = np.linalg.solve(U[i0:i1, i0:i1], X[i0:i1])
+    return X
+
+
+def _solve_all_alphas(M: np.ndarray, B: np.ndarray, alphas: Sequence[float],
+                      solver: str) -> Tuple[List[np.ndarray], str]:
+    """Solutions of (M + alpha I) X = B for every alpha (M symmetric positive semi-definite)."""
+    if solver == "cholesky":
+        try:
+            out = []
+            for a in alphas:
+                L = np.linalg.cholesky(_add_diag(M, a))
+                out.append(_tri_solve(L, _tri_solve(L, B, lower=True), lower=False))
+            return out, "cholesky"
+        except np.linalg.LinAlgError:
+            solver = "eigh"  # numerically indefinite for a tiny alpha: the eigendecomposition copes
+    if solver == "lu":
+        return [np.linalg.solve(_add_diag(M, a), B) for a in alphas], "lu"
+    lam, Q = np.linalg.eigh(M)
+    lam = np.maximum(lam, 0.0)  # M is a Gram matrix: negative eigenvalues are rounding
+    QtB = Q.T @ B
+    return [Q @ (QtB / (lam + a)[:, None]) for a in alphas], "eigh"
+
+
+def _usable_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def _map_solves(fn: Callable[[Any], Any], tasks: List[Any], max_workers: Optional[int]) -> List[Any]:
+    """`[fn(t) for t in tasks]`, run as parallel single-threaded BLAS calls when threadpoolctl is installed.
+
+    The factorizations are independent: running one per core, each with a
+    one-thread BLAS, avoids the synchronisation of multithreaded LAPACK
+    (which on small machines can be slower than one thread) and gives results
+    that do not depend on the thread count. Without threadpoolctl (an
+    optional package) the BLAS library's own threading is used, sequentially.
+    """
+    workers = min(len(tasks), max_workers or _usable_cpus(), 8)  # 8: bounds the memory of the copies
+    if workers > 1:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            threadpool_limits = None
+        if threadpool_limits is not None:
+            from concurrent.futures import ThreadPoolExecutor
+            with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as ex:
+                return list(ex.map(fn, tasks))
+    return [fn(t) for t in tasks]
+
+
+def _auto_solver(n_alphas: int) -> str:
+    # one eigendecomposition costs about as much as 7-9 Cholesky solves (measured with OpenBLAS,
+    # see benchmarks/stage1_ridge.py); for the reference's 9 alphas Cholesky per alpha wins
+    return "cholesky" if n_alphas <= 12 else "eigh"
+
+
+def _objective_names(files: List[SafetensorsFile], K: int, objectives: Optional[Sequence[str]]) -> List[str]:
+    if objectives is not None:
+        names = _resolve_objectives(objectives)
+        if len(names) != K:
+            raise ValueError(f"{len(names)} objective names given, but the labels have {K} columns")
+        return names
+    for f in files:
+        raw = f.metadata.get("objectives")
+        if raw:
+            try:
+                names = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(names, list) and len(names) == K and all(isinstance(n, str) for n in names):
+                return names
+    return list(ATTRIBUTES) if K == len(ATTRIBUTES) else [f"objective-{k}" for k in range(K)]
+
+
+def train(embeddings: Any, output: Optional[Union[str, os.PathLike]] = None, *,
+          report: Optional[Union[str, os.PathLike]] = None, alphas: Sequence[float] = DEFAULT_ALPHAS,
+          val_fraction: float = 0.2, seed: int = 42, objectives: Optional[Sequence[str]] = None,
+          solver: str = "auto", form: str = "auto", skip_unlabeled: bool = False, chunk_rows: int = 4096,
+          max_workers: Optional[int] = None, progress: ProgressArg = False, quiet: bool = True) -> Stage1Result:
+    """Fits the [K, H] regression layer from stage-1 files (see the module docstring).
+
+    `embeddings`: a glob, directory, file or list of them (sorted by path).
+    `output`: where to write `regression_layer.weight` (safetensors, float32);
+    `report` (default: `output` with a .json suffix) gets the JSON report.
+    `solver`: "auto", "cholesky" (one factorization per alpha), "eigh" (one
+    eigendecomposition per label mask) or "lu". `form`: "auto" (dual when a
+    mask has fewer training rows than H), "primal" or "dual".
+    `skip_unlabeled`: an objective without training or validation labels
+    gets a zero row marked in the report instead of an error.
+    `max_workers`: parallel solves (default: the usable CPUs, at most 8; they
+    run in parallel only when the optional `threadpoolctl` is installed).
+    """
+    t0 = time.perf_counter()
+    alphas = [float(a) for a in alphas]
+    if not alphas or any(not (a > 0 and math.isfinite(a)) for a in alphas):
+        raise ValueError(f"alphas must be positive finite numbers, got {alphas}")
+    if solver not in ("auto", "cholesky", "eigh", "lu"):
+        raise ValueError(f"solver must be auto, cholesky, eigh or lu, got {solver!r}")
+    if form not in ("auto", "primal", "dual"):
+        raise ValueError(f"form must be auto, primal or dual, got {form!r}")
+    if chunk_rows < 1:
+        raise ValueError("chunk_rows must be >= 1")
+    solver_used = _auto_solver(len(alphas)) if solver == "auto" else solver
+    paths = resolve_embedding_files(embeddings)
+    files = [SafetensorsFile(p) for p in paths]
+
+    # ---- shapes, labels ------------------------------------------------------------------
+    H = K = None
+    counts, label_parts = [], []
+    emb_dtype = None
+    for f in files:
+        e, lab = f.info("embeddings"), f.info("labels")
+        if len(e.shape) != 2 or len(lab.shape) != 2:
+            raise ValueError(f"{f.path}: embeddings must be [N, H] and labels [N, K], got "
+                             f"{list(e.shape)} and {list(lab.shape)}")
+        if e.shape[0] != lab.shape[0]:
+            raise ValueError(f"{f.path}: {e.shape[0]} embeddings but {lab.shape[0]} label rows; "
+                             "the counts must match")
+        if e.dtype not in ("BF16", "F16", "F32", "F64") or lab.dtype not in ("BF16", "F16", "F32", "F64"):
+            raise ValueError(f"{f.path}: embeddings and labels must be floating point "
+                             f"(got {e.dtype} and {lab.dtype})")
+        if H is None:
+            H, K, emb_dtype = e.shape[1], lab.shape[1], e.dtype
+        elif (e.shape[1], lab.shape[1]) != (H, K):
+            raise ValueError(f"{f.path}: shape [{e.shape[0]}, {e.shape[1]}] / [{lab.shape[0]}, {lab.shape[1]}] "
+                             f"does not match the first file's hidden size {H} / {K} objectives")
+        if e.dtype != emb_dtype:
+            emb_dtype = "F32" if "F64" not in (e.dtype, emb_dtype) else "F64"  # mixed: keep rows as float
+        y = to_float(f.read("labels"), lab.dtype, np.float32)
+        bad = np.isinf(y)
+        if bad.any():
+            r, k = np.argwhere(bad)[0]
+            raise ValueError(f"{f.path}: row {r}, objective column {k}: infinite label")
+        counts.append(e.shape[0])
+        label_parts.append(y)
+    assert H is not None and K is not None
+    Y = np.concatenate(label_parts, axis=0)
+    N = int(Y.shape[0])
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    names = _objective_names(files, K, objectives)
+
+    # ---- split, masks, groups ----------------------------------------------------------------
+    _, test_idx = train_test_split_indices(N, float(val_fraction), seed)
+    is_val = np.zeros(N, dtype=bool)
+    is_val[test_idx] = True
+    mask = ~np.isnan(Y)
+    entries: List[Dict[str, Any]] = [{} for _ in range(K)]
+    problems: List[str] = []
+    report_warnings: List[str] = []
+    by_mask: Dict[bytes, List[int]] = {}
+    for k in range(K):
+        m = mask[:, k]
+        n_tr = int((m & ~is_val).sum())
+        n_va = int((m & is_val).sum())
+        entries[k] = {"index": k, "objective": names[k], "train_count": n_tr, "val_count": n_va}
+        reason = None
+        if n_tr + n_va == 0:
+            reason = "no labels at all"
+        elif n_tr == 0:
+            reason = "no labels among the training rows"
+        elif n_va == 0:
+            reason = "no labels among the validation rows"
+        if reason:
+            problems.append(f"{names[k]} ({reason})")
+            entries[k].update(skipped=True, reason=reason)
+            continue
+        by_mask.setdefault(np.packbits(m).tobytes(), []).append(k)
+    if problems:
+        if not skip_unlabeled:
+            raise ValueError("cannot fit objective(s) " + "; ".join(problems) +
+                             ": check the objective names and the data, or pass skip_unlabeled=True "
+                             "(--skip-unlabeled) to write zero rows for them, marked in the report")
+        for p in problems:
+            msg = f"objective {p}: skipped, its weight row is zero"
+            report_warnings.append(msg)
+            warnings.warn(msg, stacklevel=2)
+    groups: List[_Group] = []
+    for ks in by_mask.values():
+        m = mask[:, ks[0]]
+        g = _Group(ks, np.flatnonzero(m & ~is_val), np.flatnonzero(m & is_val))
+        g.form = form if form != "auto" else ("dual" if g.train_rows.size < H else "primal")
+        if g.form == "dual" and g.train_rows.size > 32768:
+            raise ValueError(f"form='dual' would build a {g.train_rows.size} x {g.train_rows.size} kernel matrix "
+                             f"for {', '.join(names[k] for k in ks)}; use form='auto' (primal when rows >= H)")
+        g.Ytr = Y[g.train_rows][:, ks].astype(np.float64)
+        if g.form == "primal":
+            g.A = np.zeros((H, H), dtype=np.float64)
+            g.B = np.zeros((H, len(ks)), dtype=np.float64)
+        else:
+            g.A = np.empty((g.train_rows.size, H), dtype=np.float64)
+        groups.append(g)
+    val_rows = np.unique(np.concatenate([g.val_rows for g in groups])) if groups else np.zeros(0, np.int64)
+    stored = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64}[emb_dtype]
+    V = np.empty((val_rows.size, H), dtype=stored)
+    t_read = time.perf_counter()
+
+    # ---- one streaming pass: X^T X and X^T Y per primal group, rows of dual groups, validation rows ----
+    # Rows of a primal group are staged (float64) and accumulated `stage_rows` at a time, so each
+    # X^T X update is one large symmetric rank-k product whatever the chunk holds of that group.
+    stage_rows = 2048
+    for g in groups:
+        if g.form == "primal":
+            g.S = np.empty((min(stage_rows, g.train_rows.size), H), dtype=np.float64)
+            g.SY = np.empty((g.S.shape[0], len(g.objectives)), dtype=np.float64)
+            g.fill = 0
+
+    def flush(g: _Group) -> None:
+        if g.fill:
+            S = g.S[:g.fill]
+            g.A += S.T @ S
+            g.B += S.T @ g.SY[:g.fill]
+            g.fill = 0
+
+    bar = _Progress(progress if progress is not None else False, N, 0, desc="accumulating X^T X", unit="row")
+    try:
+        for fi, f in enumerate(files):
+            e = f.info("embeddings")
+            for a in range(0, e.shape[0], chunk_rows):
+                b = min(e.shape[0], a + chunk_rows)
+                ga, gb = int(offsets[fi] + a), int(offsets[fi] + b)
+                spans = [(g, *np.searchsorted(g.train_rows, [ga, gb])) for g in groups]
+                vlo, vhi = np.searchsorted(val_rows, [ga, gb])
+                if vhi == vlo and all(hi == lo for _, lo, hi in spans):
+                    bar.update(b - a, 0)
+                    continue
+                raw = f.read_rows("embeddings", a, b)
+                bad = _first_nonfinite_row(raw, e.dtype)
+                if bad >= 0:
+                    raise ValueError(f"{f.path}: row {a + bad}: the embedding has a NaN or infinite value")
+                for g, lo, hi in spans:
+                    if hi == lo:
+                        continue
+                    loc = g.train_rows[lo:hi] - ga
+                    if g.form == "dual":
+                        _decode_into(raw[loc], e.dtype, g.A[lo:hi])
+                        continue
+                    pos = 0
+                    while pos < loc.size:
+                        take = min(loc.size - pos, g.S.shape[0] - g.fill)
+                        _decode_into(raw[loc[pos:pos + take]], e.dtype, g.S[g.fill:g.fill + take])
+                        g.SY[g.fill:g.fill + take] = g.Ytr[lo + pos:lo + pos + take]
+                        g.fill += take
+                        pos += take
+                        if g.fill == g.S.shape[0]:
+                            flush(g)
+                if vhi > vlo:
+                    rows_v = raw[val_rows[vlo:vhi] - ga]
+                    V[vlo:vhi] = rows_v if e.dtype == emb_dtype else to_float(rows_v, e.dtype, stored)
+                bar.update(b - a, 0)
+        for g in groups:
+            if g.form == "primal":
+                flush(g)
+                g.S = g.SY = None
+    finally:
+        bar.close()
+    t_acc = time.perf_counter()
+
+    # ---- solve every alpha, validation MSE, choice ---------------------------------------------
+    # primal: (X^T X + a I) W = X^T Y ; dual: (X X^T + a I) C = Y, W = X^T C
+    systems = [(g.A, g.B) if g.form == "primal" else (g.A @ g.A.T, g.Ytr) for g in groups]
+    per_alpha = solver_used in ("cholesky", "lu")  # one factorization per alpha: independent tasks
+    tasks = [(i, [a]) for i in range(len(systems)) for a in alphas] if per_alpha else \
+        [(i, alphas) for i in range(len(systems))]
+    solved = _map_solves(lambda t: _solve_all_alphas(systems[t[0]][0], systems[t[0]][1], t[1], solver_used),
+                         tasks, max_workers)
+    notes = {note for _, note in solved}
+    for i, g in enumerate(groups):
+        W = [w for (j, _), (ws, _) in zip(tasks, solved) if j == i for w in ws]
+        g.W = W if g.form == "primal" else [g.A.T @ c for c in W]
+    systems = solved = []  # free
+    for g in groups:
+        g.A = g.B = None  # free
+        W_all = np.concatenate(g.W, axis=1)  # [H, n_alpha * k]
+        kk = len(g.objectives)
+        Yv = Y[g.val_rows][:, g.objectives].astype(np.float64)
+        sse = np.zeros(W_all.shape[1])
+        pos = np.searchsorted(val_rows, g.val_rows)
+        for s in range(0, pos.size, chunk_rows):
+            Xv = to_float(V[pos[s:s + chunk_rows]], emb_dtype, np.float64)
+            R = Xv @ W_all - np.tile(Yv[s:s + chunk_rows], (1, len(alphas)))
+            sse += np.einsum("ij,ij->j", R, R)
+        g.mse = (sse / g.val_rows.size).reshape(len(alphas), kk)
+    t_solve = time.perf_counter()
+
+    weight = np.zeros((K, H), dtype=np.float32)
+    for gi, g in enumerate(groups):
+        for j, k in enumerate(g.objectives):
+            col = np.where(np.isnan(g.mse[:, j]), np.inf, g.mse[:, j])
+            if not np.isfinite(col).any():
+                raise ValueError(f"objective {names[k]}: every alpha gave a non-finite validation MSE")
+            best = int(np.argmin(col))  # first minimum: the smaller alpha on ties, as pandas' idxmin
+            weight[k] = g.W[best][:, j].astype(np.float32)
+            entries[k].update(alpha=alphas[best], val_mse=float(g.mse[best, j]), form=g.form, group=gi,
+                              val_mse_by_alpha=[float(v) for v in g.mse[:, j]])
+    t_end = time.perf_counter()
+    rep: Dict[str, Any] = {
+        "files": paths, "rows": N, "train_rows": int(N - test_idx.size), "val_rows": int(test_idx.size),
+        "hidden_size": int(H), "alphas": alphas, "val_fraction": float(val_fraction), "seed": seed,
+        "solver": "+".join(sorted(notes)) or solver_used,
+        "groups": [{"objectives": [names[k] for k in g.objectives], "form": g.form,
+                    "train_count": int(g.train_rows.size), "val_count": int(g.val_rows.size)} for g in groups],
+        "objectives": entries, "warnings": report_warnings,
+        "timings_s": {"read_labels": t_read - t0, "accumulate": t_acc - t_read, "solve_validate": t_solve - t_acc,
+                      "total": t_end - t0},
+    }
+    result = Stage1Result(weight, names, rep)
+    if output is not None:
+        output = os.fspath(output)
+        d = os.path.dirname(os.path.abspath(output))
+        os.makedirs(d, exist_ok=True)
+        save_file({"regression_layer.weight": weight}, output,
+                  metadata={"format": "pt", "objectives": json.dumps(names),
+                            "alphas": json.dumps([e.get("alpha") for e in entries])})
+        report = report if report is not None else os.path.splitext(output)[0] + ".json"
+        result.output = output
+    if report is not None:
+        report = os.fspath(report)
+        _write_json_atomic(report, rep)
+        result.report_path = report
+    if not quiet:
+        print(result.table())
+    return result
