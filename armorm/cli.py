@@ -207,6 +207,73 @@ def cmd_train_stage1(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_stage2(args: argparse.Namespace) -> int:
+    from .train import stage2
+    try:
+        path = stage2.prepare(args.model, args.dataset, args.output, n_shards=args.n_shards,
+                              shard_idx=args.shard_idx, split=args.split, name=args.name, seq_len=args.seq_len,
+                              batch_tokens=args.batch_tokens, embeddings_dtype=args.embeddings_dtype,
+                              torch_dtype=args.dtype, seed=None if args.no_shuffle else args.seed,
+                              shard_mode=args.shard_mode, chunk_rows=args.chunk_rows, num_threads=args.threads,
+                              progress=_show_progress(args), overwrite=args.overwrite, restart=args.restart,
+                              quiet=False)
+    except ImportError as e:
+        print(f"armorm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("armorm: interrupted; finished chunks are kept: rerun the same command to resume", file=sys.stderr)
+        return 130
+    print(path)
+    return 0
+
+
+def cmd_train_stage2(args: argparse.Namespace) -> int:
+    from .train import stage2
+    cfg = stage2.GatingConfig(hidden_dim=args.hidden_dim, n_hidden=args.n_hidden, temperature=args.temperature,
+                              dropout=args.dropout, logit_scale_init=args.logit_scale, lr=args.lr,
+                              weight_decay=args.weight_decay, steps=args.steps, batch_size=args.batch_size,
+                              val_fraction=args.val_fraction, split_seed=args.split_seed, seed=args.seed,
+                              eval_every=args.eval_every)
+    res = stage2.train(args.preference, args.regression, args.output, reference=args.reference, config=cfg,
+                       verbosity_index=None if args.no_debias else args.verbosity_index,
+                       corr_threshold=args.corr_threshold, report=args.report, blas_threads=args.blas_threads,
+                       progress=_show_progress(args))
+    print(res.table())
+    print(f"wrote the gating network and reward_transform_matrix to {res.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval_rewardbench(args: argparse.Namespace) -> int:
+    from .train import rewardbench as rb
+    if args.scores:
+        subsets, c, r = rb.read_scores_file(args.scores)
+    elif args.embeddings:
+        if not args.regression or not args.gating:
+            raise ValueError("--embeddings needs --regression FILE and --gating FILE")
+        subsets, c, r = rb.scores_from_embeddings(args.embeddings, args.regression, args.gating)
+    else:
+        if not args.model or not args.dataset:
+            raise ValueError("give --scores FILE, or --embeddings GLOB --regression FILE --gating FILE, "
+                             "or --model DIR --dataset FILE")
+        subsets, c, r = rb.scores_from_model(args.model, args.dataset, split=args.split,
+                                             batch_tokens=args.batch_tokens, num_threads=args.threads,
+                                             torch_dtype=args.dtype, progress=_show_progress(args))
+    res = rb.evaluate_scores(subsets, c, r, rb.load_prior(args.prior_sets))
+    print(rb.format_table(res))
+    if args.output:
+        rb.write_json(args.output, res)
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_assemble(args: argparse.Namespace) -> int:
+    from .train.assemble import assemble
+    out = assemble(args.backbone, args.regression, args.gating, args.output, tokenizer_dir=args.tokenizer,
+                   overwrite=args.overwrite, quiet=False)
+    print(out["output"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="armorm", description="ArmoRM-style reward models on a C core")
     sub = p.add_subparsers(dest="command", required=True)
@@ -292,6 +359,92 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--progress", action="store_true", help="show a progress bar even when not on a terminal")
     s.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     s.set_defaults(func=cmd_train_stage1)
+    s = sub.add_parser("prepare-stage2", help="stage 2: embed preference pairs (last token and gating position)",
+                       description="Runs both sides of each pair (chosen/rejected message lists, or prompt + "
+                                   "chosen/rejected strings) through the backbone and writes embeddings [N,2,H] "
+                                   "and prompt_embeddings [N,2,H] to OUTPUT/<name>-<shard>-of-<n>.safetensors.")
+    s.add_argument("--model", metavar="DIR", required=True, help="backbone / reward model directory or hub id")
+    s.add_argument("--dataset", metavar="PATH", required=True, help="JSONL, Parquet, datasets directory or hub id")
+    s.add_argument("--output", metavar="DIR", required=True, help="directory for the shard file")
+    s.add_argument("--n-shards", type=_int_at_least(1), default=1)
+    s.add_argument("--shard-idx", type=_int_at_least(1), default=1, help="1-based shard index")
+    s.add_argument("--shard-mode", default="contiguous", choices=["contiguous", "strided"])
+    s.add_argument("--split", default="train", help="dataset split (RewardBench: filtered)")
+    s.add_argument("--name", help="file name stem (default: the dataset's last path component)")
+    s.add_argument("--seq-len", type=_int_at_least(1), default=8192,
+                   help="skip pairs with a side longer than this many tokens (default 8192)")
+    s.add_argument("--batch-tokens", type=_int_at_least(1), default=8192)
+    s.add_argument("--embeddings-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16", "auto"],
+                   help="dtype the backbone weights are held in")
+    s.add_argument("--seed", type=int, default=0, help="shuffle seed before sharding (default 0)")
+    s.add_argument("--no-shuffle", action="store_true", help="keep the dataset order")
+    s.add_argument("--chunk-rows", type=_int_at_least(1), default=512, help="pairs per resumable chunk")
+    s.add_argument("--threads", type=_int_at_least(1), default=None)
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--restart", action="store_true", help="discard the partial work of an interrupted run")
+    s.add_argument("--progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_prepare_stage2)
+
+    s = sub.add_parser("train-stage2", help="stage 2: verbosity debiasing and the gating network",
+                       description="Computes reward_transform_matrix (verbosity debiasing) and trains the gating "
+                                   "network on prepare-stage2 files; writes both to OUTPUT (safetensors).")
+    s.add_argument("--preference", nargs="+", metavar="GLOB", required=True, help="prepare-stage2 files")
+    s.add_argument("--regression", metavar="FILE", required=True, help="train-stage1 output")
+    s.add_argument("--reference", nargs="+", metavar="GLOB", help="debiasing set (default: the preference set)")
+    s.add_argument("--output", metavar="FILE", required=True)
+    s.add_argument("--report", metavar="FILE", help="JSON report (default: OUTPUT with a .json suffix)")
+    s.add_argument("--verbosity-index", type=int, default=4)
+    s.add_argument("--corr-threshold", type=float, default=0.03)
+    s.add_argument("--no-debias", action="store_true", help="T = identity")
+    s.add_argument("--hidden-dim", type=_int_at_least(1), default=1024)
+    s.add_argument("--n-hidden", type=_int_at_least(0), default=3)
+    s.add_argument("--temperature", type=float, default=10.0)
+    s.add_argument("--dropout", type=float, default=0.2)
+    s.add_argument("--logit-scale", type=float, default=1.0, help="initial logit_scale")
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--weight-decay", type=float, default=0.0)
+    s.add_argument("--steps", type=_int_at_least(1), default=2000)
+    s.add_argument("--batch-size", type=_int_at_least(1), default=1024)
+    s.add_argument("--val-fraction", type=float, default=0.2)
+    s.add_argument("--split-seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="initialisation, batch sampling and dropout")
+    s.add_argument("--eval-every", type=_int_at_least(0), default=250, help="validation every N steps (0: at the end)")
+    s.add_argument("--blas-threads", type=_int_at_least(1), default=None,
+                   help="BLAS threads while training (needs threadpoolctl; default: the library's)")
+    s.add_argument("--progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_train_stage2)
+
+    s = sub.add_parser("eval-rewardbench", help="RewardBench accuracies, sections and score",
+                       description="Per-subset accuracy (ties wrong), sections weighted by the official example "
+                                   "counts, the four-section mean and, with --prior-sets, the leaderboard score.")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--scores", metavar="FILE", help="JSONL rows: subset, chosen_score, rejected_score")
+    g.add_argument("--embeddings", nargs="+", metavar="GLOB", help="prepare-stage2 files of RewardBench")
+    g.add_argument("--model", metavar="DIR", help="an ArmoRM checkpoint (with --dataset)")
+    s.add_argument("--regression", metavar="FILE")
+    s.add_argument("--gating", metavar="FILE")
+    s.add_argument("--dataset", metavar="PATH", help="RewardBench filtered split (Parquet/JSONL)")
+    s.add_argument("--split", default="filtered")
+    s.add_argument("--prior-sets", metavar="NUM|FILE", help="Prior Sets percentage, or JSON of the four accuracies")
+    s.add_argument("--output", metavar="FILE", help="write the results as JSON")
+    s.add_argument("--batch-tokens", type=_int_at_least(1), default=8192)
+    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16", "auto"])
+    s.add_argument("--threads", type=_int_at_least(1), default=None)
+    s.add_argument("--progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_eval_rewardbench)
+
+    s = sub.add_parser("assemble", help="write an ArmoRM checkpoint from a backbone and the trained heads")
+    s.add_argument("--backbone", metavar="DIR", required=True)
+    s.add_argument("--regression", metavar="FILE", required=True)
+    s.add_argument("--gating", metavar="FILE", required=True)
+    s.add_argument("--output", metavar="DIR", required=True)
+    s.add_argument("--tokenizer", metavar="DIR", help="tokenizer files from here (default: the backbone's)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_assemble)
     return p
 
 
