@@ -5,13 +5,20 @@ dispatch (GCC target_clones). Environment switches:
   ARMORM_SANITIZE=address,undefined   build the core with ASan/UBSan
   ARMORM_DEBUG=1                      -O0 -g
 """
+import glob
+import importlib.util
 import os
 import sys
 
 import numpy as np
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
-SOURCES = ["csrc/module.c", "csrc/model.c", "csrc/safetensors.c", "csrc/forward_cpu.c"]
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+SOURCES = ["csrc/module.c", "csrc/model.c", "csrc/safetensors.c", "csrc/forward_cpu.c",
+           "csrc/cpu/cpu_features.c", "csrc/cpu/gemm_driver.c", "csrc/cpu/matmul_avx512.c", "csrc/cpu/matmul_avx2.c",
+           "csrc/cpu/attention_avx512.c"]
 
 compile_args = ["-std=c11", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-function",
                 "-Wno-missing-field-initializers", "-Wno-cast-function-type"]
@@ -39,4 +46,30 @@ ext = Extension(
     depends=[os.path.join(d, f) for d in ("csrc", "csrc/cpu") for f in os.listdir(d) if f.endswith(".h")],
 )
 
-setup(ext_modules=[ext])
+
+
+def _cuda_build():
+    # by path: importing armorm.cuda_build would import the package, which needs the extension
+    spec = importlib.util.spec_from_file_location("armorm_cuda_build", os.path.join(ROOT, "armorm", "cuda_build.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class BuildExt(build_ext):
+    """Compiles csrc/cuda/*.cu with nvcc when it is found and links them in (ARMORM_NO_CUDA=1: CPU-only)."""
+
+    def build_extensions(self):
+        args = _cuda_build().cuda_extension_args(ROOT, build_dir=os.path.join(self.build_temp, "cuda"))
+        if args:
+            for e in self.extensions:
+                e.extra_objects += args["extra_objects"]
+                e.libraries += args["libraries"]
+                e.library_dirs += args["library_dirs"]
+                e.runtime_library_dirs += args["runtime_library_dirs"]
+                e.define_macros += args["define_macros"]
+                e.depends += args["extra_objects"] + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*"))
+        super().build_extensions()
+
+
+setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})

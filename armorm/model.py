@@ -12,6 +12,7 @@ the same as when it is scored alone.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -94,6 +95,7 @@ def _torch_dtype_name(torch_dtype: Any) -> str:
 
 
 def _device_name(device_map: Any) -> str:
+    """'cpu' or 'cuda:N'. 'auto' is the first GPU when the CUDA backend sees one, else the CPU."""
     if device_map is None:
         return "cpu"
     if isinstance(device_map, dict):
@@ -101,11 +103,24 @@ def _device_name(device_map: Any) -> str:
         if devs <= {"cpu"}:
             return "cpu"
         device_map = next(iter(devs - {"cpu"}))
+    if isinstance(device_map, int) and not isinstance(device_map, bool):
+        device_map = f"cuda:{device_map}"
     s = str(device_map)
-    if s in ("cpu", "auto"):
-        return "cpu"  # "auto" picks a GPU once the CUDA backend exists
-    if s.startswith("cuda"):
-        raise RuntimeError(f"device_map={s!r}: this armorm build has no CUDA backend; use device_map='cpu'")
+    if s == "cpu":
+        return "cpu"
+    if s == "auto":
+        return "cuda:0" if _core.cuda_device_count() > 0 else "cpu"
+    m = re.fullmatch(r"cuda(?::(\d+))?", s)
+    if m:
+        if not _core.CUDA_BUILT:
+            raise RuntimeError(f"device_map={s!r}: this armorm build has no CUDA backend (nvcc was not found when it "
+                               "was built); use device_map='cpu'")
+        n = _core.cuda_device_count()
+        idx = int(m.group(1) or 0)
+        if idx >= n:
+            raise RuntimeError(f"device_map={s!r}: " + ("no CUDA device is available" if n == 0 else
+                                                         f"this machine has {n} CUDA device{'s' if n > 1 else ''}"))
+        return f"cuda:{idx}"
     raise ValueError(f"device_map must be 'cpu', 'auto' or 'cuda[:N]', got {device_map!r}")
 
 
@@ -200,7 +215,7 @@ class ArmoRM:
         if dtype is not None and torch_dtype is not None and _torch_dtype_name(dtype) != _torch_dtype_name(torch_dtype):
             raise ValueError("dtype and torch_dtype disagree")
         wdtype = _torch_dtype_name(torch_dtype if torch_dtype is not None else dtype)
-        _device_name(device_map)
+        device = _device_name(device_map)
         path = resolve_model_path(pretrained_model_name_or_path)
         config = load_config(path, architecture=architecture)
         files = weight_files(path)
@@ -210,8 +225,11 @@ class ArmoRM:
         nt = default_num_threads() if num_threads is None else int(num_threads)
         if not 1 <= nt <= 1024:
             raise ValueError(f"num_threads must be in 1..1024, got {num_threads!r}")
+        dev_idx = -1 if device == "cpu" else int(device.split(":")[1])
         try:
-            core = _core.Model(files, core_cfg, wdtype, nt)
+            # on a GPU the weights are held (and converted while uploading) in bf16 there: the host
+            # side keeps the stored dtype, mapped, with no converted copy
+            core = _core.Model(files, core_cfg, "auto" if dev_idx >= 0 else wdtype, nt, device=dev_idx)
         except ValueError as e:  # the core's checkpoint checks: missing/misshapen/corrupt tensors, bad sizes
             raise CheckpointError(str(e)) from None
         if tokenizer is None and (path / "tokenizer.json").is_file():
@@ -226,6 +244,7 @@ class ArmoRM:
         elif gating_pattern is None:
             gating_pattern = LLAMA3_GATING_PATTERN  # no tokenizer: the reference's hard-coded pattern
         model = cls(core, config, path, gating_pattern, tokenizer, max_batch_tokens)
+        model.device = device
         model._pattern_error = pattern_error
         return model
 
@@ -248,13 +267,16 @@ class ArmoRM:
     @property
     def dtype(self) -> str:
         """The dtype the backbone weights are held in."""
-        return self._core.dtype
+        return "bfloat16" if self.device != "cpu" else self._core.dtype  # the GPU holds bf16 weights
 
     def eval(self) -> "ArmoRM":
         return self
 
     def to(self, device: Any) -> "ArmoRM":
-        _device_name(device)
+        want = _device_name(device)
+        if want != self.device:
+            raise RuntimeError(f"this model runs on {self.device}; moving it is not supported: load it with "
+                               f"device_map={want!r}")
         return self
 
     def _head_tensor(self, name: str) -> Any:

@@ -17,7 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MLP_CHUNK 256  // tokens per MLP step: bounds the (tokens, I) buffers
+#define MLP_CHUNK 512  // tokens per MLP step: bounds the (tokens, I) buffers
 
 // Activation buffers for one call; owned here, freed by runstate_free.
 typedef struct {
@@ -58,32 +58,48 @@ static int runstate_alloc(RunState *s, const Config *c, int64_t T, ArmError *e) 
     return 0;
 }
 
-static int layer_forward(const Model *m, const LayerWeights *lw, RunState *s, const Batch *b, int64_t T,
-                         ArmError *e) {
+// Below m->parallel_min_flops a call runs on one thread: waking a team for
+// every small op costs more than it saves, and on a busy machine each barrier
+// can wait a whole scheduler tick. Results do not depend on the thread count.
+static int threads_for(const Model *m, int64_t T) {
     const Config *c = &m->cfg;
-    const int nt = m->num_threads;
+    const double H = c->hidden_size, QD = (double)c->num_heads * c->head_dim,
+                 KD = (double)c->num_kv_heads * c->head_dim, I = c->intermediate_size;
+    const double flops = 2.0 * (double)T * c->num_layers * (H * (2.0 * QD + 2.0 * KD) + 3.0 * H * I);
+    return flops < m->parallel_min_flops ? 1 : m->num_threads;
+}
+
+// Returns 0, -1 on error, -2 when `cancel` asked to stop (checked between MLP chunks).
+static int layer_forward(const Model *m, const LayerWeights *lw, RunState *s, const Batch *b, int64_t T, int nt,
+                         CancelFn cancel, void *cancel_ctx, ArmError *e) {
+    const Config *c = &m->cfg;
+    const int kern = m->kernel;
     const int64_t H = c->hidden_size, I = c->intermediate_size;
     const float eps = c->rms_norm_eps;
     // attention block
     rmsnorm(s->xn, s->x, lw->attn_norm.data, T, H, eps, nt);
-    if (matmul(s->q, s->xn, &lw->q, &lw->q_b, T, 0, nt) || matmul(s->k, s->xn, &lw->k, &lw->k_b, T, 0, nt) ||
-        matmul(s->v, s->xn, &lw->v, &lw->v_b, T, 0, nt))
+    if (matmul(s->q, s->xn, &lw->q, &lw->q_b, T, 0, nt, kern) ||
+        matmul(s->k, s->xn, &lw->k, &lw->k_b, T, 0, nt, kern) ||
+        matmul(s->v, s->xn, &lw->v, &lw->v_b, T, 0, nt, kern))
         return arm_fail(e, "out of memory in matmul scratch");
     rope(s->q, s->pos, m->inv_freq, T, c->num_heads, c->head_dim, nt);
     rope(s->k, s->pos, m->inv_freq, T, c->num_kv_heads, c->head_dim, nt);
-    if (attention(s->att, s->q, s->k, s->v, b->cu_seqlens, b->B, c->num_heads, c->num_kv_heads, c->head_dim, nt))
+    if (attention(s->att, s->q, s->k, s->v, b->cu_seqlens, b->B, c->num_heads, c->num_kv_heads, c->head_dim, nt,
+                  kern))
         return arm_fail(e, "out of memory in attention scratch");
-    if (matmul(s->x, s->att, &lw->o, &lw->o_b, T, 1, nt)) return arm_fail(e, "out of memory in matmul scratch");
+    if (matmul(s->x, s->att, &lw->o, &lw->o_b, T, 1, nt, kern))
+        return arm_fail(e, "out of memory in matmul scratch");
     // MLP block, in token chunks so the (tokens, I) buffers stay small
     rmsnorm(s->xn, s->x, lw->mlp_norm.data, T, H, eps, nt);
     for (int64_t t0 = 0; t0 < T; t0 += MLP_CHUNK) {
         const int64_t n = T - t0 < MLP_CHUNK ? T - t0 : MLP_CHUNK;
-        if (matmul(s->g, s->xn + t0 * H, &lw->gate, &lw->gate_b, n, 0, nt) ||
-            matmul(s->u, s->xn + t0 * H, &lw->up, &lw->up_b, n, 0, nt))
+        if (matmul(s->g, s->xn + t0 * H, &lw->gate, &lw->gate_b, n, 0, nt, kern) ||
+            matmul(s->u, s->xn + t0 * H, &lw->up, &lw->up_b, n, 0, nt, kern))
             return arm_fail(e, "out of memory in matmul scratch");
-        swiglu(s->g, s->u, n * I, nt);
-        if (matmul(s->x + t0 * H, s->g, &lw->down, &lw->down_b, n, 1, nt))
+        swiglu(s->g, s->u, n * I, nt, kern);
+        if (matmul(s->x + t0 * H, s->g, &lw->down, &lw->down_b, n, 1, nt, kern))
             return arm_fail(e, "out of memory in matmul scratch");
+        if (cancel && t0 + n < T && cancel(cancel_ctx)) return -2;
     }
     return 0;
 }
@@ -101,20 +117,19 @@ int forward_cpu(const Model *m, const Batch *b, Outputs *out, CancelFn cancel, v
     for (int bi = 0; bi < b->B; bi++)
         for (int64_t t = b->cu_seqlens[bi]; t < b->cu_seqlens[bi + 1]; t++)
             s.pos[t] = (int32_t)(t - b->cu_seqlens[bi]);
-    embedding(s.x, b->tokens, &m->w.embed, T, m->num_threads);
+    const int nt = threads_for(m, T);
+    embedding(s.x, b->tokens, &m->w.embed, T, nt);
     for (int l = 0; l < c->num_layers; l++) {
-        if (cancel && cancel(cancel_ctx)) {
+        int r = cancel && cancel(cancel_ctx) ? -2 : layer_forward(m, &m->w.layers[l], &s, b, T, nt, cancel,
+                                                                   cancel_ctx, e);
+        if (r) {
             runstate_free(&s);
-            arm_fail(e, "interrupted");
-            return -2;
-        }
-        if (layer_forward(m, &m->w.layers[l], &s, b, T, e)) {
-            runstate_free(&s);
-            return -1;
+            if (r == -2) arm_fail(e, "interrupted");
+            return r;
         }
     }
     const float *fn = m->w.final_norm.data;
-    if (out->all_hidden) rmsnorm(out->all_hidden, s.x, fn, T, H, c->rms_norm_eps, m->num_threads);
+    if (out->all_hidden) rmsnorm(out->all_hidden, s.x, fn, T, H, c->rms_norm_eps, nt);
     float scratch_small[8];
     const int64_t K = c->num_objectives, D = c->gating_hidden_dim;
     float *hs = malloc(sizeof(float) * (size_t)(2 * H));

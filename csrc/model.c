@@ -273,6 +273,18 @@ int model_load(Model *m, const Config *cfg, const char *const *paths, int n_path
     m->compute_wdtype = wdtype;
     m->num_threads = num_threads > 0 ? num_threads : 1;
     const Config *c = &m->cfg;
+    if (arm_kernel_resolve(getenv("ARMORM_KERNEL"), &m->kernel, e->msg, sizeof e->msg)) goto fail;
+    m->parallel_min_flops = 2.0e8;
+    const char *pmf = getenv("ARMORM_PARALLEL_MIN_FLOPS");
+    if (pmf && *pmf) {
+        char *end;
+        double v = strtod(pmf, &end);
+        if (*end != '\0' || !(v >= 0.0) || !isfinite(v)) {
+            arm_fail(e, "ARMORM_PARALLEL_MIN_FLOPS must be a non-negative number, got '%.40s'", pmf);
+            goto fail;
+        }
+        m->parallel_min_flops = v;
+    }
 
     m->files = calloc((size_t)n_paths, sizeof *m->files);
     if (!m->files) { arm_fail(e, "out of memory"); goto fail; }

@@ -14,6 +14,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include "safetensors.h"
+#include "cpu/cpu_features.h"
 
 #define ARM_ERRLEN 1024
 
@@ -95,6 +96,8 @@ typedef struct {
     int n_owned, cap_owned;
     float *inv_freq;           // (head_dim/2) RoPE frequencies, precomputed
     int num_threads;
+    ArmKernel kernel;          // matmul path, resolved once at load (ARMORM_KERNEL or the best the CPU has)
+    double parallel_min_flops; // calls below this run on one thread (ARMORM_PARALLEL_MIN_FLOPS, default 2e8)
 } Model;
 
 // Checks the config numbers for consistency (positive sizes, divisibility, ...).
@@ -102,7 +105,9 @@ int config_validate(const Config *c, ArmError *e);
 
 // Maps `paths`, checks every tensor against `cfg` (presence, shape, dtype,
 // no extras), converts where the stored dtype differs from `wdtype`
-// (WT_AUTO: hold the backbone in the embedding's stored dtype).
+// (WT_AUTO: hold the backbone in the embedding's stored dtype). Reads
+// ARMORM_KERNEL (auto|portable|avx2|avx512|avx512bf16) to pick the matmul path;
+// a path this CPU cannot run is an error.
 int model_load(Model *m, const Config *cfg, const char *const *paths, int n_paths,
                WDType wdtype, int num_threads, ArmError *e);
 void model_free(Model *m);

@@ -12,13 +12,27 @@
 
 #include <string.h>
 #include "model.h"
+#ifdef ARMORM_WITH_CUDA
+#include "cuda/backend_cuda.h"
+#else
+typedef struct CudaModel CudaModel;
+#endif
 
 typedef struct {
     PyObject_HEAD
     Model model;
     int loaded;
     int busy;  // forward calls in flight: close() must not unmap under them
+    CudaModel *cuda;  // the device copy when loaded with device >= 0
+    int device;       // -1: CPU
 } PyModel;
+
+static void free_cuda(PyModel *self) {
+#ifdef ARMORM_WITH_CUDA
+    cuda_model_free(self->cuda);
+#endif
+    self->cuda = NULL;
+}
 
 static PyObject *raise_arm(const ArmError *e) {
     if (strncmp(e->msg, "out of memory", 13) == 0) return PyErr_Format(PyExc_MemoryError, "%s", e->msg);
@@ -115,16 +129,25 @@ static int config_from_dict(PyObject *d, Config *c) {
 // ---- Model ----------------------------------------------------------------
 
 static void PyModel_dealloc(PyModel *self) {
+    free_cuda(self);
     if (self->loaded) model_free(&self->model);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static int PyModel_init(PyModel *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"paths", "config", "dtype", "num_threads", NULL};
+    static char *kwlist[] = {"paths", "config", "dtype", "num_threads", "device", NULL};
     PyObject *paths, *cfgd;
     const char *dtype = "float32";
-    int nthreads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|si", kwlist, &paths, &cfgd, &dtype, &nthreads)) return -1;
+    int nthreads = 1, device = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|sii", kwlist, &paths, &cfgd, &dtype, &nthreads, &device))
+        return -1;
+#ifndef ARMORM_WITH_CUDA
+    if (device >= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "this armorm build has no CUDA backend (nvcc was not found when it was "
+                                            "built); use device_map='cpu'");
+        return -1;
+    }
+#endif
     if (self->loaded) {
         PyErr_SetString(PyExc_RuntimeError, "Model already initialised");
         return -1;
@@ -173,6 +196,21 @@ static int PyModel_init(PyModel *self, PyObject *args, PyObject *kw) {
         goto done;
     }
     self->loaded = 1;
+#ifdef ARMORM_WITH_CUDA
+    if (device >= 0) {
+        int cr;
+        Py_BEGIN_ALLOW_THREADS
+        cr = cuda_model_create(&self->cuda, &self->model, device, &e);
+        Py_END_ALLOW_THREADS
+        if (cr) {
+            model_free(&self->model);
+            self->loaded = 0;
+            PyErr_Format(PyExc_RuntimeError, "%s", e.msg);
+            goto done;
+        }
+    }
+#endif
+    self->device = device;
     rc = 0;
 done:
     if (encoded)
@@ -337,9 +375,20 @@ static PyObject *PyModel_forward(PyModel *self, PyObject *args, PyObject *kw) {
     int r;
     self->busy++;
     Py_BEGIN_ALLOW_THREADS
-    r = forward_cpu(&self->model, &b, &out, cancel_check, NULL, &e);
+#ifdef ARMORM_WITH_CUDA
+    if (self->cuda)
+        r = cuda_forward(self->cuda, &self->model, &b, &out, &e);
+    else
+#endif
+        r = forward_cpu(&self->model, &b, &out, cancel_check, NULL, &e);
     Py_END_ALLOW_THREADS
     self->busy--;
+#ifdef ARMORM_WITH_CUDA
+    if (r == CUDA_ERR_DEVICE) {
+        PyErr_Format(PyExc_RuntimeError, "%s", e.msg);
+        goto done;
+    }
+#endif
     if (r == -2) {
         if (!PyErr_Occurred()) PyErr_SetNone(PyExc_KeyboardInterrupt);
         goto done;
@@ -382,6 +431,7 @@ static PyObject *PyModel_close(PyModel *self, PyObject *unused) {
         PyErr_SetString(PyExc_RuntimeError, "cannot close a model while a forward call is running");
         return NULL;
     }
+    free_cuda(self);
     if (self->loaded) {
         model_free(&self->model);
         self->loaded = 0;
@@ -401,6 +451,18 @@ static PyObject *PyModel_get_dtype(PyModel *self, void *c) {
     return PyUnicode_FromString(t == WT_F32 ? "float32" : t == WT_BF16 ? "bfloat16" : "float16");
 }
 
+static PyObject *PyModel_get_kernel(PyModel *self, void *c) {
+    (void)c;
+    if (check_loaded(self)) return NULL;
+    return PyUnicode_FromString(arm_kernel_name(self->model.kernel));
+}
+
+static PyObject *PyModel_get_device(PyModel *self, void *c) {
+    (void)c;
+    if (self->device < 0) return PyUnicode_FromString("cpu");
+    return PyUnicode_FromFormat("cuda:%d", self->device);
+}
+
 static PyMethodDef PyModel_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))PyModel_forward, METH_VARARGS | METH_KEYWORDS,
      "forward(tokens, cu_seqlens, reward_pos=None, gating_pos=None, fields=None, index_base=0) -> dict of arrays"},
@@ -413,6 +475,10 @@ static PyMethodDef PyModel_methods[] = {
 
 static PyGetSetDef PyModel_getset[] = {{"closed", (getter)PyModel_get_closed, NULL, "True after close()", NULL},
                                        {"dtype", (getter)PyModel_get_dtype, NULL, "dtype the backbone weights are held in", NULL},
+                                       {"kernel", (getter)PyModel_get_kernel, NULL,
+                                        "matmul path chosen at load: portable, avx2, avx512 or avx512bf16 "
+                                        "(ARMORM_KERNEL forces one)", NULL},
+                                       {"device", (getter)PyModel_get_device, NULL, "'cpu' or 'cuda:N'", NULL},
                                        {NULL, NULL, NULL, NULL, NULL}};
 
 static PyTypeObject PyModelType = {
@@ -480,7 +546,19 @@ static PyObject *py_parse_safetensors_bytes(PyObject *m, PyObject *arg) {
     return res;
 }
 
+static PyObject *py_cuda_device_count(PyObject *m, PyObject *unused) {
+    (void)m;
+    (void)unused;
+#ifdef ARMORM_WITH_CUDA
+    return PyLong_FromLong(cuda_device_count());
+#else
+    return PyLong_FromLong(0);
+#endif
+}
+
 static PyMethodDef module_methods[] = {
+    {"cuda_device_count", py_cuda_device_count, METH_NOARGS,
+     "cuda_device_count() -> number of usable CUDA devices (0 without a driver, a GPU or a CUDA build)"},
     {"inspect_safetensors", py_inspect_safetensors, METH_O,
      "inspect_safetensors(path) -> list of {name, dtype, shape, data_offsets}; ValueError on a bad file"},
     {"parse_safetensors_bytes", py_parse_safetensors_bytes, METH_O,
@@ -509,5 +587,10 @@ PyMODINIT_FUNC PyInit__core(void) {
     PyModule_AddIntConstant(mod, "ROPE_DEFAULT", ROPE_DEFAULT);
     PyModule_AddIntConstant(mod, "ROPE_LLAMA3", ROPE_LLAMA3);
     PyModule_AddIntConstant(mod, "ROPE_LINEAR", ROPE_LINEAR);
+#ifdef ARMORM_WITH_CUDA
+    PyModule_AddIntConstant(mod, "CUDA_BUILT", 1);
+#else
+    PyModule_AddIntConstant(mod, "CUDA_BUILT", 0);
+#endif
     return mod;
 }

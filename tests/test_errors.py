@@ -921,7 +921,7 @@ def test_dtype_and_torch_dtype_disagree(base):
 
 @pytest.mark.parametrize("dm", ["cuda", "cuda:0", {"": "cuda:1"}])
 def test_device_map_cuda(base, dm):
-    with pytest.raises(RuntimeError, match=r"no CUDA backend; use device_map='cpu'"):
+    with pytest.raises(RuntimeError, match=r"no CUDA (backend|device)"):
         load(base, device_map=dm)
 
 
@@ -1326,3 +1326,11 @@ def test_cli_bad_dtype_and_command(capsys):
     with pytest.raises(SystemExit) as ei:
         cli("train")
     assert ei.value.code == 2
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", "nan", "1e400x"])
+def test_bad_parallel_min_flops(monkeypatch, value, tmp_path):
+    tiny = make_armorm(tmp_path / "m")
+    monkeypatch.setenv("ARMORM_PARALLEL_MIN_FLOPS", value)
+    with pytest.raises(ValueError, match="ARMORM_PARALLEL_MIN_FLOPS"):
+        armorm.ArmoRM.from_pretrained(tiny.path)

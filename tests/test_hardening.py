@@ -183,3 +183,25 @@ def tiny_pipeline(tmp_path_factory, llama3_dir):
         if (llama3_dir / f).exists():
             shutil.copy(llama3_dir / f, d / f)
     return armorm.ArmoRMPipeline(str(d), torch_dtype="float32", num_threads=1)
+
+
+def test_ctrl_c_interrupts_a_long_batch(tmp_path):
+    import signal
+    import time
+    tiny = make_armorm(tmp_path / "m", hidden=128, heads=4, kv_heads=2, inter=256, layers=6, max_pos=4096)
+    model = armorm.ArmoRM.from_pretrained(tiny.path, gating_pattern=PATTERN, num_threads=1)
+    seqs = _seqs(np.random.default_rng(3), 6, 3000, 4000)
+    t0 = time.perf_counter()
+    model.score_sequences(seqs[:1], batch_tokens=10**6)
+    one = time.perf_counter() - t0
+    assert one * len(seqs) > 2.0, "workload too small to test interruption"
+    timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        model.score_sequences(seqs, batch_tokens=10**6)  # one core call
+    elapsed = time.perf_counter() - t0
+    timer.join()
+    assert elapsed < 0.3 + 1.0, f"took {elapsed:.2f}s to stop"
+    # the model is still usable afterwards
+    assert np.isfinite(model.score_sequences(seqs[:1]).score).all()

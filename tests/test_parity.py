@@ -4,7 +4,11 @@ Error measure: for each output field, max |armorm - reference| / max |reference|
 over the whole field (normwise, so fields near zero do not blow up the ratio).
 fp32 checkpoints: <= 1e-4. bf16 checkpoints: armorm's error against the fp32
 computation on the same bf16 weights must not exceed transformers' own bf16
-run's error by more than 10%.
+run's error by more than 10%, both measured normwise over the whole batch (per
+sequence, the scalar score can sit near zero and turn rounding noise into
+ratios above 100% for either side). On CPUs with AVX512_BF16 the default path
+rounds activations to bf16 for the matmuls (as transformers bf16 does), so this
+bound is what it is held to.
 """
 from __future__ import annotations
 
@@ -46,6 +50,19 @@ def reference(tiny, ids, dtype=torch.float32):
         out = reference_armorm_head(hs, len(ids) - 1, p_g, head, tiny.head_cfg["temperature"],
                                     tiny.head_cfg["n_hidden"])
     return {k: v.float().numpy() for k, v in out.items()}
+
+
+def bf16_errors(out, tiny, seqs):
+    """{field: (armorm's error, transformers bf16's error)} against the fp32 computation on the same
+    bf16 weights, each normwise over the whole batch: max |diff| / max |reference| over all sequences."""
+    refs = [reference(tiny, s) for s in seqs]
+    theirs = [reference(tiny, s, torch.bfloat16) for s in seqs]
+    errs = {}
+    for f in FIELDS:
+        ref = np.stack([r[f] for r in refs])
+        ours = np.stack([np.asarray(out[f])[i] for i in range(len(seqs))])
+        errs[f] = (rel_err(ours, ref), rel_err(np.stack([t[f] for t in theirs]), ref))
+    return errs
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +122,8 @@ def test_batch_equals_one_by_one(ckpts):
             np.testing.assert_array_equal(np.asarray(small_batches[f])[i], np.asarray(alone[f])[0], err_msg=f)
 
 
-def test_thread_counts_agree(ckpts):
+def test_thread_counts_agree(ckpts, monkeypatch):
+    monkeypatch.setenv("ARMORM_PARALLEL_MIN_FLOPS", "0")  # tiny model: make every op really use its threads
     tiny = ckpts["gqa4"]
     rng = np.random.default_rng(4)
     seqs = [random_conv(rng, n, 300) for n in (70, 33)]
@@ -157,9 +175,7 @@ def test_bf16_error_within_transformers_bf16(tmp_path, shards):
     rng = np.random.default_rng(6)
     seqs = [random_conv(rng, n, 300) for n in (50, 200, 450)]
     out = model.score_sequences(seqs)
-    for f in FIELDS:
-        ours = max(rel_err(np.asarray(out[f])[i], reference(tiny, s)[f]) for i, s in enumerate(seqs))
-        theirs = max(rel_err(reference(tiny, s, torch.bfloat16)[f], reference(tiny, s)[f]) for s in seqs)
+    for f, (ours, theirs) in bf16_errors(out, tiny, seqs).items():
         assert ours <= 1.1 * theirs, f"{f}: armorm bf16 err {ours:.2e} > 1.1 x transformers bf16 err {theirs:.2e}"
 
 
@@ -230,6 +246,10 @@ def test_sequence_classification(tmp_path, num_labels, dtype):
         ref = hf(torch.tensor(padded)).logits.numpy()  # transformers' own class and pad rule
     out = model(padded)
     assert out.logits.shape == (3, num_labels)
-    tol = 1e-4 if dtype == "float32" else 2e-3  # bf16: fp32 reference on the same rounded weights
-    assert rel_err(out.logits, ref) <= tol
+    if dtype == "float32":
+        assert rel_err(out.logits, ref) <= 1e-4
+    else:  # bf16: fp32 reference on the same rounded weights; bound by transformers' own bf16 error
+        with torch.no_grad():
+            theirs = copy.deepcopy(hf).to(torch.bfloat16)(torch.tensor(padded)).logits.float().numpy()
+        assert rel_err(out.logits, ref) <= 1.1 * rel_err(theirs, ref)
     np.testing.assert_array_equal(out.score, out.logits[:, 0])

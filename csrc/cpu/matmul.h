@@ -6,8 +6,10 @@
 // belongs to: tail rows are copied into a zero-padded tile and run through the
 // same micro-kernel. That makes results bit-identical across runs, thread
 // counts and batchings (a sequence scored alone equals it scored in a batch).
-// This is the portable path: plain C the compiler vectorises, with clones for
-// AVX-512 / AVX2 picked at run time. Faster kernels slot in behind matmul().
+// matmul_portable is plain C the compiler vectorises, with clones for AVX-512 /
+// AVX2 picked at run time. matmul() dispatches on the kernel path resolved at
+// model load (Model.kernel): the register-blocked SIMD kernels of gemm.h
+// (matmul_avx512.c, matmul_avx2.c), or this portable code.
 #ifndef ARMORM_CPU_MATMUL_H
 #define ARMORM_CPU_MATMUL_H
 
@@ -16,6 +18,8 @@
 #include <string.h>
 #include "../model.h"
 #include "../dtype.h"
+#include "cpu_features.h"
+#include "gemm.h"
 
 #define MM_TR 4     // tokens per micro-tile
 #define MM_NR 4     // weight rows per micro-tile
@@ -67,8 +71,8 @@ static void mm_convert_rows(float *dst, const WTensor *w, int64_t row0, int64_t 
 }
 
 // Returns 0, or -1 when a scratch allocation fails.
-static int matmul(float *out, const float *inp, const WTensor *w, const WTensor *bias, int64_t T,
-                  int accumulate, int nthreads) {
+static int matmul_portable(float *out, const float *inp, const WTensor *w, const WTensor *bias, int64_t T,
+                           int accumulate, int nthreads) {
     const int64_t N = w->rows, K = w->cols;
     const int64_t nblocks = (N + MM_NB - 1) / MM_NB;
     const float *b = bias && bias->data ? (const float *)bias->data : NULL;  // vectors are fp32
@@ -112,6 +116,21 @@ static int matmul(float *out, const float *inp, const WTensor *w, const WTensor 
         free(xpad);
     }
     return failed ? -1 : 0;
+}
+
+// out (T,N) [+]= inp (T,K) @ W^T + bias on the given kernel path (ArmKernel).
+// BF16 weights take vdpbf16ps on ARM_KERNEL_AVX512BF16 (activations rounded to
+// bf16); everything else on the SIMD paths is fp32 arithmetic.
+// Returns 0, or -1 when a scratch allocation fails.
+static int matmul(float *out, const float *inp, const WTensor *w, const WTensor *bias, int64_t T,
+                  int accumulate, int nthreads, int kernel) {
+    const GemmKernel *g = NULL;
+    if (kernel == ARM_KERNEL_AVX512BF16 && w->dtype == WT_BF16) g = gemm_kernel_avx512_bf16();
+    else if (kernel >= ARM_KERNEL_AVX512) g = gemm_kernel_avx512_f32();
+    else if (kernel == ARM_KERNEL_AVX2) g = gemm_kernel_avx2_f32();
+    if (!g) return matmul_portable(out, inp, w, bias, T, accumulate, nthreads);
+    const float *b = bias && bias->data ? (const float *)bias->data : NULL;  // vectors are fp32
+    return gemm_run(g, out, inp, w, b, T, accumulate, nthreads);
 }
 
 #endif

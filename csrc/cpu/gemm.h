@@ -1,0 +1,46 @@
+// gemm.h: the cache-blocked GEMM driver shared by the SIMD matmul paths.
+//
+//   out (T,N) [+]= inp (T,K) fp32 @ W(N,K)^T + bias(N)
+//
+// A path supplies a GemmKernel: how to pack activations (tiles of mr tokens,
+// k-major, zero-padded rows), how to pack a block of W (panels of nw output
+// columns, k-major, zero-padded rows), and a register-blocked micro-kernel
+// computing an mr x nw tile over a run of k-steps. The driver (gemm_driver.c)
+// owns the loops: threads take blocks of output columns (dynamic schedule),
+// then token blocks, then k blocks.
+//
+// Bit-identity: every output element is one accumulator lane that sees the
+// same k-steps in the same order (k blocks are carried through the C buffer
+// exactly), then the same epilogue (+bias, then += out). Nothing depends on
+// T, the row's place in the batch, the blocking sizes or the thread count.
+#ifndef ARMORM_CPU_GEMM_H
+#define ARMORM_CPU_GEMM_H
+
+#include <stdint.h>
+#include "../model.h"
+
+typedef struct {
+    const char *name;
+    int mr;      // tokens per micro-tile
+    int nw;      // output columns per packed W panel (multiple of 16)
+    int kc;      // k elements per cache block (multiple of 32)
+    int kstep;   // k elements per packed step: 1 (fp32) or 2 (bf16 pairs); a step is 4 bytes
+    // dst [ceil(K/kstep)][mr]: rows t0..t0+mr of inp (rows >= T and k >= K are zero)
+    void (*pack_x)(void *dst, const float *inp, int64_t T, int64_t K, int64_t t0);
+    // dst [round16(ceil(kc/kstep))][nw]: W rows n0..n0+nw, k0..k0+kc (rows >= N, k >= K zero)
+    void (*pack_w)(void *dst, const WTensor *w, int64_t n0, int64_t k0, int64_t kc);
+    // c (mr rows, stride ldc, nw columns, 64-byte aligned) = (first ? 0 : c) + xp . wp over ksteps
+    void (*ukr)(float *c, int64_t ldc, const void *xp, const void *wp, int64_t ksteps, int first);
+} GemmKernel;
+
+// Returns 0, or -1 when a scratch allocation fails.
+int gemm_run(const GemmKernel *g, float *out, const float *inp, const WTensor *w, const float *bias, int64_t T,
+             int accumulate, int nthreads);
+
+// The kernels each SIMD path offers (NULL when the build has no such path).
+// f32: fp32 arithmetic for F32/BF16/F16 weights; bf16: vdpbf16ps, BF16 weights only.
+const GemmKernel *gemm_kernel_avx512_f32(void);
+const GemmKernel *gemm_kernel_avx512_bf16(void);
+const GemmKernel *gemm_kernel_avx2_f32(void);
+
+#endif

@@ -1,0 +1,110 @@
+// gemm.cu: the cuBLASLt wrapper declared in gemm.cuh.
+#include "gemm.cuh"
+
+#include <string.h>
+
+int gemm_init(Gemm *g, void *workspace, size_t ws_bytes, ArmError *e) {
+    memset(g, 0, sizeof *g);
+    g->ws = workspace;
+    g->ws_bytes = ws_bytes;
+    LT_CHECK(cublasLtCreate(&g->lt));
+    return 0;
+}
+
+static void plan_release(GemmPlan *p) {
+    if (p->a) cublasLtMatrixLayoutDestroy(p->a);
+    if (p->b) cublasLtMatrixLayoutDestroy(p->b);
+    if (p->c) cublasLtMatrixLayoutDestroy(p->c);
+    if (p->op) cublasLtMatmulDescDestroy(p->op);
+    memset(p, 0, sizeof *p);
+}
+
+void gemm_destroy(Gemm *g) {
+    if (!g) return;
+    for (int i = 0; i < GEMM_CACHE; i++) plan_release(&g->cache[i]);
+    if (g->lt) cublasLtDestroy(g->lt);
+    g->lt = NULL;
+}
+
+// Largest power of two (<= 256) dividing the address: what the heuristic may assume.
+static uint32_t ptr_align(const void *p) {
+    uintptr_t a = (uintptr_t)p;
+    uint32_t al = 256;
+    while (al > 1 && (a & (al - 1))) al >>= 1;
+    return al;
+}
+
+// Fills p for the shape: descriptors, then the heuristic's first choice.
+static int plan_build(Gemm *g, GemmPlan *p, int64_t T, int64_t N, int64_t K, int y_f32, uint32_t align,
+                      ArmError *e) {
+    const cudaDataType_t yt = y_f32 ? CUDA_R_32F : CUDA_R_16BF;
+    const cublasOperation_t opT = CUBLAS_OP_T, opN = CUBLAS_OP_N;
+    p->T = T;
+    p->N = N;
+    p->K = K;
+    p->y_f32 = y_f32;
+    p->align = align;
+    LT_CHECK(cublasLtMatmulDescCreate(&p->op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    LT_CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSA, &opT, sizeof opT));
+    LT_CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSB, &opN, sizeof opN));
+    LT_CHECK(cublasLtMatrixLayoutCreate(&p->a, CUDA_R_16BF, (uint64_t)K, (uint64_t)N, K));  // W^T: (K x N), ld K
+    LT_CHECK(cublasLtMatrixLayoutCreate(&p->b, CUDA_R_16BF, (uint64_t)K, (uint64_t)T, K));  // x^T: (K x T), ld K
+    LT_CHECK(cublasLtMatrixLayoutCreate(&p->c, yt, (uint64_t)N, (uint64_t)T, N));           // y^T: (N x T), ld N
+    cublasLtMatmulPreference_t pref = NULL;
+    LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    const uint64_t ws = g->ws_bytes;
+    cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
+                                                             sizeof ws);
+    const cublasLtMatmulPreferenceAttributes_t al_attrs[4] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    for (int i = 0; i < 4 && st == CUBLAS_STATUS_SUCCESS; i++)
+        st = cublasLtMatmulPreferenceSetAttribute(pref, al_attrs[i], &align, sizeof align);
+    cublasLtMatmulHeuristicResult_t res;
+    int nres = 0;
+    if (st == CUBLAS_STATUS_SUCCESS)
+        st = cublasLtMatmulAlgoGetHeuristic(g->lt, p->op, p->a, p->b, p->c, p->c, pref, 1, &res, &nres);
+    cublasLtMatmulPreferenceDestroy(pref);
+    LT_CHECK(st);
+    if (nres < 1)
+        return cu_fail(e, "cuBLAS error: cublasLtMatmulAlgoGetHeuristic found no algorithm for a bf16 GEMM "
+                          "(%lld x %lld) @ (%lld x %lld)^T -> %s, alignment %u",
+                       (long long)T, (long long)K, (long long)N, (long long)K, y_f32 ? "f32" : "bf16", align);
+    p->algo = res.algo;
+    p->valid = 1;
+    return 0;
+}
+
+// The cached plan for the shape, building it (in the least recently used slot) on a miss.
+static GemmPlan *plan_get(Gemm *g, int64_t T, int64_t N, int64_t K, int y_f32, uint32_t align, ArmError *e) {
+    GemmPlan *victim = &g->cache[0];
+    for (int i = 0; i < GEMM_CACHE; i++) {
+        GemmPlan *p = &g->cache[i];
+        if (p->valid && p->T == T && p->N == N && p->K == K && p->y_f32 == y_f32 && p->align == align) {
+            p->last_use = ++g->clock;
+            return p;
+        }
+        if (!p->valid || (victim->valid && p->last_use < victim->last_use)) victim = p;
+    }
+    plan_release(victim);
+    if (plan_build(g, victim, T, N, K, y_f32, align, e)) {
+        plan_release(victim);
+        return NULL;
+    }
+    victim->last_use = ++g->clock;
+    return victim;
+}
+
+int gemm_bf16(Gemm *g, cudaStream_t st, void *y, int y_f32, int accumulate, const bf16 *x, const bf16 *W, int64_t T,
+              int64_t N, int64_t K, ArmError *e) {
+    if (accumulate && !y_f32) return cu_fail(e, "internal error: bf16 GEMM output cannot accumulate");
+    uint32_t align = ptr_align(y);
+    if (ptr_align(x) < align) align = ptr_align(x);
+    if (ptr_align(W) < align) align = ptr_align(W);
+    GemmPlan *p = plan_get(g, T, N, K, y_f32, align, e);
+    if (!p) return -1;
+    const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    LT_CHECK(cublasLtMatmul(g->lt, p->op, &alpha, W, p->a, x, p->b, &beta, y, p->c, y, p->c, &p->algo, g->ws,
+                            g->ws_bytes, st));
+    return 0;
+}
