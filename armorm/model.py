@@ -197,6 +197,7 @@ class ArmoRM:
                         torch_dtype: Any = None, dtype: Any = None, num_threads: Optional[int] = None,
                         gating_pattern: Optional[Sequence[int]] = None, tokenizer: Any = None,
                         architecture: Optional[str] = None, max_batch_tokens: int = 8192,
+                        check_finite: bool = True,
                         **hf_kwargs: Any) -> "ArmoRM":
         """Loads a model directory (or a hub id found in the local HF cache).
 
@@ -208,6 +209,8 @@ class ArmoRM:
         open the final assistant turn; by default they are derived from the
         directory's tokenizer (or `tokenizer`), else Llama-3's.
         `architecture="LlamaModel"` loads only the backbone of any checkpoint.
+        `check_finite` (default True) refuses checkpoints holding NaN/inf
+        weights, naming the tensor; False skips that scan of the weights.
         """
         unknown = set(hf_kwargs) - _HF_IGNORED_KWARGS
         if unknown:
@@ -222,6 +225,7 @@ class ArmoRM:
         core_cfg = dict(config.core)
         if architecture is not None:
             core_cfg["compute_head"] = int(architecture == config.architecture)
+        core_cfg["check_finite"] = int(bool(check_finite))
         nt = default_num_threads() if num_threads is None else int(num_threads)
         if not 1 <= nt <= 1024:
             raise ValueError(f"num_threads must be in 1..1024, got {num_threads!r}")

@@ -262,6 +262,23 @@ static void compute_inv_freq(Model *m) {
     }
 }
 
+// Counts NaN/inf elements of a stored F32/BF16/F16 tensor (exponent bits all ones).
+static uint64_t count_nonfinite(const StTensor *t, int nthreads) {
+    const int64_t n = (int64_t)t->numel;
+    uint64_t bad = 0;
+    if (t->dtype == ST_F32) {
+        const uint32_t *u = t->data;
+#pragma omp parallel for num_threads(nthreads) reduction(+ : bad) schedule(static)
+        for (int64_t i = 0; i < n; i++) bad += (u[i] & 0x7f800000u) == 0x7f800000u;
+    } else {
+        const uint16_t *u = t->data;
+        const uint16_t mask = t->dtype == ST_BF16 ? 0x7f80u : 0x7c00u;
+#pragma omp parallel for num_threads(nthreads) reduction(+ : bad) schedule(static)
+        for (int64_t i = 0; i < n; i++) bad += (u[i] & mask) == mask;
+    }
+    return bad;
+}
+
 int model_load(Model *m, const Config *cfg, const char *const *paths, int n_paths,
                WDType wdtype, int num_threads, ArmError *e) {
     memset(m, 0, sizeof *m);
@@ -415,6 +432,18 @@ int model_load(Model *m, const Config *cfg, const char *const *paths, int n_path
         for (int i = 0; i < L.n; i++)
             if (L.v[i].w == &m->w.embed) wdtype_of(L.v[i].found->dtype, &wdtype);
     m->compute_wdtype = wdtype;
+    // NaN/inf weights would silently turn every score into NaN: find them at load.
+    if (c->check_finite)
+        for (int i = 0; i < L.n; i++) {
+            const StTensor *t = L.v[i].found;
+            if (!t || L.v[i].unused) continue;
+            uint64_t bad = count_nonfinite(t, m->num_threads);
+            if (bad) {
+                arm_fail(e, "%s: tensor '%s' holds %llu NaN/inf value%s (pass check_finite=False to load it anyway)",
+                         m->files[L.v[i].found_file].path, t->name, (unsigned long long)bad, bad == 1 ? "" : "s");
+                goto fail;
+            }
+        }
     // Everything checked: bind or convert.
     for (int i = 0; i < L.n; i++)
         if (L.v[i].found && !L.v[i].unused && bind(m, &L.v[i], wdtype, e)) goto fail;

@@ -37,6 +37,7 @@ typedef enum { ROPE_DEFAULT = 0, ROPE_LLAMA3 = 1, ROPE_LINEAR = 2 } RopeType;
 typedef struct {
     Arch arch;                 // what the checkpoint holds
     int compute_head;          // 0: skip the head even when present
+    int check_finite;          // 1: refuse a checkpoint with NaN/inf in any tensor read
     int hidden_size;           // H
     int intermediate_size;     // I
     int num_layers;

@@ -88,6 +88,7 @@ static int config_from_dict(PyObject *d, Config *c) {
     int arch = 0, head = 1, rope = 0;
     double x;
     if (get_int(d, "arch", &arch, 1, 0) || get_int(d, "compute_head", &head, 0, 1) ||
+        get_int(d, "check_finite", &c->check_finite, 0, 1) ||
         get_int(d, "hidden_size", &c->hidden_size, 1, 0) ||
         get_int(d, "intermediate_size", &c->intermediate_size, 1, 0) ||
         get_int(d, "num_hidden_layers", &c->num_layers, 1, 0) ||

@@ -1334,3 +1334,35 @@ def test_bad_parallel_min_flops(monkeypatch, value, tmp_path):
     monkeypatch.setenv("ARMORM_PARALLEL_MIN_FLOPS", value)
     with pytest.raises(ValueError, match="ARMORM_PARALLEL_MIN_FLOPS"):
         armorm.ArmoRM.from_pretrained(tiny.path)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_weights_reported_at_load(tmp_path, dtype, bad):
+    import torch
+    from safetensors.torch import load_file, save_file
+    tiny = make_armorm(tmp_path / "m", dtype=dtype)
+    f = tiny.path / "model.safetensors"
+    tensors = load_file(str(f))
+    name = "model.layers.1.mlp.up_proj.weight"
+    t = tensors[name].clone()
+    t.view(-1)[[3, 17]] = torch.tensor(bad, dtype=t.dtype)
+    tensors[name] = t
+    save_file(tensors, str(f))
+    with pytest.raises(armorm.CheckpointError, match=r"up_proj\.weight' holds 2 NaN/inf values.*check_finite=False"):
+        armorm.ArmoRM.from_pretrained(tiny.path)
+    # flagged by option: loads, and the NaN/inf reaches the outputs rather than being hidden
+    model = armorm.ArmoRM.from_pretrained(tiny.path, check_finite=False, gating_pattern=[5])
+    out = model.score_sequences([[5, 20, 30]])
+    assert not np.isfinite(out.hidden_state).all()
+
+
+def test_nonfinite_head_tensor_reported(tmp_path):
+    from safetensors.torch import load_file, save_file
+    tiny = make_armorm(tmp_path / "m")
+    f = tiny.path / "model.safetensors"
+    tensors = load_file(str(f))
+    tensors["gating.logit_scale"][0] = float("nan")
+    save_file(tensors, str(f))
+    with pytest.raises(armorm.CheckpointError, match=r"gating\.logit_scale' holds 1 NaN/inf value "):
+        armorm.ArmoRM.from_pretrained(tiny.path)
