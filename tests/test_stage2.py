@@ -441,3 +441,26 @@ def test_bad_shapes_and_nan(tmp_path):
         save_file({"regression_layer.weight": np.ones((3, 6), np.float32)}, tmp_path / "w3.safetensors")
         rb.scores_from_embeddings(str(tmp_path / "p.safetensors"), str(tmp_path / "w3.safetensors"),
                                   str(tmp_path / "g.safetensors"))
+
+
+def test_prepare_resume_after_interruption(tiny2, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_records(30))
+    kw = dict(seq_len=400, chunk_rows=7, embeddings_dtype="float32", torch_dtype="float32", num_threads=1,
+              quiet=True)
+    full = stage2.prepare(str(tiny2), str(data), str(tmp_path / "full"), progress=False, **kw)
+
+    def interrupt(done, total, *rest):
+        if done >= 15:
+            raise KeyboardInterrupt("simulated")
+
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        stage2.prepare(str(tiny2), str(data), str(out), progress=interrupt, **kw)
+    assert not list(out.glob("*.safetensors"))  # nothing but the hidden work folder
+    partial = [p for p in out.iterdir() if p.name.startswith(".")]
+    assert partial, "no resumable work was kept"
+    seen = []
+    path = stage2.prepare(str(tiny2), str(data), str(out), progress=lambda d, *r: seen.append(d), **kw)
+    assert seen and seen[0] >= 14  # finished chunks were not recomputed
+    assert Path(path).read_bytes() == Path(full).read_bytes()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
