@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
-import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .hub import DEFAULT_MODEL, ModelNotFoundError
@@ -87,20 +85,11 @@ def _records(out: Any, attributes: Sequence[str], explained: List[List[Tuple[str
 
 
 def write_jsonl_atomic(path: str, records: Sequence[Dict[str, Any]]) -> None:
-    """Writes to a temporary file beside `path`, then renames: never a partial file."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".armorm-", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Writes one JSON object per line; the file appears only complete."""
+    from .atomic import atomic_open
+    with atomic_open(path) as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def _print_table(convs: Sequence[Sequence[Dict[str, str]]], recs: Sequence[Dict[str, Any]]) -> None:

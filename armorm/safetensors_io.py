@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from .atomic import atomic_open
 
 #: safetensors dtype name -> NumPy dtype of the stored bytes (BF16 as its raw uint16 bits).
 DTYPES: Dict[str, np.dtype] = {
@@ -226,34 +227,22 @@ def save_file(tensors: Mapping[str, Any], path: Union[str, os.PathLike],
         offset += n
     hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
     hb += b" " * (-len(hb) % 8)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(len(hb).to_bytes(8, "little"))
-            f.write(hb)
-            for name, (st, shape, parts) in specs.items():
-                want = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
-                wrote = 0
-                for p in parts:
-                    p = np.ascontiguousarray(p)
-                    if p.dtype.itemsize != DTYPES[st].itemsize or p.dtype.kind != DTYPES[st].kind:
-                        p = p.astype(DTYPES[st])
-                    if p.dtype.byteorder == ">":
-                        p = p.astype(p.dtype.newbyteorder("<"))
-                    f.write(memoryview(p).cast("B"))
-                    wrote += p.nbytes
-                if wrote != want:
-                    raise ValueError(f"tensor {name!r}: wrote {wrote} bytes, expected {want} for {st} {list(shape)}")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path, binary=True) as f:
+        f.write(len(hb).to_bytes(8, "little"))
+        f.write(hb)
+        for name, (st, shape, parts) in specs.items():
+            want = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+            wrote = 0
+            for p in parts:
+                p = np.ascontiguousarray(p)
+                if p.dtype.itemsize != DTYPES[st].itemsize or p.dtype.kind != DTYPES[st].kind:
+                    p = p.astype(DTYPES[st])
+                if p.dtype.byteorder == ">":
+                    p = p.astype(p.dtype.newbyteorder("<"))
+                f.write(memoryview(p).cast("B"))
+                wrote += p.nbytes
+            if wrote != want:
+                raise ValueError(f"tensor {name!r}: wrote {wrote} bytes, expected {want} for {st} {list(shape)}")
 
 
 def load_file(path: Union[str, os.PathLike], as_float32: bool = False) -> Dict[str, np.ndarray]:

@@ -10,7 +10,6 @@ on a tiny random backbone with the real Llama-3 tokenizer.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from armorm.data import DatasetError
 from armorm.safetensors_io import SafetensorsFile, load_file, save_file
 from armorm.train import rewardbench as rb
 from armorm.train import stage1, stage2
-from armorm.train.stage2 import (GatingConfig, bt_loss_and_grad, debias_penalties, gating_forward, init_gating,
+from armorm.train.stage2 import (GatingConfig, bt_loss_and_grad, debias_penalties, init_gating,
                                  reward_transform_matrix, train_gating)
 from checkpoints import make_backbone
 from test_stage1 import OBJ, make_records, write_jsonl

@@ -70,6 +70,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..atomic import atomic_open
 from ..config import ATTRIBUTES
 from ..data import DatasetError, open_dataset
 from ..safetensors_io import SafetensorsError, SafetensorsFile, save_file, to_float
@@ -286,20 +287,9 @@ def _read_json(path: str) -> Any:
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
-    import tempfile
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path) as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
 
 
 def _diff(a: Dict[str, Any], b: Dict[str, Any]) -> str:

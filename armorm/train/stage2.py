@@ -33,7 +33,6 @@ sampling, dropout) and `split_seed` (the 80/20 split, as scikit-learn's
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
