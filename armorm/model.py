@@ -321,8 +321,7 @@ class ArmoRM:
         if input_ids is None:
             raise ValueError("input_ids is required")
         as_torch = _is_torch(input_ids)
-        seqs, reward_pos = self._rows(input_ids, attention_mask)
-        out = self.score_sequences(seqs, reward_pos=reward_pos)
+        out = self.score_sequences(self._rows(input_ids, attention_mask))
         if as_torch:
             import torch
             return RewardOutput(**{k: torch.from_numpy(v) for k, v in out.items()})
@@ -330,7 +329,7 @@ class ArmoRM:
 
     forward = __call__
 
-    def _rows(self, input_ids: Any, attention_mask: Any) -> Tuple[List[np.ndarray], Optional[List[int]]]:
+    def _rows(self, input_ids: Any, attention_mask: Any) -> List[np.ndarray]:
         """Splits the reference's input forms into unpadded sequences."""
         if _is_torch(input_ids):
             input_ids = input_ids.detach().cpu().numpy()
@@ -369,12 +368,10 @@ class ArmoRM:
                     raise ValueError(f"input_ids[{i}]: attention_mask must be one contiguous run of ones "
                                      "(left or right padding)")
                 out.append(s[keep[0]:keep[-1] + 1])
-            return out, None
+            return out
         pad = self.config.pad_token_id
         if pad is None:
-            if len(seqs) > 1 and len({len(s) for s in seqs}) == 1 and isinstance(input_ids, np.ndarray):
-                pass  # equal-length rows without padding are fine
-            return seqs, None
+            return seqs
         out = []
         for s in seqs:
             is_pad = s == pad
@@ -388,7 +385,7 @@ class ArmoRM:
                 # reference: first pad minus one, modulo the length (a leading pad means the last token)
                 first = int(np.argmax(is_pad))
                 out.append(s if first == 0 else s[:first])
-        return out, None
+        return out
 
     # ---- the packed-batch engine ---------------------------------------
 
