@@ -442,16 +442,10 @@ class ArmoRM:
         for f in wanted:
             if f not in available:
                 raise ValueError(f"field {f!r} is not available for {arch}; available: {', '.join(available)}")
-        need_gating = "prompt_embedding" in wanted or (arch == "LlamaForRewardModelWithGating" and
-                                                        self.config.core["compute_head"] and
-                                                        bool({"rewards", "gating_output", "score", "logits"} & set(wanted)))
-        if need_gating:
-            gpos = self.gating_positions(seqs)
-        elif "prompt_embedding" in available and fields is None:
-            gpos = None
-            wanted = [f for f in wanted if f != "prompt_embedding"]
-        else:
-            gpos = None
+        # the ArmoRM head reads the prompt embedding too (head fields are only available when it is computed)
+        gated = {"prompt_embedding"} | ({"rewards", "gating_output", "score", "logits"}
+                                        if arch == "LlamaForRewardModelWithGating" else set())
+        gpos = self.gating_positions(seqs) if gated & set(wanted) else None
         core_fields = [f for f in wanted if f != "logits" or arch == "LlamaForSequenceClassification"]
         if arch == "LlamaForRewardModelWithGating" and "logits" in wanted and "score" not in core_fields:
             core_fields.append("score")
