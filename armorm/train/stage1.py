@@ -297,6 +297,38 @@ def _diff(a: Dict[str, Any], b: Dict[str, Any]) -> str:
     return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k))
 
 
+def _work_dir(output: str, final: str, settings: Dict[str, Any], chunk_rows: int, restart: bool) -> str:
+    """The hidden folder that holds a run's finished chunks until `final` is written.
+
+    Created with a job.json of the settings, or, when an interrupted run left
+    one, checked against them (`restart` discards it). Also removes the
+    temporary file of a final write that was killed midway.
+    """
+    for stale in _glob.glob(os.path.join(_glob.escape(output), f".{_glob.escape(os.path.basename(final))}.*.tmp")):
+        try:
+            os.unlink(stale)
+        except OSError:
+            pass
+    work = os.path.join(output, f".{os.path.basename(final)}.partial")
+    work_settings = dict(settings, chunk_rows=chunk_rows)
+    meta_path = os.path.join(work, "job.json")
+    if restart and os.path.isdir(work):
+        shutil.rmtree(work)
+    if os.path.isfile(meta_path):
+        try:
+            old = _read_json(meta_path)
+        except (OSError, ValueError):
+            old = None
+        if old != work_settings:
+            why = _diff(old, work_settings) if isinstance(old, dict) else "unreadable job.json"
+            raise ValueError(f"{work} holds an interrupted run with different settings ({why}); "
+                             "pass restart=True (--restart) to discard it, or rerun with the same settings")
+    else:
+        os.makedirs(work, exist_ok=True)
+        _write_json_atomic(meta_path, work_settings)
+    return work
+
+
 def _chunk_path(work: str, c: int) -> str:
     return os.path.join(work, f"chunk-{c:06d}.safetensors")
 
@@ -382,28 +414,7 @@ def prepare(model: Any, dataset: Any, output: Union[str, os.PathLike], *, n_shar
             raise ValueError(f"{final} exists with different settings ({why}); pass overwrite=True "
                              "(--overwrite) to replace it")
 
-    for stale in _glob.glob(os.path.join(_glob.escape(output), f".{_glob.escape(os.path.basename(final))}.*.tmp")):
-        try:  # the temporary of a final write that was killed midway
-            os.unlink(stale)
-        except OSError:
-            pass
-    work = os.path.join(output, f".{os.path.basename(final)}.partial")
-    work_settings = dict(settings, chunk_rows=chunk_rows)
-    meta_path = os.path.join(work, "job.json")
-    if restart and os.path.isdir(work):
-        shutil.rmtree(work)
-    if os.path.isfile(meta_path):
-        try:
-            old = _read_json(meta_path)
-        except (OSError, ValueError):
-            old = None
-        if old != work_settings:
-            why = _diff(old, work_settings) if isinstance(old, dict) else "unreadable job.json"
-            raise ValueError(f"{work} holds an interrupted run with different settings ({why}); "
-                             "pass restart=True (--restart) to discard it, or rerun with the same settings")
-    else:
-        os.makedirs(work, exist_ok=True)
-        _write_json_atomic(meta_path, work_settings)
+    work = _work_dir(output, final, settings, chunk_rows, restart)
 
     n_chunks = -(-rows.size // chunk_rows)
     bounds = [(c * chunk_rows, min(rows.size, (c + 1) * chunk_rows)) for c in range(n_chunks)]

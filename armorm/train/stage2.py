@@ -47,7 +47,7 @@ import numpy as np
 from ..data import DatasetError, open_dataset
 from ..safetensors_io import SafetensorsError, SafetensorsFile, save_file, to_float
 from .stage1 import (EMBEDDING_DTYPES, ProgressArg, _Progress, _chunk_path, _diff, _load_model, _log,
-                     _model_fingerprint, _read_json, _tokenize, _write_json_atomic, resolve_embedding_files,
+                     _model_fingerprint, _tokenize, _work_dir, _write_json_atomic, resolve_embedding_files,
                      shard_file_name, shard_rows, train_test_split_indices)
 
 FORMAT_VERSION = 1
@@ -155,23 +155,7 @@ def prepare(model: Any, dataset: Any, output: Union[str, os.PathLike], *, n_shar
             why = _diff(old, settings) if isinstance(old, dict) else "it was not written by armorm prepare-stage2"
             raise ValueError(f"{final} exists with different settings ({why}); pass overwrite=True "
                              "(--overwrite) to replace it")
-    work = os.path.join(output, f".{os.path.basename(final)}.partial")
-    work_settings = dict(settings, chunk_rows=chunk_rows)
-    meta_path = os.path.join(work, "job.json")
-    if restart and os.path.isdir(work):
-        shutil.rmtree(work)
-    if os.path.isfile(meta_path):
-        try:
-            old = _read_json(meta_path)
-        except (OSError, ValueError):
-            old = None
-        if old != work_settings:
-            why = _diff(old, work_settings) if isinstance(old, dict) else "unreadable job.json"
-            raise ValueError(f"{work} holds an interrupted run with different settings ({why}); "
-                             "pass restart=True (--restart) to discard it, or rerun with the same settings")
-    else:
-        os.makedirs(work, exist_ok=True)
-        _write_json_atomic(meta_path, work_settings)
+    work = _work_dir(output, final, settings, chunk_rows, restart)
 
     n_chunks = -(-rows.size // chunk_rows)
     bounds = [(c * chunk_rows, min(rows.size, (c + 1) * chunk_rows)) for c in range(n_chunks)]
