@@ -297,6 +297,28 @@ def _diff(a: Dict[str, Any], b: Dict[str, Any]) -> str:
     return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k))
 
 
+def _already_done(final: str, settings: Dict[str, Any], meta_key: str, command: str, overwrite: bool,
+                  quiet: bool) -> bool:
+    """True when `final` exists and was written with `settings` (kept unless `overwrite`).
+
+    Raises ValueError when it exists with other settings and `overwrite` is False.
+    """
+    if not os.path.exists(final):
+        return False
+    try:
+        old = json.loads(SafetensorsFile(final).metadata.get(meta_key, "null"))
+    except (SafetensorsError, ValueError):
+        old = None
+    if overwrite:
+        return False
+    if old == settings:
+        _log(f"{final} is already complete", quiet)
+        return True
+    why = _diff(old, settings) if isinstance(old, dict) else f"it was not written by armorm {command}"
+    raise ValueError(f"{final} exists with different settings ({why}); pass overwrite=True "
+                     "(--overwrite) to replace it")
+
+
 def _work_dir(output: str, final: str, settings: Dict[str, Any], chunk_rows: int, restart: bool) -> str:
     """The hidden folder that holds a run's finished chunks until `final` is written.
 
@@ -401,18 +423,8 @@ def prepare(model: Any, dataset: Any, output: Union[str, os.PathLike], *, n_shar
                 "objectives": objectives, "embeddings_dtype": embeddings_dtype, "rows": int(rows.size)}
     settings = json.loads(json.dumps(settings))  # normalized (tuples -> lists) for comparisons
 
-    if os.path.exists(final):
-        try:
-            old = json.loads(SafetensorsFile(final).metadata.get(_META_KEY, "null"))
-        except (SafetensorsError, ValueError):
-            old = None
-        if old == settings and not overwrite:
-            _log(f"{final} is already complete", quiet)
-            return final
-        if not overwrite:
-            why = _diff(old, settings) if isinstance(old, dict) else "it was not written by armorm prepare-stage1"
-            raise ValueError(f"{final} exists with different settings ({why}); pass overwrite=True "
-                             "(--overwrite) to replace it")
+    if _already_done(final, settings, _META_KEY, "prepare-stage1", overwrite, quiet):
+        return final
 
     work = _work_dir(output, final, settings, chunk_rows, restart)
 

@@ -46,7 +46,7 @@ import numpy as np
 
 from ..data import DatasetError, open_dataset
 from ..safetensors_io import SafetensorsError, SafetensorsFile, save_file, to_float
-from .stage1 import (EMBEDDING_DTYPES, ProgressArg, _Progress, _chunk_path, _diff, _load_model, _log,
+from .stage1 import (EMBEDDING_DTYPES, ProgressArg, _Progress, _already_done, _chunk_path, _load_model, _log,
                      _model_fingerprint, _tokenize, _work_dir, _write_json_atomic, resolve_embedding_files,
                      shard_file_name, shard_rows, train_test_split_indices)
 
@@ -143,18 +143,8 @@ def prepare(model: Any, dataset: Any, output: Union[str, os.PathLike], *, n_shar
                 "seed": seed, "n_shards": n_shards, "shard_idx": shard_idx, "shard_mode": shard_mode,
                 "seq_len": seq_len, "embeddings_dtype": embeddings_dtype, "rows": int(rows.size)}
     settings = json.loads(json.dumps(settings))
-    if os.path.exists(final):
-        try:
-            old = json.loads(SafetensorsFile(final).metadata.get(_META_KEY, "null"))
-        except (SafetensorsError, ValueError):
-            old = None
-        if old == settings and not overwrite:
-            _log(f"{final} is already complete", quiet)
-            return final
-        if not overwrite:
-            why = _diff(old, settings) if isinstance(old, dict) else "it was not written by armorm prepare-stage2"
-            raise ValueError(f"{final} exists with different settings ({why}); pass overwrite=True "
-                             "(--overwrite) to replace it")
+    if _already_done(final, settings, _META_KEY, "prepare-stage2", overwrite, quiet):
+        return final
     work = _work_dir(output, final, settings, chunk_rows, restart)
 
     n_chunks = -(-rows.size // chunk_rows)
