@@ -10,6 +10,9 @@
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <string.h>
 #include "model.h"
 #include "cpu/gemm_general.h"
@@ -599,7 +602,7 @@ static PyObject *py_gemm(PyObject *m, PyObject *args, PyObject *kw) {
     (void)m;
     static char *kwlist[] = {"a", "b", "trans_a", "trans_b", "out", "accumulate", "num_threads", "kernel", NULL};
     PyObject *a, *b, *out = Py_None;
-    int ta = 0, tb = 0, acc = 0, nthreads = 1;
+    int ta = 0, tb = 0, acc = 0, nthreads = 0;
     const char *kernel = NULL;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$ppOpiz", kwlist, &a, &b, &ta, &tb, &out, &acc, &nthreads,
                                      &kernel))
@@ -611,8 +614,14 @@ static PyObject *py_gemm(PyObject *m, PyObject *args, PyObject *kw) {
     if (K != K2)
         return PyErr_Format(PyExc_ValueError, "gemm: op(a) is (%lld, %lld) but op(b) is (%lld, %lld): inner sizes differ",
                             (long long)M, (long long)K, (long long)K2, (long long)N);
-    if (nthreads < 1 || nthreads > 1024)
-        return PyErr_Format(PyExc_ValueError, "gemm: num_threads must be in 1..1024, got %d", nthreads);
+    if (nthreads < 0 || nthreads > 1024)
+        return PyErr_Format(PyExc_ValueError, "gemm: num_threads must be in 0..1024 (0: every core), got %d",
+                            nthreads);
+#ifdef _OPENMP
+    if (nthreads == 0) nthreads = omp_get_num_procs();
+#else
+    if (nthreads == 0) nthreads = 1;
+#endif
     GemmGeneralPath path = gemm_general_best();
     if (kernel && strcmp(kernel, "portable") == 0) path = GEMM_GENERAL_PORTABLE;
     else if (kernel && strcmp(kernel, "auto") != 0 && strcmp(kernel, gemm_general_name(path)) != 0)
@@ -658,9 +667,9 @@ static PyObject *py_gemm_kernel(PyObject *m, PyObject *unused) {
 
 static PyMethodDef module_methods[] = {
     {"gemm", (PyCFunction)(void (*)(void))py_gemm, METH_VARARGS | METH_KEYWORDS,
-     "gemm(a, b, *, trans_a=False, trans_b=False, out=None, accumulate=False, num_threads=1, kernel=None)\n"
+     "gemm(a, b, *, trans_a=False, trans_b=False, out=None, accumulate=False, num_threads=0, kernel=None)\n"
      "-> float32 (M, N) = [out +] op(a) @ op(b); operands float32 or uint16 bf16 bits, rounded to bf16,\n"
-     "products summed in fp32 (vdpbf16ps where the CPU has AVX512_BF16, else plain C)"},
+     "products summed in fp32 (vdpbf16ps where the CPU has AVX512_BF16, else plain C); num_threads=0: every core"},
     {"gemm_kernel", py_gemm_kernel, METH_NOARGS, "gemm_kernel() -> 'avx512bf16' or 'portable': gemm's path here"},
     {"cuda_device_count", py_cuda_device_count, METH_NOARGS,
      "cuda_device_count() -> number of usable CUDA devices (0 without a driver, a GPU or a CUDA build)"},

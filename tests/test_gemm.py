@@ -130,7 +130,7 @@ def test_gemm_bad_inputs():
     with pytest.raises(ValueError, match="accumulate=True needs out"):
         _core.gemm(f, f, trans_b=True, accumulate=True)
     with pytest.raises(ValueError, match="num_threads"):
-        _core.gemm(f, f, trans_b=True, num_threads=0)
+        _core.gemm(f, f, trans_b=True, num_threads=-1)
     with pytest.raises(ValueError, match="kernel"):
         _core.gemm(f, f, trans_b=True, kernel="cuda")
     ro = np.zeros((3, 3), np.float32)
