@@ -15,6 +15,7 @@
 #endif
 #include <string.h>
 #include "model.h"
+#include "cpu/adamw.h"
 #include "cpu/gemm_general.h"
 #ifdef ARMORM_WITH_CUDA
 #include "cuda/backend_cuda.h"
@@ -659,6 +660,58 @@ static PyObject *py_gemm(PyObject *m, PyObject *args, PyObject *kw) {
     return (PyObject *)res;
 }
 
+// a writeable (or, for g, readable) C-contiguous float32 array of n elements
+static float *f32_data(PyObject *o, const char *name, int writeable, npy_intp *n) {
+    if (!PyArray_Check(o) || PyArray_TYPE((PyArrayObject *)o) != NPY_FLOAT32) {
+        PyErr_Format(PyExc_TypeError, "adamw_update: %s must be a float32 NumPy array", name);
+        return NULL;
+    }
+    PyArrayObject *a = (PyArrayObject *)o;
+    if (!PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISALIGNED(a) || PyArray_ISBYTESWAPPED(a) ||
+        (writeable && !PyArray_ISWRITEABLE(a))) {
+        PyErr_Format(PyExc_ValueError, "adamw_update: %s must be C-contiguous, aligned, native%s", name,
+                     writeable ? " and writeable" : "");
+        return NULL;
+    }
+    if (*n >= 0 && PyArray_SIZE(a) != *n) {
+        PyErr_Format(PyExc_ValueError, "adamw_update: %s has %lld elements, the parameter %lld", name,
+                     (long long)PyArray_SIZE(a), (long long)*n);
+        return NULL;
+    }
+    *n = PyArray_SIZE(a);
+    return (float *)PyArray_DATA(a);
+}
+
+static PyObject *py_adamw_update(PyObject *mod, PyObject *args, PyObject *kw) {
+    (void)mod;
+    static char *kwlist[] = {"param", "grad", "m", "v", "lr", "beta1", "beta2", "eps", "weight_decay", "step",
+                             "num_threads", NULL};
+    PyObject *po, *go, *mo, *vo;
+    AdamWParams hp = {1e-3f, 0.9f, 0.999f, 1e-8f, 1e-2f, 0};  // torch.optim.AdamW's defaults
+    long long step = 0;
+    int nthreads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|$fffffLi", kwlist, &po, &go, &mo, &vo, &hp.lr, &hp.beta1,
+                                     &hp.beta2, &hp.eps, &hp.weight_decay, &step, &nthreads))
+        return NULL;
+    if (step < 1) return PyErr_Format(PyExc_ValueError, "adamw_update: step must be >= 1, got %lld", step);
+    if (nthreads < 1 || nthreads > 1024)
+        return PyErr_Format(PyExc_ValueError, "adamw_update: num_threads must be in 1..1024, got %d", nthreads);
+    hp.step = step;
+    npy_intp n = -1;
+    float *p = f32_data(po, "param", 1, &n), *g = p ? f32_data(go, "grad", 0, &n) : NULL;
+    float *m = g ? f32_data(mo, "m", 1, &n) : NULL, *v = m ? f32_data(vo, "v", 1, &n) : NULL;
+    if (!v) return NULL;
+    PyArrayObject *arrs[4] = {(PyArrayObject *)po, (PyArrayObject *)go, (PyArrayObject *)mo, (PyArrayObject *)vo};
+    for (int i = 0; i < 4; i++)
+        for (int j = i + 1; j < 4; j++)
+            if (overlaps(arrs[i], (PyObject *)arrs[j]))
+                return PyErr_Format(PyExc_ValueError, "adamw_update: param, grad, m and v must not share memory");
+    Py_BEGIN_ALLOW_THREADS
+    adamw_update(p, m, v, g, (int64_t)n, &hp, nthreads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_gemm_kernel(PyObject *m, PyObject *unused) {
     (void)m;
     (void)unused;
@@ -670,6 +723,9 @@ static PyMethodDef module_methods[] = {
      "gemm(a, b, *, trans_a=False, trans_b=False, out=None, accumulate=False, num_threads=0, kernel=None)\n"
      "-> float32 (M, N) = [out +] op(a) @ op(b); operands float32 or uint16 bf16 bits, rounded to bf16,\n"
      "products summed in fp32 (vdpbf16ps where the CPU has AVX512_BF16, else plain C); num_threads=0: every core"},
+    {"adamw_update", (PyCFunction)(void (*)(void))py_adamw_update, METH_VARARGS | METH_KEYWORDS,
+     "adamw_update(param, grad, m, v, *, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, step,\n"
+     "num_threads=1): one torch.optim.AdamW update of float32 arrays, in place; step counts from 1"},
     {"gemm_kernel", py_gemm_kernel, METH_NOARGS, "gemm_kernel() -> 'avx512bf16' or 'portable': gemm's path here"},
     {"cuda_device_count", py_cuda_device_count, METH_NOARGS,
      "cuda_device_count() -> number of usable CUDA devices (0 without a driver, a GPU or a CUDA build)"},
