@@ -222,7 +222,7 @@ def cmd_train_stage2(args: argparse.Namespace) -> int:
                               dropout=args.dropout, logit_scale_init=args.logit_scale, lr=args.lr,
                               weight_decay=args.weight_decay, steps=args.steps, batch_size=args.batch_size,
                               val_fraction=args.val_fraction, split_seed=args.split_seed, seed=args.seed,
-                              eval_every=args.eval_every)
+                              eval_every=args.eval_every, backend=args.backend)
     res = stage2.train(args.preference, args.regression, args.output, reference=args.reference, config=cfg,
                        verbosity_index=None if args.no_debias else args.verbosity_index,
                        corr_threshold=args.corr_threshold, report=args.report, blas_threads=args.blas_threads,
@@ -400,8 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split-seed", type=int, default=0)
     s.add_argument("--seed", type=int, default=0, help="initialisation, batch sampling and dropout")
     s.add_argument("--eval-every", type=_int_at_least(0), default=250, help="validation every N steps (0: at the end)")
+    s.add_argument("--backend", choices=["auto", "core", "numpy"], default="auto",
+                   help="gating matmuls: the C core's bf16 GEMMs (fp32 sums, fp32 weights and optimizer), NumPy "
+                        "float32, or auto (core where the CPU has AVX512_BF16)")
     s.add_argument("--blas-threads", type=_int_at_least(1), default=None,
-                   help="BLAS threads while training (needs threadpoolctl; default: the library's)")
+                   help="threads for the core's GEMMs, or BLAS threads for numpy (needs threadpoolctl); "
+                        "default: every core / the library's")
     s.add_argument("--progress", action="store_true")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_train_stage2)
