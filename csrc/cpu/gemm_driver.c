@@ -65,7 +65,7 @@ int gemm_run(const GemmKernel *g, float *out, const void *inp, const void *w, in
     if (npan < 1) npan = 1;
     if (npan > GEMM_NPAN) npan = GEMM_NPAN;
     const int64_t nc = npan * nw, ntasks = (npanels + npan - 1) / npan;
-    int64_t tbt = GEMM_TB / mr;                             // tiles per token block
+    int64_t tbt = (GEMM_TB + mr - 1) / mr;                  // tiles per token block: GEMM_TB tokens fit in one
     if (tbt < 1) tbt = 1;
     if (tbt > ntiles) tbt = ntiles;
 
