@@ -6,7 +6,7 @@
 H = 4096, K = 19, 3 x 1024 hidden, batches of 1024 pairs, dropout 0.2,
 AdamW, prompt embeddings stored as bf16 (as prepare-stage2 writes them);
 the same code path as `armorm train-stage2` (armorm.train.stage2
-.train_gating), validation accuracy evaluated once at the end. Backends:
+.train_gating), validation accuracy every 250 steps and at the end. Backends:
 "core" (the C core's bf16 GEMMs + fused AdamW) and "numpy" (float32 BLAS).
 Prints seconds per step, the time of 2000 steps (measured or projected) and
 the goal (2000 steps in <= 300 s). One process, one machine.
@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--backends", nargs="+", default=["core", "numpy"])
     ap.add_argument("--threads", type=int, default=None, help="threads (default: every core)")
+    ap.add_argument("--eval-every", type=int, default=250, help="validation every N steps (train-stage2's default)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     P = float32_to_bf16(rng.standard_normal((args.pairs, args.hidden), dtype=np.float32))
@@ -41,7 +42,7 @@ def main() -> None:
           f"H={args.hidden}, pairs={args.pairs}, steps={args.steps}")
     print(f"{'backend':<10} {'matmul':<10} {'ms/step':>8} {'2000 steps (s)':>15} {'goal 300 s':>11} {'val acc':>8}")
     for be in args.backends:
-        cfg = GatingConfig(steps=args.steps, eval_every=0, backend=be)
+        cfg = GatingConfig(steps=args.steps, eval_every=args.eval_every, backend=be)
         t = time.perf_counter()
         _, rep, _ = train_gating(P, delta, cfg, blas_threads=args.threads)
         per = rep["seconds_per_step"]
