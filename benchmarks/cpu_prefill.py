@@ -246,7 +246,8 @@ def main() -> int:
         print(f"llama.cpp skipped: {lc_why}")
     else:
         print(f"llama.cpp: llama-cpp-python {lc_version}, flash-attn {args.llamacpp_flash_attn}, "
-              f"n_batch = n_ubatch = n_ctx = {args.seq_len}, one llama_decode per sequence, KV cache cleared between")
+              f"n_batch = n_ubatch = n_ctx = {args.seq_len}, KV cache f16 (its default), one llama_decode per "
+              f"sequence, KV cache cleared between")
         print(f"llama.cpp system info: {llamacpp.system_info(lc)}")
         for n in notes:
             print(n)

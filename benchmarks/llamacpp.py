@@ -29,6 +29,8 @@ This module does three things for the benchmark:
    runs pure prompt processing: the KV cache is cleared, the token ids are
    decoded at positions 0..L-1 with only the last token's logits requested
    (so the LM head runs for one row), and nothing is sampled or generated.
+   Everything else is llama.cpp's default (flash attention auto, which is on
+   for the CPU; KV cache in f16, so an f32 model's attention is not exact f32).
    llama.cpp's own perf counters (prompt-eval time and token count) are kept
    so the caller can check that the work it timed really happened.
 3. ``available()``: whether llama-cpp-python imports, and why not.
