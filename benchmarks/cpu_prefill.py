@@ -175,7 +175,7 @@ def main() -> int:
         h_ours = np.asarray(ours.score_sequences(seqs[:1], fields=["hidden_state"]).hidden_state,
                             dtype=np.float64)[0]
         ours.close()
-        del ours
+        ours = None  # free before the next competitor loads
 
         hf = LlamaModel.from_pretrained(d, dtype=getattr(torch, dtype), attn_implementation="sdpa").eval()
 
@@ -187,7 +187,7 @@ def main() -> int:
         with torch.no_grad():
             h_hf = hf(torch.from_numpy(seqs[0].astype(np.int64))[None]).last_hidden_state[0, -1]
         h_hf = h_hf.to(torch.float64).numpy()
-        del hf
+        hf = None
         gc.collect()
 
         t_lc = None
