@@ -193,7 +193,9 @@ static int plan(Model *m, Expect *x, WDType wdtype, int check, WeightJob *j, Arm
     WDType want = x->kind == DEST_W && x->ndim == 2 ? wdtype : WT_F32;
     *j = (WeightJob){.src = t->data, .src_dtype = s, .n = t->numel, .dst_dtype = want, .check = check};
     x->bound = t->data;
-    if (s != want) {
+    // A tensor not aligned to its element size (legal in safetensors, never
+    // written by the usual tools) is copied too: the kernels read aligned data.
+    if (s != want || (uintptr_t)t->data % wsize(s) != 0) {
         void *buf = own(m, (size_t)t->numel * wsize(want), e);
         if (!buf) return -1;
         j->dst = buf;

@@ -78,7 +78,9 @@ static void f32_to_bf16_block(uint16_t *d, const uint32_t *s, size_t n) {
 }
 
 static void convert_block(void *dst, WDType d, const void *src, WDType s, size_t n) {
-    if (s == WT_F32 && d == WT_BF16) {
+    if (s == d) {
+        memcpy(dst, src, n * elem_size(s));
+    } else if (s == WT_F32 && d == WT_BF16) {
         f32_to_bf16_block(dst, src, n);
     } else if (s == WT_BF16 && d == WT_F32) {
         const uint16_t *u = src;

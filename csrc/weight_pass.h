@@ -4,8 +4,9 @@
 // tensors at once, because at 8B scale the pass is what a load costs:
 //   - counting NaN/inf elements (check_finite), with integer compares on the
 //     exponent bits in blocks the compiler vectorises;
-//   - converting to another dtype (an fp32 checkpoint held in bf16), in the
-//     same read of the source as the count, so a checkpoint larger than RAM is
+//   - converting to another dtype (an fp32 checkpoint held in bf16), or
+//     copying a tensor whose bytes are misaligned for its dtype, in the same
+//     read of the source as the count, so a checkpoint larger than RAM is
 //     read from disk once;
 //   - dropping source pages from the mapping once read (converted tensors,
 //     and sparsely read ones such as the embedding), so the process never
@@ -26,7 +27,7 @@ typedef struct {
     const void *src;       // stored elements (in a file mapping)
     WDType src_dtype;
     uint64_t n;            // element count
-    void *dst;             // converted copy (n elements of dst_dtype), or NULL: nothing to convert
+    void *dst;             // copy to fill (n elements of dst_dtype), or NULL: the source is used in place
     WDType dst_dtype;
     int check;             // count NaN/inf of the source into `nonfinite`
     int release;           // drop the source's pages from the mapping once read
