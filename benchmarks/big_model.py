@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -98,7 +99,7 @@ def child(task: str, path: str, threads: int, dtype: str, prefill_reps: int) -> 
             times.append(time.perf_counter() - t)
         out["prefill_s"] = times
         out["prefill_tokens"] = sum(len(s) for s in seqs)
-        out["prefill_finite"] = bool(all(map(lambda v: v == v, r.score.tolist())))
+        out["prefill_finite"] = all(math.isfinite(v) for v in r.score.tolist())
     out["end"] = proc_status()
     model.close()
     return out
