@@ -7,9 +7,10 @@ Writes OUT_DIR/config.json (Llama-3-8B's fields with the shape's sizes; with
 --arch armorm the ArmoRM head keys and `LlamaForRewardModelWithGating`),
 `model-0000i-of-0000N.safetensors` shards of at most --shard-gb GB and
 `model.safetensors.index.json`, like a Hugging Face `save_pretrained` of the
-real model. Peak RAM is a few hundred MB whatever the shape: each tensor is
-generated and written in chunks of CHUNK elements (the 8B fp32 checkpoint is
-32 GB on disk and never in memory).
+real model. Peak RAM stays under 1 GB whatever the shape (0.67 GB measured
+for 8B, most of it torch itself): each tensor is generated and written in
+chunks of CHUNK elements (the 8B fp32 checkpoint is 30 GB on disk and never in
+memory). 8B: about 2 min (bf16, 15 GB) and 3 min (fp32) on 2 cores.
 
 Values: matrices ~ N(0, 0.02), norm weights ~ N(1, 0.02), the ArmoRM head as
 in tests/checkpoints.py; deterministic in (--seed, tensor name). Every value is
