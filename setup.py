@@ -16,7 +16,7 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-SOURCES = ["csrc/module.c", "csrc/model.c", "csrc/safetensors.c", "csrc/forward_cpu.c",
+SOURCES = ["csrc/module.c", "csrc/model.c", "csrc/weight_pass.c", "csrc/safetensors.c", "csrc/forward_cpu.c",
            "csrc/cpu/cpu_features.c", "csrc/cpu/gemm_driver.c", "csrc/cpu/matmul_avx512.c", "csrc/cpu/matmul_avx2.c",
            "csrc/cpu/attention_avx512.c", "csrc/cpu/gemm_general.c",
            "csrc/cpu/adamw.c"]

@@ -2,19 +2,19 @@
 //
 // Loading is all-or-nothing: every shard is mapped and parsed, every tensor is
 // matched against the list the config implies (names, shapes, dtypes), and
-// only then are pointers bound or dtypes converted. Any defect frees
+// only then are pointers bound or dtypes converted, in one pass over the
+// bytes that also looks for NaN/inf (weight_pass.c). Any defect frees
 // everything and returns an error naming the tensor and file.
 #define _GNU_SOURCE
 #include "model.h"
 #include "dtype.h"
+#include "weight_pass.h"
 
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <unistd.h>
 
 int arm_fail(ArmError *e, const char *fmt, ...) {
     if (e) {
@@ -90,6 +90,8 @@ typedef struct {
     int unused;           // present in the file but not read (lm_head)
     const StTensor *found;
     int found_file;
+    const void *bound;    // where the tensor is held: the mapping or a converted buffer
+    int job;              // its entry in the weight pass, -1 when none
 } Expect;
 
 typedef struct {
@@ -148,25 +150,15 @@ static int is_ignored_buffer(const char *name) {
 static void *own(Model *m, size_t bytes, ArmError *e) {
     if (m->n_owned == m->cap_owned) {
         int cap = m->cap_owned ? m->cap_owned * 2 : 64;
-        void **v = realloc(m->owned, (size_t)cap * sizeof *v);
+        OwnedBuf *v = realloc(m->owned, (size_t)cap * sizeof *v);
         if (!v) { arm_fail(e, "out of memory"); return NULL; }
         m->owned = v;
         m->cap_owned = cap;
     }
-    void *p = malloc(bytes ? bytes : 1);
+    void *p = weight_buffer_alloc(bytes);
     if (!p) { arm_fail(e, "out of memory allocating %zu bytes for converted weights", bytes); return NULL; }
-    m->owned[m->n_owned++] = p;
+    m->owned[m->n_owned++] = (OwnedBuf){p, bytes};
     return p;
-}
-
-// Drops the source pages of a converted tensor so a model stored in fp32 and
-// held in bf16 never keeps both copies resident.
-static void release_pages(const void *p, size_t bytes) {
-    long pg = sysconf(_SC_PAGESIZE);
-    if (pg <= 0) return;
-    uintptr_t a = ((uintptr_t)p + (uintptr_t)pg - 1) & ~((uintptr_t)pg - 1);
-    uintptr_t b = ((uintptr_t)p + bytes) & ~((uintptr_t)pg - 1);
-    if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
 }
 
 static int wdtype_of(StDType d, WDType *out) {
@@ -190,41 +182,43 @@ static void convert(void *dst, WDType d, const void *src, WDType s, int64_t n) {
 
 static size_t wsize(WDType t) { return t == WT_F32 ? 4 : 2; }
 
-// Binds one found tensor to its destination, converting when needed.
-static int bind(Model *m, Expect *x, WDType wdtype, ArmError *e) {
+// Points a found tensor's destination at the mapping (stored dtype = held
+// dtype: zero copy) or at a new buffer it will be converted into, and fills
+// in what the weight pass must do with its bytes. Scalars are read after the pass.
+static int plan(Model *m, Expect *x, WDType wdtype, int check, WeightJob *j, ArmError *e) {
     const StTensor *t = x->found;
     WDType s = WT_F32;
     wdtype_of(t->dtype, &s);  // checked by the caller
-    int64_t n = (int64_t)t->numel;
+    // Backbone matrices live in the compute dtype; vectors (norms, biases) and the head in fp32.
+    WDType want = x->kind == DEST_W && x->ndim == 2 ? wdtype : WT_F32;
+    *j = (WeightJob){.src = t->data, .src_dtype = s, .n = t->numel, .dst_dtype = want, .check = check};
+    x->bound = t->data;
+    // A tensor not aligned to its element size (legal in safetensors, never
+    // written by the usual tools) is copied too: the kernels read aligned data.
+    if (s != want || (uintptr_t)t->data % wsize(s) != 0) {
+        void *buf = own(m, (size_t)t->numel * wsize(want), e);
+        if (!buf) return -1;
+        j->dst = buf;
+        j->release = 1;  // the source is read once, then only the converted copy is used
+        x->bound = buf;
+    } else if (x->kind == DEST_W && x->w == &m->w.embed) {
+        j->release = check;  // read whole by the check, then only the rows of the tokens scored
+    }
     if (x->kind == DEST_W) {
-        // Matrices live in the compute dtype; vectors (norms, biases) in fp32.
-        WDType want = x->ndim == 2 ? wdtype : WT_F32;
         x->w->rows = x->ndim == 2 ? x->shape[0] : 1;
         x->w->cols = x->ndim == 2 ? x->shape[1] : x->shape[0];
         x->w->dtype = want;
-        if (s == want) {
-            x->w->data = t->data;
-        } else {
-            void *buf = own(m, (size_t)n * wsize(want), e);
-            if (!buf) return -1;
-            convert(buf, want, t->data, s, n);
-            release_pages(t->data, (size_t)n * wsize(s));
-            x->w->data = buf;
-        }
-    } else {
-        const float *p;
-        if (s == WT_F32) {
-            p = t->data;
-        } else {
-            float *buf = own(m, (size_t)n * sizeof(float), e);
-            if (!buf) return -1;
-            convert(buf, WT_F32, t->data, s, n);
-            p = buf;
-        }
-        if (x->kind == DEST_F32) *x->f = p;
-        else *x->scalar = p[0];
+        x->w->data = x->bound;
+    } else if (x->kind == DEST_F32) {
+        *x->f = x->bound;
     }
     return 0;
+}
+
+static int cmp_file_order(const void *a, const void *b) {
+    const Expect *x = *(Expect *const *)a, *y = *(Expect *const *)b;
+    if (x->found_file != y->found_file) return x->found_file < y->found_file ? -1 : 1;
+    return x->found->begin < y->found->begin ? -1 : x->found->begin > y->found->begin;
 }
 
 static void fmt_shape(char *buf, size_t len, int ndim, const int64_t *shape) {
@@ -262,27 +256,12 @@ static void compute_inv_freq(Model *m) {
     }
 }
 
-// Counts NaN/inf elements of a stored F32/BF16/F16 tensor (exponent bits all ones).
-static uint64_t count_nonfinite(const StTensor *t, int nthreads) {
-    const int64_t n = (int64_t)t->numel;
-    uint64_t bad = 0;
-    if (t->dtype == ST_F32) {
-        const uint32_t *u = t->data;
-#pragma omp parallel for num_threads(nthreads) reduction(+ : bad) schedule(static)
-        for (int64_t i = 0; i < n; i++) bad += (u[i] & 0x7f800000u) == 0x7f800000u;
-    } else {
-        const uint16_t *u = t->data;
-        const uint16_t mask = t->dtype == ST_BF16 ? 0x7f80u : 0x7c00u;
-#pragma omp parallel for num_threads(nthreads) reduction(+ : bad) schedule(static)
-        for (int64_t i = 0; i < n; i++) bad += (u[i] & mask) == mask;
-    }
-    return bad;
-}
-
 int model_load(Model *m, const Config *cfg, const char *const *paths, int n_paths,
                WDType wdtype, int num_threads, ArmError *e) {
     memset(m, 0, sizeof *m);
     ExpectList L = {0};
+    WeightJob *jobs = NULL;
+    Expect **order = NULL;
     char sh1[96], sh2[96];
     if (config_validate(cfg, e)) return -1;
     if (n_paths <= 0) return arm_fail(e, "no weight files given");
@@ -432,25 +411,42 @@ int model_load(Model *m, const Config *cfg, const char *const *paths, int n_path
         for (int i = 0; i < L.n; i++)
             if (L.v[i].w == &m->w.embed) wdtype_of(L.v[i].found->dtype, &wdtype);
     m->compute_wdtype = wdtype;
-    // NaN/inf weights would silently turn every score into NaN: find them at load.
-    if (c->check_finite)
-        for (int i = 0; i < L.n; i++) {
-            const StTensor *t = L.v[i].found;
-            if (!t || L.v[i].unused) continue;
-            uint64_t bad = count_nonfinite(t, m->num_threads);
-            if (bad) {
-                arm_fail(e, "%s: tensor '%s' holds %llu NaN/inf value%s (pass check_finite=False to load it anyway)",
-                         m->files[L.v[i].found_file].path, t->name, (unsigned long long)bad, bad == 1 ? "" : "s");
-                goto fail;
-            }
+    // Everything checked: bind or convert, in file order (a cold file is read
+    // sequentially). NaN/inf weights would silently turn every score into NaN:
+    // the same pass finds them.
+    jobs = calloc((size_t)L.n, sizeof *jobs);
+    order = calloc((size_t)L.n, sizeof *order);
+    if (!jobs || !order) { arm_fail(e, "out of memory"); goto fail; }
+    int n_jobs = 0;
+    for (int i = 0; i < L.n; i++) {
+        L.v[i].job = -1;
+        if (L.v[i].found && !L.v[i].unused) order[n_jobs++] = &L.v[i];
+    }
+    qsort(order, (size_t)n_jobs, sizeof *order, cmp_file_order);
+    for (int k = 0; k < n_jobs; k++) {
+        order[k]->job = k;
+        if (plan(m, order[k], wdtype, c->check_finite, &jobs[k], e)) goto fail;
+    }
+    if (weight_pass_run(jobs, n_jobs, m->num_threads, e)) goto fail;
+    for (int i = 0; i < L.n; i++) {  // name order: the same tensor is named whatever the thread timing
+        const Expect *x = &L.v[i];
+        if (x->job < 0) continue;
+        uint64_t bad = jobs[x->job].nonfinite;
+        if (bad) {
+            arm_fail(e, "%s: tensor '%s' holds %llu NaN/inf value%s (pass check_finite=False to load it anyway)",
+                     m->files[x->found_file].path, x->found->name, (unsigned long long)bad, bad == 1 ? "" : "s");
+            goto fail;
         }
-    // Everything checked: bind or convert.
-    for (int i = 0; i < L.n; i++)
-        if (L.v[i].found && !L.v[i].unused && bind(m, &L.v[i], wdtype, e)) goto fail;
+        if (x->kind == DEST_SCALAR) *x->scalar = ((const float *)x->bound)[0];
+    }
     compute_inv_freq(m);
+    free(jobs);
+    free(order);
     free(L.v);
     return 0;
 fail:
+    free(jobs);
+    free(order);
     free(L.v);
     model_free(m);
     return -1;
@@ -460,7 +456,7 @@ void model_free(Model *m) {
     if (!m) return;
     for (int i = 0; i < m->n_files; i++) st_close(&m->files[i]);
     free(m->files);
-    for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
+    for (int i = 0; i < m->n_owned; i++) weight_buffer_free(m->owned[i].p, m->owned[i].bytes);
     free(m->owned);
     free(m->w.layers);
     free(m->w.gate_w);

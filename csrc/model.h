@@ -87,13 +87,19 @@ typedef struct {
     const float *score;        // (num_labels, H)
 } Weights;
 
+// A buffer holding a converted tensor (weight_buffer_alloc).
+typedef struct {
+    void *p;
+    size_t bytes;
+} OwnedBuf;
+
 typedef struct {
     Config cfg;
     WDType compute_wdtype;     // dtype the backbone matrices are held in
     Weights w;
     StFile *files;
     int n_files;
-    void **owned;              // buffers holding converted tensors
+    OwnedBuf *owned;           // buffers holding converted tensors
     int n_owned, cap_owned;
     float *inv_freq;           // (head_dim/2) RoPE frequencies, precomputed
     int num_threads;
@@ -106,7 +112,10 @@ int config_validate(const Config *c, ArmError *e);
 
 // Maps `paths`, checks every tensor against `cfg` (presence, shape, dtype,
 // no extras), converts where the stored dtype differs from `wdtype`
-// (WT_AUTO: hold the backbone in the embedding's stored dtype). Reads
+// (WT_AUTO: hold the backbone in the embedding's stored dtype) and, with
+// cfg->check_finite, refuses NaN/inf in any tensor read (one pass over the
+// bytes for both: weight_pass.h). Never holds a converted tensor and its
+// source together: source pages are dropped chunk by chunk. Reads
 // ARMORM_KERNEL (auto|portable|avx2|avx512|avx512bf16) to pick the matmul path;
 // a path this CPU cannot run is an error.
 int model_load(Model *m, const Config *cfg, const char *const *paths, int n_paths,

@@ -65,7 +65,7 @@ def core_c_objects(tmp_path_factory):
     """The core's C files the CUDA backend calls into (batch_validate and what it pulls in)."""
     out = tmp_path_factory.mktemp("core_objs")
     objs = []
-    for src in ("csrc/model.c", "csrc/safetensors.c", "csrc/cpu/cpu_features.c"):
+    for src in ("csrc/model.c", "csrc/weight_pass.c", "csrc/safetensors.c", "csrc/cpu/cpu_features.c"):
         obj = out / (Path(src).stem + ".o")
         subprocess.run(["gcc", "-std=c11", "-O1", "-fPIC", "-I", str(ROOT / "csrc"), "-c", str(ROOT / src),
                         "-o", str(obj)], check=True, capture_output=True, text=True)
