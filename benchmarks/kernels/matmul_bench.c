@@ -14,7 +14,8 @@
 // 3. Peak: a register-only loop of independent vdpbf16ps (each zmm instruction
 //    is 16 lanes x 2 bf16 products + 2 adds = 64 flops) and of fp32 zmm FMAs
 //    (32 flops), on 1 thread and on all threads; the fraction of the bf16 peak
-//    the bf16 GEMM reaches.
+//    the bf16 GEMM reaches. BENCH_ONLY=peak measures and prints only these two
+//    peak lines (benchmarks/prefill_profile.py parses them).
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
 #include <omp.h>
@@ -255,7 +256,7 @@ static double time_general(int64_t M, int64_t N, int64_t K, int ta, int tb, int 
 int main(int argc, char **argv) {
     int nthreads = argc > 1 ? atoi(argv[1]) : omp_get_max_threads();
     int reps = argc > 2 ? atoi(argv[2]) : 5;
-    const char *only = getenv("BENCH_ONLY");    // "checks" or "speed" (default: both)
+    const char *only = getenv("BENCH_ONLY");    // "checks", "speed" or "peak" (default: checks + speed)
     const char *paths = getenv("BENCH_PATHS");  // e.g. "avx512bf16,avx512" (default: every path)
     printf("paths this CPU runs:");
     for (int k = 0; k < ARM_KERNEL_COUNT; k++)
@@ -278,7 +279,11 @@ int main(int argc, char **argv) {
         printf("correctness: %d/%d cases pass (double reference, batch and thread bit-identity)\n", cases - fails,
                cases);
     }
-    if (only && strcmp(only, "speed")) return fails != 0;
+    if (only && !strcmp(only, "checks")) return fails != 0;
+    if (only && strcmp(only, "speed") && strcmp(only, "peak")) {
+        fprintf(stderr, "BENCH_ONLY must be checks, speed or peak, not '%s'\n", only);
+        return 2;
+    }
 
     double pkc = 0, pkw = 0, pfc = 0, pfw = 0;
 #if defined(__x86_64__)
@@ -286,7 +291,10 @@ int main(int argc, char **argv) {
     if (arm_kernel_supported(ARM_KERNEL_AVX512)) pfc = peak(0, nthreads, 7, &pfw);
     printf("peak vdpbf16ps zmm: %.1f GFLOP/s per core (per CPU-second), %.1f wall on %d threads\n", pkc, pkw, nthreads);
     printf("peak fp32 FMA zmm:  %.1f GFLOP/s per core (per CPU-second), %.1f wall on %d threads\n", pfc, pfw, nthreads);
+#else
+    printf("peak: not measured (the register loops are x86-64 only)\n");
 #endif
+    if (only && !strcmp(only, "peak")) return 0;
     static const int64_t big[][3] = {{512, 4096, 4096}, {512, 14336, 4096}, {512, 4096, 14336}};
     printf("\nGEMM GFLOP/s, %d threads, median of %d; wall clock (per core = per CPU-second)\n", nthreads, reps);
     printf("%-12s %-5s %22s %22s %22s\n", "path", "W", "512x4096x4096", "512x14336x4096", "512x4096x14336");
