@@ -16,11 +16,13 @@
 #
 # Disk: ~15 GB for the 1B checkpoints and GGUF files (~/.cache/armorm-bench),
 # ~46 GB for the 8B ones (BIG_DIR, default /work/bigckpt; BIG_ARGS=--no-fp32
-# skips the 30 GB fp32 one). Threads: THREADS (default 2). Run it on an
-# otherwise idle machine: every table is medians from this one run.
+# skips the 30 GB fp32 one). Threads: THREADS (default 2). SHAPE (default 1b;
+# small/medium for a quick smoke run: llama.cpp needs the 1b vocabulary). Run
+# it on an otherwise idle machine: every table is medians from this one run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-2}
+SHAPE=${SHAPE:-1b}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python -c "import armorm._core" 2>/dev/null || python setup.py build_ext --inplace
 
@@ -35,13 +37,13 @@ elif ! python -c "import llama_cpp" 2>/dev/null; then
   python benchmarks/llamacpp.py build
 fi
 
-echo "== 3. 1B-shaped prefill: armorm vs transformers vs llama.cpp =="
-python benchmarks/cpu_prefill.py --shape 1b --prepare-only --llamacpp "$LLAMA"
-python benchmarks/cpu_prefill.py --shape 1b --seqs 8 --seq-len 512 --reps 1 --threads "$THREADS" --llamacpp "$LLAMA"
+echo "== 3. $SHAPE-shaped prefill: armorm vs transformers vs llama.cpp =="
+python benchmarks/cpu_prefill.py --shape "$SHAPE" --prepare-only --llamacpp "$LLAMA"
+python benchmarks/cpu_prefill.py --shape "$SHAPE" --seqs 8 --seq-len 512 --reps 1 --threads "$THREADS" --llamacpp "$LLAMA"
 
 echo "== 4. where the time goes =="
 for dt in bfloat16 float32; do
-  python benchmarks/prefill_profile.py --shape 1b --dtype "$dt" --threads "$THREADS"
+  python benchmarks/prefill_profile.py --shape "$SHAPE" --dtype "$dt" --threads "$THREADS"
 done
 
 echo "== 5. the 8B shape =="
