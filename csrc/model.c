@@ -414,8 +414,9 @@ int model_load(Model *m, const Config *cfg, const char *const *paths, int n_path
     // Everything checked: bind or convert, in file order (a cold file is read
     // sequentially). NaN/inf weights would silently turn every score into NaN:
     // the same pass finds them.
-    jobs = calloc((size_t)L.n, sizeof *jobs);
-    order = calloc((size_t)L.n, sizeof *order);
+    const size_t n_list = L.n > 0 ? (size_t)L.n : 1;  // (a non-negative count: tells the compiler too)
+    jobs = calloc(n_list, sizeof *jobs);
+    order = calloc(n_list, sizeof *order);
     if (!jobs || !order) { arm_fail(e, "out of memory"); goto fail; }
     int n_jobs = 0;
     for (int i = 0; i < L.n; i++) {
