@@ -56,6 +56,7 @@ or with `skip_unlabeled=True` a zero weight row that the report marks
 """
 from __future__ import annotations
 
+import contextlib
 import glob as _glob
 import hashlib
 import json
@@ -66,7 +67,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -628,23 +629,178 @@ def _tri_solve(L: np.ndarray, B: np.ndarray, lower: bool, block: int = 256) -> n
 
 
 def _solve_all_alphas(M: np.ndarray, B: np.ndarray, alphas: Sequence[float],
-                      solver: str) -> Tuple[List[np.ndarray], str]:
-    """Solutions of (M + alpha I) X = B for every alpha (M symmetric positive semi-definite)."""
+                      solver: str) -> Tuple[List[np.ndarray], Dict[str, int]]:
+    """Solutions of (M + alpha I) X = B for every alpha (M symmetric positive semi-definite).
+
+    "mixed": float32 Cholesky factors refined to float64 accuracy (`_solve_mixed`);
+    "cholesky": one float64 factorization per alpha; "lu"; "eigh": one
+    eigendecomposition for all alphas (also the fallback when a Cholesky
+    factorization finds the matrix numerically indefinite). Returns the
+    solutions and what was done: `{method: 1, "float32 factorizations": n, ...}`.
+    """
+    if solver == "mixed":
+        lapack = _scipy_lapack()
+        if lapack is None:
+            solver = "cholesky"
+        else:
+            try:
+                return _solve_mixed(M, B, alphas, lapack)
+            except np.linalg.LinAlgError:
+                solver = "eigh"
     if solver == "cholesky":
         try:
             out = []
             for a in alphas:
                 L = np.linalg.cholesky(_add_diag(M, a))
                 out.append(_tri_solve(L, _tri_solve(L, B, lower=True), lower=False))
-            return out, "cholesky"
+            return out, {"cholesky": 1, "float64 factorizations": len(out)}
         except np.linalg.LinAlgError:
             solver = "eigh"  # numerically indefinite for a tiny alpha: the eigendecomposition copes
     if solver == "lu":
-        return [np.linalg.solve(_add_diag(M, a), B) for a in alphas], "lu"
+        return [np.linalg.solve(_add_diag(M, a), B) for a in alphas], {"lu": 1}
     lam, Q = np.linalg.eigh(M)
     lam = np.maximum(lam, 0.0)  # M is a Gram matrix: negative eigenvalues are rounding
     QtB = Q.T @ B
-    return [Q @ (QtB / (lam + a)[:, None]) for a in alphas], "eigh"
+    return [Q @ (QtB / (lam + a)[:, None]) for a in alphas], {"eigh": 1}
+
+
+# ---------------------------------------------------------------- mixed precision: float32 factors, float64 answers
+
+
+def _scipy_lapack() -> Any:
+    """`scipy.linalg.lapack` when scipy (optional) is installed, else None.
+
+    numpy has no triangular solve and its Cholesky copies the matrix twice;
+    scipy's LAPACK wrappers factor in place and solve with the factor.
+    """
+    try:
+        from scipy.linalg import lapack
+    except ImportError:
+        return None
+    return lapack
+
+
+def _pow2(x: float) -> float:
+    """The power of two nearest below 1/|x| (1.0 for 0 or non-finite): an exact scale factor."""
+    return 2.0 ** -math.frexp(x)[1] if x and math.isfinite(x) else 1.0
+
+
+class _Factor:
+    """Lower Cholesky factor of `scale * (M + alpha I)` in float32 or float64; `ok` False if not positive definite.
+
+    `scale` (a power of two) brings M's diagonal to about 1, so the float32
+    copy neither overflows nor underflows.
+    """
+
+    def __init__(self, lapack: Any, M: np.ndarray, alpha: float, dtype: Any, scale: float) -> None:
+        n = M.shape[0]
+        A = np.multiply(M, scale, dtype=dtype)
+        A.flat[:: n + 1] += dtype(alpha * scale)
+        potrf = lapack.spotrf if dtype == np.float32 else lapack.dpotrf
+        # A is symmetric: its transpose is the Fortran-ordered matrix LAPACK factors in place
+        self.L, info = potrf(A.T, lower=1, clean=0, overwrite_a=1)
+        self.ok = info == 0 and bool(np.isfinite(self.L.diagonal()).all())
+        self.lapack, self.alpha, self.dtype, self.scale = lapack, alpha, dtype, scale
+
+    def solve(self, R: np.ndarray) -> np.ndarray:
+        """Approximately (M + alpha I)^-1 R, float64 (each column scaled by a power of two on the way)."""
+        c = np.array([_pow2(v) for v in np.abs(R).max(axis=0)]) if R.size else np.ones(R.shape[1])
+        potrs = self.lapack.spotrs if self.dtype == np.float32 else self.lapack.dpotrs
+        x, info = potrs(self.L, np.asfortranarray(R * c, dtype=self.dtype), lower=1)
+        if info:
+            raise np.linalg.LinAlgError(f"potrs failed ({info})")
+        return x.astype(np.float64) * (self.scale / c)
+
+
+def _col_change(D: np.ndarray, W: np.ndarray) -> float:
+    """Largest per-column ratio max|D| / max|W| (a column of zeros changing by zeros: 0)."""
+    d, w = np.abs(D).max(axis=0), np.abs(W).max(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(d == 0, 0.0, d / w)
+    return float(np.max(r)) if r.size else 0.0
+
+
+def _solve_mixed(M: np.ndarray, B: np.ndarray, alphas: Sequence[float], lapack: Any, tol: float = 1e-10,
+                 max_sweeps: int = 60) -> Tuple[List[np.ndarray], Dict[str, int]]:
+    """(M + alpha I) X = B for every alpha: float32 Cholesky factors, float64 iterative refinement.
+
+    Every alpha's solution is refined in float64 against M itself
+    (X += F^-1 (B - (M + alpha I) X), F a factorization) until the estimated
+    remaining change is below `tol` relative to the solution, per column: the
+    answer is the float64 one, the factorizations cost float32 time.
+    Factors are shared: the smallest alpha's factor serves every alpha for
+    which that refinement converges fast (alpha well below M's smallest
+    eigenvalue: the error shrinks by about (alpha - a0) / (lambda_min + a0) per
+    sweep); the others get their own float32 factor, and a float64 one when
+    float32 is too coarse for the conditioning (slow or no convergence). All
+    alphas are refined in lock step, so M is read once per sweep. Raises
+    LinAlgError when even a float64 factorization fails (the caller then uses
+    the eigendecomposition).
+    """
+    n, k = B.shape
+    na = len(alphas)
+    diag = M.diagonal()
+    scale = _pow2(float(diag.max())) if diag.size else 1.0
+    counts = {"mixed": 1, "float32 factorizations": 0, "float64 factorizations": 0, "refinement sweeps": 0}
+
+    def factor(a: float, dtype: Any) -> _Factor:
+        for dt in ((np.float32, np.float64) if dtype == np.float32 else (np.float64,)):
+            f = _Factor(lapack, M, a, dt, scale)
+            if f.ok:
+                counts["float32 factorizations" if dt == np.float32 else "float64 factorizations"] += 1
+                return f
+        raise np.linalg.LinAlgError(f"M + {a} I is not numerically positive definite")
+
+    first = int(np.argmin(alphas))
+    shared = factor(alphas[first], np.float32)
+    fac = [shared] * na
+    own = [i == first for i in range(na)]
+    W = [np.zeros((n, k)) for _ in range(na)]
+    change = [math.inf] * na   # last relative correction
+    done = [False] * na
+    for sweep in range(max_sweeps):
+        act = [i for i in range(na) if not done[i]]
+        if not act:
+            break
+        counts["refinement sweeps"] += 1
+        Wa = np.concatenate([W[i] for i in act], axis=1)
+        R = np.tile(B, (1, len(act)))
+        if sweep:
+            R -= M @ Wa + Wa * np.repeat([alphas[i] for i in act], k)
+        D = np.empty_like(R)
+        by_factor: Dict[int, Tuple[_Factor, List[int]]] = {}
+        for j, i in enumerate(act):
+            by_factor.setdefault(id(fac[i]), (fac[i], []))[1].extend(range(j * k, (j + 1) * k))
+        for f, cols in by_factor.values():
+            D[:, cols] = f.solve(R[:, cols])
+        for j, i in enumerate(act):
+            Di = D[:, j * k:(j + 1) * k]
+            W[i] += Di
+            prev, change[i] = change[i], _col_change(Di, W[i])
+            if not math.isfinite(change[i]) or not np.isfinite(W[i]).all():
+                rate = math.inf
+            else:
+                rate = change[i] / prev if prev > 0 and math.isfinite(prev) else math.nan
+            if change[i] == 0.0 or (rate < 0.5 and change[i] * rate / (1.0 - rate) <= tol):
+                done[i] = True  # converged: the remaining change is estimated below tol
+                continue
+            if math.isnan(rate):
+                continue  # the first correction with this factor: no rate yet
+            if not own[i] and rate > 0.1:
+                # the shared factor is too far from this alpha: its own factor, from scratch
+                fac[i], own[i] = factor(alphas[i], np.float32), True
+            elif own[i] and fac[i].dtype == np.float32 and rate > 0.25:
+                fac[i] = factor(alphas[i], np.float64)  # float32 too coarse for this conditioning
+            elif fac[i].dtype == np.float64 and rate >= 0.5:
+                done[i] = True  # refinement has stagnated at float64 precision: a float64 solve's accuracy
+                continue
+            else:
+                continue
+            W[i][...] = 0.0
+            change[i] = math.inf
+    if not all(done):
+        raise np.linalg.LinAlgError("iterative refinement did not converge")
+    return W, counts
 
 
 def _usable_cpus() -> int:
@@ -654,32 +810,60 @@ def _usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _map_solves(fn: Callable[[Any], Any], tasks: List[Any], max_workers: Optional[int]) -> List[Any]:
-    """`[fn(t) for t in tasks]`, run as parallel single-threaded BLAS calls when threadpoolctl is installed.
+@contextlib.contextmanager
+def _blas_pool(max_workers: Optional[int]) -> Iterator[Optional[Any]]:
+    """A pool of threads that each run one-thread BLAS, or None (then BLAS uses its own threads).
 
-    The factorizations are independent: running one per core, each with a
-    one-thread BLAS, avoids the synchronisation of multithreaded LAPACK
-    (which on small machines can be slower than one thread) and gives results
-    that do not depend on the thread count. Without threadpoolctl (an
-    optional package) the BLAS library's own threading is used, sequentially.
+    The X^T X blocks and the per-group solves are independent: one per core,
+    each with a one-thread BLAS, avoids the synchronisation of multithreaded
+    BLAS/LAPACK (on small machines slower than one thread, measured) and gives
+    results that do not depend on the thread count. Needs the optional
+    threadpoolctl to set the BLAS threads; without it, or with one CPU, None.
     """
-    workers = min(len(tasks), max_workers or _usable_cpus(), 8)  # 8: bounds the memory of the copies
+    workers = min(max_workers or _usable_cpus(), 8)  # 8: bounds the memory of the per-group solves
+    limits = None
     if workers > 1:
         try:
-            from threadpoolctl import threadpool_limits
+            from threadpoolctl import threadpool_limits as limits
         except ImportError:
-            threadpool_limits = None
-        if threadpool_limits is not None:
-            from concurrent.futures import ThreadPoolExecutor
-            with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as ex:
-                return list(ex.map(fn, tasks))
-    return [fn(t) for t in tasks]
+            limits = None
+    if limits is None:
+        yield None
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    with limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as ex:
+        yield ex
 
 
-def _auto_solver(n_alphas: int) -> str:
-    # one eigendecomposition costs about as much as 7-9 Cholesky solves (measured with OpenBLAS,
-    # see benchmarks/stage1_ridge.py); for the reference's 9 alphas Cholesky per alpha wins
-    return "cholesky" if n_alphas <= 12 else "eigh"
+def _pool_map(pool: Optional[Any], fn: Callable[[Any], Any], tasks: Sequence[Any]) -> List[Any]:
+    return list(pool.map(fn, tasks)) if pool is not None and len(tasks) > 1 else [fn(t) for t in tasks]
+
+
+def _gram_add(A: np.ndarray, S: np.ndarray, pool: Optional[Any]) -> None:
+    """A += S^T S on and below the diagonal, in row blocks (about half the work of the full product).
+
+    The upper triangle is left stale: `_mirror_lower` completes A at the end.
+    """
+    H = A.shape[0]
+    step = max(64, -(-H // 8 // 64) * 64)
+    blocks = [(i0, min(H, i0 + step)) for i0 in range(0, H, step)]
+
+    def one(b: Tuple[int, int]) -> None:
+        i0, i1 = b
+        A[i0:i1, :i1] += S[:, i0:i1].T @ S[:, :i1]
+
+    _pool_map(pool, one, blocks[::-1])  # the largest blocks first: the threads finish together
+
+
+def _mirror_lower(A: np.ndarray, step: int = 512) -> None:
+    """Copies the strictly lower triangle of A onto the upper one."""
+    H = A.shape[0]
+    for i0 in range(0, H, step):
+        i1 = min(H, i0 + step)
+        D = A[i0:i1, i0:i1]
+        upper = np.triu_indices(i1 - i0, 1)
+        D[upper] = D.T[upper]
+        A[i0:i1, i1:] = A[i1:, i0:i1].T
 
 
 def _objective_names(files: List[SafetensorsFile], K: int, objectives: Optional[Sequence[str]]) -> List[str]:
@@ -710,25 +894,33 @@ def train(embeddings: Any, output: Optional[Union[str, os.PathLike]] = None, *,
     `embeddings`: a glob, directory, file or list of them (sorted by path).
     `output`: where to write `regression_layer.weight` (safetensors, float32);
     `report` (default: `output` with a .json suffix) gets the JSON report.
-    `solver`: "auto", "cholesky" (one factorization per alpha), "eigh" (one
+    `solver`: "auto" ("mixed" when scipy is installed, else "cholesky"),
+    "mixed" (float32 Cholesky factorizations, shared between alphas where
+    that converges fast, refined in float64 to float64 solutions),
+    "cholesky" (one float64 factorization per alpha), "eigh" (one
     eigendecomposition per label mask) or "lu". `form`: "auto" (dual when a
     mask has fewer training rows than H), "primal" or "dual".
     `skip_unlabeled`: an objective without training or validation labels
     gets a zero row marked in the report instead of an error.
-    `max_workers`: parallel solves (default: the usable CPUs, at most 8; they
-    run in parallel only when the optional `threadpoolctl` is installed).
+    `max_workers`: threads for the X^T X products and the solves (default:
+    the usable CPUs, at most 8), each with a one-thread BLAS; they run in
+    parallel only when the optional `threadpoolctl` is installed.
     """
     t0 = time.perf_counter()
     alphas = [float(a) for a in alphas]
     if not alphas or any(not (a > 0 and math.isfinite(a)) for a in alphas):
         raise ValueError(f"alphas must be positive finite numbers, got {alphas}")
-    if solver not in ("auto", "cholesky", "eigh", "lu"):
-        raise ValueError(f"solver must be auto, cholesky, eigh or lu, got {solver!r}")
+    if solver not in ("auto", "mixed", "cholesky", "eigh", "lu"):
+        raise ValueError(f"solver must be auto, mixed, cholesky, eigh or lu, got {solver!r}")
+    if solver == "mixed" and _scipy_lapack() is None:
+        raise ValueError("solver='mixed' needs scipy (its LAPACK wrappers); install scipy or use 'cholesky'")
     if form not in ("auto", "primal", "dual"):
         raise ValueError(f"form must be auto, primal or dual, got {form!r}")
     if chunk_rows < 1:
         raise ValueError("chunk_rows must be >= 1")
-    solver_used = _auto_solver(len(alphas)) if solver == "auto" else solver
+    # auto: float32 factorizations refined to float64 answers when scipy is there (measured the fastest,
+    # see benchmarks/stage1_ridge.py), else one float64 Cholesky factorization per alpha
+    solver_used = ("mixed" if _scipy_lapack() is not None else "cholesky") if solver == "auto" else solver
     paths = resolve_embedding_files(embeddings)
     files = [SafetensorsFile(p) for p in paths]
 
@@ -823,79 +1015,86 @@ def train(embeddings: Any, output: Optional[Union[str, os.PathLike]] = None, *,
     t_read = time.perf_counter()
 
     # ---- one streaming pass: X^T X and X^T Y per primal group, rows of dual groups, validation rows ----
-    # Rows of a primal group are staged (float64) and accumulated `stage_rows` at a time, so each
-    # X^T X update is one large symmetric rank-k product whatever the chunk holds of that group.
-    stage_rows = 2048
+    # Rows of a primal group are staged (float64, exact for every stored dtype) and accumulated
+    # `stage_rows` at a time, so each X^T X update is one large product (lower triangle only, in row
+    # blocks spread over the threads) whatever the chunk holds of that group.
+    stage_rows = 4096
     for g in groups:
         if g.form == "primal":
             g.S = np.empty((min(stage_rows, g.train_rows.size), H), dtype=np.float64)
             g.SY = np.empty((g.S.shape[0], len(g.objectives)), dtype=np.float64)
             g.fill = 0
+    notes: Dict[str, int] = {}
+    with _blas_pool(max_workers) as pool:
 
-    def flush(g: _Group) -> None:
-        if g.fill:
-            S = g.S[:g.fill]
-            g.A += S.T @ S
-            g.B += S.T @ g.SY[:g.fill]
-            g.fill = 0
+        def flush(g: _Group) -> None:
+            if g.fill:
+                S = g.S[:g.fill]
+                _gram_add(g.A, S, pool)
+                g.B += S.T @ g.SY[:g.fill]
+                g.fill = 0
 
-    bar = _Progress(progress if progress is not None else False, N, 0, desc="accumulating X^T X", unit="row")
-    try:
-        for fi, f in enumerate(files):
-            e = f.info("embeddings")
-            for a in range(0, e.shape[0], chunk_rows):
-                b = min(e.shape[0], a + chunk_rows)
-                ga, gb = int(offsets[fi] + a), int(offsets[fi] + b)
-                spans = [(g, *np.searchsorted(g.train_rows, [ga, gb])) for g in groups]
-                vlo, vhi = np.searchsorted(val_rows, [ga, gb])
-                if vhi == vlo and all(hi == lo for _, lo, hi in spans):
+        bar = _Progress(progress if progress is not None else False, N, 0, desc="accumulating X^T X", unit="row")
+        try:
+            for fi, f in enumerate(files):
+                e = f.info("embeddings")
+                for a in range(0, e.shape[0], chunk_rows):
+                    b = min(e.shape[0], a + chunk_rows)
+                    ga, gb = int(offsets[fi] + a), int(offsets[fi] + b)
+                    spans = [(g, *np.searchsorted(g.train_rows, [ga, gb])) for g in groups]
+                    vlo, vhi = np.searchsorted(val_rows, [ga, gb])
+                    if vhi == vlo and all(hi == lo for _, lo, hi in spans):
+                        bar.update(b - a, 0)
+                        continue
+                    raw = f.read_rows("embeddings", a, b)
+                    bad = _first_nonfinite_row(raw, e.dtype)
+                    if bad >= 0:
+                        raise ValueError(f"{f.path}: row {a + bad}: the embedding has a NaN or infinite value")
+                    for g, lo, hi in spans:
+                        if hi == lo:
+                            continue
+                        loc = g.train_rows[lo:hi] - ga
+                        if g.form == "dual":
+                            _decode_into(raw[loc], e.dtype, g.A[lo:hi])
+                            continue
+                        pos = 0
+                        while pos < loc.size:
+                            take = min(loc.size - pos, g.S.shape[0] - g.fill)
+                            _decode_into(raw[loc[pos:pos + take]], e.dtype, g.S[g.fill:g.fill + take])
+                            g.SY[g.fill:g.fill + take] = g.Ytr[lo + pos:lo + pos + take]
+                            g.fill += take
+                            pos += take
+                            if g.fill == g.S.shape[0]:
+                                flush(g)
+                    if vhi > vlo:
+                        rows_v = raw[val_rows[vlo:vhi] - ga]
+                        V[vlo:vhi] = rows_v if e.dtype == emb_dtype else to_float(rows_v, e.dtype, stored)
                     bar.update(b - a, 0)
-                    continue
-                raw = f.read_rows("embeddings", a, b)
-                bad = _first_nonfinite_row(raw, e.dtype)
-                if bad >= 0:
-                    raise ValueError(f"{f.path}: row {a + bad}: the embedding has a NaN or infinite value")
-                for g, lo, hi in spans:
-                    if hi == lo:
-                        continue
-                    loc = g.train_rows[lo:hi] - ga
-                    if g.form == "dual":
-                        _decode_into(raw[loc], e.dtype, g.A[lo:hi])
-                        continue
-                    pos = 0
-                    while pos < loc.size:
-                        take = min(loc.size - pos, g.S.shape[0] - g.fill)
-                        _decode_into(raw[loc[pos:pos + take]], e.dtype, g.S[g.fill:g.fill + take])
-                        g.SY[g.fill:g.fill + take] = g.Ytr[lo + pos:lo + pos + take]
-                        g.fill += take
-                        pos += take
-                        if g.fill == g.S.shape[0]:
-                            flush(g)
-                if vhi > vlo:
-                    rows_v = raw[val_rows[vlo:vhi] - ga]
-                    V[vlo:vhi] = rows_v if e.dtype == emb_dtype else to_float(rows_v, e.dtype, stored)
-                bar.update(b - a, 0)
-        for g in groups:
-            if g.form == "primal":
-                flush(g)
-                g.S = g.SY = None
-    finally:
-        bar.close()
-    t_acc = time.perf_counter()
+            for g in groups:
+                if g.form == "primal":
+                    flush(g)
+                    g.S = g.SY = None
+                    _mirror_lower(g.A)
+        finally:
+            bar.close()
+        t_acc = time.perf_counter()
 
-    # ---- solve every alpha, validation MSE, choice ---------------------------------------------
-    # primal: (X^T X + a I) W = X^T Y ; dual: (X X^T + a I) C = Y, W = X^T C
-    systems = [(g.A, g.B) if g.form == "primal" else (g.A @ g.A.T, g.Ytr) for g in groups]
-    per_alpha = solver_used in ("cholesky", "lu")  # one factorization per alpha: independent tasks
-    tasks = [(i, [a]) for i in range(len(systems)) for a in alphas] if per_alpha else \
-        [(i, alphas) for i in range(len(systems))]
-    solved = _map_solves(lambda t: _solve_all_alphas(systems[t[0]][0], systems[t[0]][1], t[1], solver_used),
-                         tasks, max_workers)
-    notes = {note for _, note in solved}
+        # ---- solve every alpha, validation MSE, choice ---------------------------------------------
+        # primal: (X^T X + a I) W = X^T Y ; dual: (X X^T + a I) C = Y, W = X^T C
+        def system(g: _Group) -> Tuple[np.ndarray, np.ndarray]:
+            return (g.A, g.B) if g.form == "primal" else (g.A @ g.A.T, g.Ytr)
+
+        per_alpha = solver_used in ("cholesky", "lu")  # one factorization per alpha: independent tasks
+        tasks = [(i, [a]) for i in range(len(groups)) for a in alphas] if per_alpha else \
+            [(i, alphas) for i in range(len(groups))]
+        solved = _pool_map(pool, lambda t: _solve_all_alphas(*system(groups[t[0]]), t[1], solver_used), tasks)
+    for _, info in solved:
+        for key, v in info.items():
+            notes[key] = notes.get(key, 0) + v
     for i, g in enumerate(groups):
         W = [w for (j, _), (ws, _) in zip(tasks, solved) if j == i for w in ws]
         g.W = W if g.form == "primal" else [g.A.T @ c for c in W]
-    systems = solved = []  # free
+    solved = []  # free
     for g in groups:
         g.A = g.B = None  # free
         W_all = np.concatenate(g.W, axis=1)  # [H, n_alpha * k]
@@ -924,7 +1123,8 @@ def train(embeddings: Any, output: Optional[Union[str, os.PathLike]] = None, *,
     rep: Dict[str, Any] = {
         "files": paths, "rows": N, "train_rows": int(N - test_idx.size), "val_rows": int(test_idx.size),
         "hidden_size": int(H), "alphas": alphas, "val_fraction": float(val_fraction), "seed": seed,
-        "solver": "+".join(sorted(notes)) or solver_used,
+        "solver": "+".join(sorted(k for k in notes if " " not in k)) or solver_used,
+        "solver_work": {k: v for k, v in notes.items() if " " in k},
         "groups": [{"objectives": [names[k] for k in g.objectives], "form": g.form,
                     "train_count": int(g.train_rows.size), "val_count": int(g.val_rows.size)} for g in groups],
         "objectives": entries, "warnings": report_warnings,
