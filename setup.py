@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 SOURCES = ["csrc/module.c", "csrc/model.c", "csrc/safetensors.c", "csrc/forward_cpu.c",
            "csrc/cpu/cpu_features.c", "csrc/cpu/gemm_driver.c", "csrc/cpu/matmul_avx512.c", "csrc/cpu/matmul_avx2.c",
-           "csrc/cpu/attention_avx512.c"]
+           "csrc/cpu/attention_avx512.c", "csrc/cpu/gemm_general.c",
+           "csrc/cpu/adamw.c"]
 
 compile_args = ["-std=c11", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-function",
                 "-Wno-missing-field-initializers", "-Wno-cast-function-type"]

@@ -222,7 +222,7 @@ def cmd_train_stage2(args: argparse.Namespace) -> int:
                               dropout=args.dropout, logit_scale_init=args.logit_scale, lr=args.lr,
                               weight_decay=args.weight_decay, steps=args.steps, batch_size=args.batch_size,
                               val_fraction=args.val_fraction, split_seed=args.split_seed, seed=args.seed,
-                              eval_every=args.eval_every)
+                              eval_every=args.eval_every, backend=args.backend)
     res = stage2.train(args.preference, args.regression, args.output, reference=args.reference, config=cfg,
                        verbosity_index=None if args.no_debias else args.verbosity_index,
                        corr_threshold=args.corr_threshold, report=args.report, blas_threads=args.blas_threads,
@@ -263,6 +263,37 @@ def cmd_assemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_prepare_arguments(s: argparse.ArgumentParser, chunk_rows: int) -> None:
+    """The options prepare-stage1 and prepare-stage2 share: model, dataset, output, sharding, batching, resume."""
+    s.add_argument("--model", metavar="DIR", required=True, help="backbone / reward model directory or hub id")
+    s.add_argument("--dataset", metavar="PATH", required=True,
+                   help="JSONL, Parquet, a datasets save_to_disk directory, or a hub dataset id")
+    s.add_argument("--output", metavar="DIR", required=True, help="directory for the shard file")
+    s.add_argument("--n-shards", type=_int_at_least(1), default=1, help="number of shards (default 1)")
+    s.add_argument("--shard-idx", type=_int_at_least(1), default=1,
+                   help="this shard, 1-based as the reference (default 1)")
+    s.add_argument("--shard-mode", default="contiguous", choices=["contiguous", "strided"],
+                   help="datasets' shard(): contiguous blocks (datasets >= 3.1, default) or every n-th row "
+                        "(datasets < 3.1)")
+    s.add_argument("--split", default="train", help="dataset split (default train; RewardBench: filtered)")
+    s.add_argument("--name", help="file name stem (default: the dataset's last path component)")
+    s.add_argument("--batch-tokens", type=_int_at_least(1), default=8192,
+                   help="tokens per packed batch (default 8192)")
+    s.add_argument("--embeddings-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="stored embedding dtype (default bfloat16, as the reference)")
+    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16", "auto"],
+                   help="dtype the backbone weights are held in (default bfloat16, as the reference)")
+    s.add_argument("--seed", type=int, default=0, help="shuffle seed before sharding (default 0, as the reference)")
+    s.add_argument("--chunk-rows", type=_int_at_least(1), default=chunk_rows,
+                   help=f"rows per resumable chunk (default {chunk_rows})")
+    s.add_argument("--threads", type=_int_at_least(1), default=None,
+                   help="CPU threads (default: ARMORM_NUM_THREADS or all)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output made with other settings")
+    s.add_argument("--restart", action="store_true", help="discard the partial work of an interrupted run")
+    s.add_argument("--progress", action="store_true", help="show a progress bar even when not on a terminal")
+    s.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="armorm", description="ArmoRM-style reward models on a C core")
     sub = p.add_subparsers(dest="command", required=True)
@@ -288,35 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "backbone (packed batches, no padding) and writes {embeddings [N,H], labels [N,K]} to "
                        "OUTPUT/<name>-<shard:05d>-of-<n_shards:05d>.safetensors, as the reference's "
                        "stage-1_prepare.py. Resumable: rerun the same command after an interruption.")
-    s.add_argument("--model", metavar="DIR", required=True, help="backbone / reward model directory or hub id")
-    s.add_argument("--dataset", metavar="PATH", required=True,
-                   help="JSONL, Parquet, a datasets save_to_disk directory, or a hub dataset id")
-    s.add_argument("--output", metavar="DIR", required=True, help="directory for the shard file")
-    s.add_argument("--n-shards", type=_int_at_least(1), default=1, help="number of shards (default 1)")
-    s.add_argument("--shard-idx", type=_int_at_least(1), default=1,
-                   help="this shard, 1-based as the reference (default 1)")
-    s.add_argument("--shard-mode", default="contiguous", choices=["contiguous", "strided"],
-                   help="datasets' shard(): contiguous blocks (datasets >= 3.1, default) or every n-th row "
-                        "(datasets < 3.1)")
-    s.add_argument("--split", default="train", help="dataset split (default train)")
-    s.add_argument("--name", help="file name stem (default: the dataset's last path component)")
+    _add_prepare_arguments(s, chunk_rows=1024)
     s.add_argument("--objectives", nargs="+", metavar="NAME",
                    help="label columns, in order (names or comma lists; default: the 19 ArmoRM attributes)")
-    s.add_argument("--batch-tokens", type=_int_at_least(1), default=8192,
-                   help="tokens per packed batch (default 8192)")
-    s.add_argument("--embeddings-dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                   help="stored embedding dtype (default bfloat16, as the reference)")
-    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16", "auto"],
-                   help="dtype the backbone weights are held in (default bfloat16, as the reference)")
-    s.add_argument("--seed", type=int, default=0, help="shuffle seed before sharding (default 0, as the reference)")
-    s.add_argument("--chunk-rows", type=_int_at_least(1), default=1024,
-                   help="rows per resumable chunk (default 1024)")
-    s.add_argument("--threads", type=_int_at_least(1), default=None,
-                   help="CPU threads (default: ARMORM_NUM_THREADS or all)")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing output made with other settings")
-    s.add_argument("--restart", action="store_true", help="discard the partial work of an interrupted run")
-    s.add_argument("--progress", action="store_true", help="show a progress bar even when not on a terminal")
-    s.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     s.set_defaults(func=cmd_prepare_stage1)
 
     s = sub.add_parser("train-stage1", help="stage 1: fit the regression layer (ridge per objective)",
@@ -352,28 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Runs both sides of each pair (chosen/rejected message lists, or prompt + "
                                    "chosen/rejected strings) through the backbone and writes embeddings [N,2,H] "
                                    "and prompt_embeddings [N,2,H] to OUTPUT/<name>-<shard>-of-<n>.safetensors.")
-    s.add_argument("--model", metavar="DIR", required=True, help="backbone / reward model directory or hub id")
-    s.add_argument("--dataset", metavar="PATH", required=True, help="JSONL, Parquet, datasets directory or hub id")
-    s.add_argument("--output", metavar="DIR", required=True, help="directory for the shard file")
-    s.add_argument("--n-shards", type=_int_at_least(1), default=1)
-    s.add_argument("--shard-idx", type=_int_at_least(1), default=1, help="1-based shard index")
-    s.add_argument("--shard-mode", default="contiguous", choices=["contiguous", "strided"])
-    s.add_argument("--split", default="train", help="dataset split (RewardBench: filtered)")
-    s.add_argument("--name", help="file name stem (default: the dataset's last path component)")
+    _add_prepare_arguments(s, chunk_rows=512)
     s.add_argument("--seq-len", type=_int_at_least(1), default=8192,
                    help="skip pairs with a side longer than this many tokens (default 8192)")
-    s.add_argument("--batch-tokens", type=_int_at_least(1), default=8192)
-    s.add_argument("--embeddings-dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16", "auto"],
-                   help="dtype the backbone weights are held in")
-    s.add_argument("--seed", type=int, default=0, help="shuffle seed before sharding (default 0)")
-    s.add_argument("--no-shuffle", action="store_true", help="keep the dataset order")
-    s.add_argument("--chunk-rows", type=_int_at_least(1), default=512, help="pairs per resumable chunk")
-    s.add_argument("--threads", type=_int_at_least(1), default=None)
-    s.add_argument("--overwrite", action="store_true")
-    s.add_argument("--restart", action="store_true", help="discard the partial work of an interrupted run")
-    s.add_argument("--progress", action="store_true")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-shuffle", action="store_true", help="keep the dataset order (RewardBench: use it)")
     s.set_defaults(func=cmd_prepare_stage2)
 
     s = sub.add_parser("train-stage2", help="stage 2: verbosity debiasing and the gating network",
@@ -400,8 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split-seed", type=int, default=0)
     s.add_argument("--seed", type=int, default=0, help="initialisation, batch sampling and dropout")
     s.add_argument("--eval-every", type=_int_at_least(0), default=250, help="validation every N steps (0: at the end)")
+    s.add_argument("--backend", choices=["auto", "core", "numpy"], default="auto",
+                   help="gating matmuls: the C core's bf16 GEMMs (fp32 sums, fp32 weights and optimizer), NumPy "
+                        "float32, or auto (core where the CPU has AVX512_BF16)")
     s.add_argument("--blas-threads", type=_int_at_least(1), default=None,
-                   help="BLAS threads while training (needs threadpoolctl; default: the library's)")
+                   help="threads for the core's GEMMs, or BLAS threads for numpy (needs threadpoolctl); "
+                        "default: every core / the library's")
     s.add_argument("--progress", action="store_true")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_train_stage2)

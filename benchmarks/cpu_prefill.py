@@ -1,23 +1,41 @@
-"""CPU prefill throughput: armorm vs transformers (torch CPU, sdpa), same checkpoint, same tokens.
+"""CPU prefill throughput: armorm vs transformers (torch CPU, sdpa) vs llama.cpp, same checkpoint, same tokens.
 
-    python benchmarks/cpu_prefill.py [--shape small|1b] [--threads N] [--reps R]
+    python benchmarks/cpu_prefill.py [--shape small|medium|1b] [--seqs N] [--seq-len L] [--threads N] [--reps R]
+    python benchmarks/cpu_prefill.py --shape 1b --prepare-only   # generate + convert, time nothing
 
-Generates a random Llama checkpoint of the named shape (bf16 and fp32), scores
-the same packed token ids with armorm and with transformers' forward (no
-padding: one sequence per forward call for transformers too, which favours
-it), and prints median tokens/s and the ratio. One process, one machine.
+Generates a random Llama checkpoint of the named shape (bf16 and fp32; cached
+under --cache-dir, default ~/.cache/armorm-bench, ~7.5 GB for 1b plus as much
+again for the GGUF files), scores the same packed token ids with armorm, with
+transformers' forward (no padding: one sequence per forward call, which
+favours it) and with llama.cpp (one llama_decode of the whole sequence from an
+empty KV cache, last-token logits only: pure prompt processing; the GGUF is
+converted from the same checkpoint by llama.cpp's own converter, bf16 -> bf16,
+fp32 -> f32; see benchmarks/llamacpp.py), and prints median tokens/s and the
+ratios. One process, one machine, the same thread count for all three.
+
+llama.cpp is skipped, with the reason printed, when llama-cpp-python is not
+installed (`python benchmarks/llamacpp.py build` compiles it) or the shape's
+vocabulary is not Llama-3's (the GGUF needs a real tokenizer). Its run is
+checked: llama.cpp's own prompt-eval counters must count every token and agree
+with the wall clock, and its last-token logits must match those implied by
+armorm's final hidden state (logits = E h with the tied embedding E).
 """
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import os
+import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llamacpp  # noqa: E402  (benchmarks/llamacpp.py)
 
 SHAPES = {
     # hidden, layers, heads, kv_heads, intermediate, vocab
@@ -25,14 +43,30 @@ SHAPES = {
     "medium": dict(hidden=1024, layers=8, heads=16, kv_heads=4, inter=3584, vocab=32000),
     "1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, inter=8192, vocab=128256),
 }
+LLAMA3_VOCAB = 128256
+# llama.cpp's last-token logits vs E @ (armorm's hidden state): the least cosine similarity accepted
+MIN_LOGITS_COSINE = 0.999
+
+
+def _config_matches(d: Path, shape: dict) -> bool:
+    try:
+        cfg = json.loads((d / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    want = dict(hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
+                num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+                intermediate_size=shape["inter"], vocab_size=shape["vocab"])
+    return all(cfg.get(k) == v for k, v in want.items())
 
 
 def make_checkpoint(root: Path, shape: dict, dtype: str) -> Path:
+    """A random Llama checkpoint of `shape` in `dtype` under `root` (seed 0; reused when present)."""
     import torch
     from transformers import LlamaConfig, LlamaModel
     d = root / f"llama-{dtype}"
-    if (d / "config.json").exists():
+    if (d / "config.json").exists() and _config_matches(d, shape):
         return d
+    print(f"generating {d}", flush=True)
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
                       num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
@@ -40,7 +74,11 @@ def make_checkpoint(root: Path, shape: dict, dtype: str) -> Path:
                       rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
     with torch.device("cpu"):
         model = LlamaModel(cfg).to(getattr(torch, dtype))
-    model.save_pretrained(d, safe_serialization=True)
+    tmp = d.with_name(d.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(d, ignore_errors=True)
+    tmp.rename(d)
     return d
 
 
@@ -54,6 +92,27 @@ def timeit(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def embedding_matrix(d: Path) -> np.ndarray:
+    """The checkpoint's token embedding [vocab, hidden] as float32 (llama.cpp ties the LM head to it)."""
+    import torch
+    from safetensors import safe_open
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as st:
+            for k in st.keys():
+                if k.endswith("embed_tokens.weight"):
+                    return st.get_tensor(k).to(torch.float32).numpy()
+    raise KeyError(f"no embed_tokens.weight in {d}")
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - ref) / np.linalg.norm(ref))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="medium")
@@ -61,39 +120,138 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--llamacpp-reps", type=int, default=None, help="timed reps for llama.cpp (default: --reps)")
+    ap.add_argument("--llamacpp", choices=("auto", "off"), default="auto",
+                    help="auto: time llama.cpp when llama-cpp-python is installed")
+    ap.add_argument("--llamacpp-flash-attn", choices=("auto", "on", "off"), default="auto",
+                    help="llama.cpp's flash-attention setting (auto is llama.cpp's own default)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--cache-dir", type=Path,
+                    default=Path(os.environ.get("ARMORM_BENCH_CACHE", Path.home() / ".cache" / "armorm-bench")),
+                    help="where generated checkpoints and their GGUF files are kept")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="generate the checkpoints (and GGUF files), then exit without timing")
     args = ap.parse_args()
+    if args.reps < 1 or args.seqs < 1 or args.seq_len < 1 or args.threads < 1:
+        ap.error("--reps, --seqs, --seq-len and --threads must be >= 1")
+    lreps = args.reps if args.llamacpp_reps is None else args.llamacpp_reps
+    if lreps < 1:
+        ap.error("--llamacpp-reps must be >= 1")
 
     import torch
     from transformers import LlamaModel
-    import armorm
 
-    torch.set_num_threads(args.threads)
     shape = SHAPES[args.shape]
+    dtypes = args.dtypes.split(",")
+    root = args.cache_dir / args.shape
+    root.mkdir(parents=True, exist_ok=True)
+
+    lc, lc_why = (None, "--llamacpp off") if args.llamacpp == "off" else llamacpp.available()
+    if lc is not None and shape["vocab"] != LLAMA3_VOCAB:
+        lc, lc_why = None, (f"shape {args.shape} has vocab {shape['vocab']}; the GGUF conversion needs the "
+                            f"Llama-3 tokenizer ({LLAMA3_VOCAB} tokens): use --shape 1b")
+    lc_version = lc.__version__ if lc is not None else None
+
+    if args.prepare_only:
+        for dtype in dtypes:
+            d = make_checkpoint(root, shape, dtype)
+            if lc is not None:
+                llamacpp.convert(d, dtype, args.cache_dir, lc_version)
+        print("prepared" + ("" if lc is not None else f"; llama.cpp skipped: {lc_why}"))
+        return 0
+
+    import armorm
+    torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, shape["vocab"], size=args.seq_len).astype(np.int32) for _ in range(args.seqs)]
     ntok = sum(len(s) for s in seqs)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for dtype in args.dtypes.split(","):
-            d = make_checkpoint(Path(tmp), shape, dtype)
-            ours = armorm.ArmoRM.from_pretrained(d, num_threads=args.threads)
-            t_ours = timeit(lambda: ours.score_sequences(seqs, fields=["hidden_state"]), args.reps)
-            ours.close()
-            hf = LlamaModel.from_pretrained(d, dtype=getattr(torch, dtype), attn_implementation="sdpa").eval()
+    rows, notes = [], []
+    for dtype in dtypes:
+        d = make_checkpoint(root, shape, dtype)
+        gguf = llamacpp.convert(d, dtype, args.cache_dir, lc_version) if lc is not None else None
 
-            def run_hf():
-                with torch.no_grad():
+        ours = armorm.ArmoRM.from_pretrained(d, num_threads=args.threads)
+        t_ours = timeit(lambda: ours.score_sequences(seqs, fields=["hidden_state"]), args.reps)
+        h_ours = np.asarray(ours.score_sequences(seqs[:1], fields=["hidden_state"]).hidden_state,
+                            dtype=np.float64)[0]
+        ours.close()
+        ours = None  # free before the next competitor loads
+
+        hf = LlamaModel.from_pretrained(d, dtype=getattr(torch, dtype), attn_implementation="sdpa").eval()
+
+        def run_hf():
+            with torch.no_grad():
+                for s in seqs:
+                    hf(torch.from_numpy(s.astype(np.int64))[None])
+        t_hf = timeit(run_hf, args.reps)
+        with torch.no_grad():
+            h_hf = hf(torch.from_numpy(seqs[0].astype(np.int64))[None]).last_hidden_state[0, -1]
+        h_hf = h_hf.to(torch.float64).numpy()
+        hf = None
+        gc.collect()
+
+        t_lc = None
+        if lc is not None:
+            m = llamacpp.LlamaCppPrefill(lc, gguf, args.seq_len, args.threads, args.llamacpp_flash_attn)
+            try:
+                def run_lc():
                     for s in seqs:
-                        hf(torch.from_numpy(s.astype(np.int64))[None])
-            t_hf = timeit(run_hf, args.reps)
-            del hf
-            rows.append((dtype, ntok / t_ours, ntok / t_hf))
+                        m.prefill(s)
+                run_lc()  # warm-up
+                m.perf_reset()
+                times = []
+                for _ in range(lreps):
+                    t = time.perf_counter()
+                    run_lc()
+                    times.append(time.perf_counter() - t)
+                t_lc = statistics.median(times)
+                perf_s, perf_n = m.perf()
+                # the work really happened: llama.cpp counted every prompt token, and its own clock agrees
+                if perf_n != lreps * ntok:
+                    raise RuntimeError(f"llama.cpp counted {perf_n} prompt tokens, expected {lreps * ntok}")
+                wall = sum(times)
+                if not 0.9 * wall <= perf_s <= 1.01 * wall:
+                    raise RuntimeError(f"llama.cpp's prompt-eval time {perf_s:.2f} s disagrees with "
+                                       f"the wall clock {wall:.2f} s")
+                logits = m.last_logits(seqs[0])
+                desc = m.desc
+            finally:
+                m.close()
+            if not np.all(np.isfinite(logits)):
+                raise RuntimeError("llama.cpp returned non-finite logits")
+            emb = embedding_matrix(d)
+            ref_ours = (emb @ h_ours.astype(np.float32)).astype(np.float64)
+            ref_hf = (emb @ h_hf.astype(np.float32)).astype(np.float64)
+            del emb
+            cos = cosine(logits, ref_ours)
+            notes.append(f"{dtype}: llama.cpp model '{desc}', {gguf.name}; prompt-eval counters: {perf_n} tokens "
+                         f"in {perf_s:.2f} s (wall {wall:.2f} s, {perf_s / wall:.3f}); last-token logits of "
+                         f"seq 0 vs E@h(armorm): cosine {cos:.6f}, rel err {rel_err(logits, ref_ours):.2e}, "
+                         f"argmax {'same' if logits.argmax() == ref_ours.argmax() else 'DIFFERENT'} "
+                         f"(transformers E@h vs armorm: rel err {rel_err(ref_hf, ref_ours):.2e})")
+            if cos < MIN_LOGITS_COSINE:
+                raise RuntimeError(f"llama.cpp's logits do not match armorm's model (cosine {cos:.6f} < "
+                                   f"{MIN_LOGITS_COSINE}): the GGUF is not the same model")
+        rows.append((dtype, ntok / t_ours, ntok / t_hf, None if t_lc is None else ntok / t_lc))
+        gc.collect()
+
     print(f"\nshape {args.shape} {shape}, {args.seqs} x {args.seq_len} tokens, {args.threads} threads, "
-          f"median of {args.reps}")
-    print(f"{'dtype':<10} {'armorm tok/s':>14} {'transformers tok/s':>20} {'ratio':>8}")
-    for dtype, a, b in rows:
-        print(f"{dtype:<10} {a:>14.1f} {b:>20.1f} {a / b:>7.2f}x")
+          f"median of {args.reps} (llama.cpp: median of {lreps})")
+    print(f"{'dtype':<10} {'armorm tok/s':>13} {'transformers tok/s':>19} {'llama.cpp tok/s':>16} "
+          f"{'armorm/transformers':>20} {'armorm/llama.cpp':>17}")
+    for dtype, a, b, c in rows:
+        lc_tps, lc_ratio = ("-", "-") if c is None else (f"{c:.1f}", f"{a / c:.2f}x")
+        print(f"{dtype:<10} {a:>13.1f} {b:>19.1f} {lc_tps:>16} {a / b:>19.2f}x {lc_ratio:>17}")
+    if lc is None:
+        print(f"llama.cpp skipped: {lc_why}")
+    else:
+        print(f"llama.cpp: llama-cpp-python {lc_version}, flash-attn {args.llamacpp_flash_attn}, "
+              f"n_batch = n_ubatch = n_ctx = {args.seq_len}, KV cache f16 (its default), one llama_decode per "
+              f"sequence, KV cache cleared between")
+        print(f"llama.cpp system info: {llamacpp.system_info(lc)}")
+        for n in notes:
+            print(n)
+    print(f"load average: {os.getloadavg()}")
     return 0
 
 

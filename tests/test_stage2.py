@@ -27,6 +27,9 @@ from armorm.train.stage2 import (GatingConfig, bt_loss_and_grad, debias_penaltie
 from checkpoints import make_backbone
 from test_stage1 import OBJ, make_records, write_jsonl
 
+# the gating network's matmul backends this CPU uses ("core" needs AVX512_BF16)
+BACKENDS = ["numpy"] + (["core"] if armorm._core.gemm_kernel() != "portable" else [])
+
 
 # ----------------------------------------------------------------------------- gradients
 
@@ -94,6 +97,51 @@ def test_one_training_step_equals_torch():
             np.testing.assert_allclose(p[k], tp[k].detach().numpy(), rtol=1e-10, atol=1e-12, err_msg=k)
 
 
+def test_fused_adamw_equals_torch_float32():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    p = {"w": rng.standard_normal((37, 29)).astype(np.float32), "b": rng.standard_normal(70001).astype(np.float32)}
+    tp = {k: torch.tensor(v.copy(), requires_grad=True) for k, v in p.items()}
+    opt_t = torch.optim.AdamW(list(tp.values()), lr=1e-2, weight_decay=0.05, betas=(0.8, 0.99), eps=1e-6)
+    opt_c = stage2.AdamW(p, 1e-2, (0.8, 0.99), 1e-6, 0.05, fused=True, num_threads=2)
+    for step in range(4):
+        rate = stage2.cosine_lr(1e-2, step, 6)
+        for group in opt_t.param_groups:
+            group["lr"] = rate
+        grads = {k: rng.standard_normal(v.shape).astype(np.float32) * (step + 1) for k, v in p.items()}
+        for k in p:
+            tp[k].grad = torch.tensor(grads[k])
+        opt_t.step()
+        opt_c.step(p, grads, rate)
+        for k in p:  # float32 arithmetic in both; a few ulps apart at most
+            np.testing.assert_allclose(p[k], tp[k].detach().numpy(), rtol=1e-6, atol=1e-7, err_msg=k)
+            np.testing.assert_allclose(opt_c.v[k], opt_t.state[tp[k]]["exp_avg_sq"].numpy(), rtol=1e-5, err_msg=k)
+
+
+@pytest.mark.skipif("core" not in BACKENDS, reason="this CPU has no AVX512_BF16: the core backend is not used")
+def test_core_backend_gradients_match_float64_to_bf16_precision():
+    cfg, p, x, delta, masks = _small(np.float64, H=96, D=48, K=6)
+    x = np.concatenate([x] * 8)  # batch 72
+    delta = np.concatenate([delta] * 8)
+    masks = [np.concatenate([m] * 8) for m in masks]
+    l64, g64, _ = bt_loss_and_grad(p, x, delta, cfg.n_hidden, 10.0, masks, 1 / 0.8)
+    p32 = {k: v.astype(np.float32) for k, v in p.items()}
+    mm = stage2.matmul_backend("core")
+    l32, g32, _ = bt_loss_and_grad(p32, x.astype(np.float32), delta.astype(np.float32), cfg.n_hidden, 10.0,
+                                   [m.astype(np.float32) for m in masks], 1 / 0.8, mm=mm)
+    assert l32 == pytest.approx(l64, rel=1e-2)
+    for k in g64:  # bf16 operands (8-bit mantissa): ~0.4% per rounding, a few layers deep
+        err = np.linalg.norm(g32[k] - g64[k]) / np.linalg.norm(g64[k])
+        assert err < 3e-2, (k, err)
+
+
+def test_matmul_backend_names():
+    assert stage2.matmul_backend("numpy").name == "numpy"
+    assert stage2.matmul_backend("auto").name == ("core-bf16" if "core" in BACKENDS else "numpy")
+    with pytest.raises(ValueError, match="backend"):
+        stage2.matmul_backend("torch")
+
+
 def test_training_is_deterministic_per_seed():
     rng = np.random.default_rng(1)
     P = rng.standard_normal((300, 8)).astype(np.float32)
@@ -125,14 +173,16 @@ def planted(n=6000, H=16, K=4, seed=0):
     return P, (chosen - rejected).astype(np.float32), rule
 
 
-def test_planted_gating_is_learned_and_the_public_formulation_cannot():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_planted_gating_is_learned_and_the_public_formulation_cannot(backend):
     from sklearn.linear_model import LogisticRegression
     P, delta, rule = planted()
-    cfg = GatingConfig(hidden_dim=64, steps=600, batch_size=256, lr=3e-3, eval_every=0)
+    cfg = GatingConfig(hidden_dim=64, steps=600, batch_size=256, lr=3e-3, eval_every=0, backend=backend)
     params, rep, _ = train_gating(P, delta, cfg)
+    assert rep["matmul"] == stage2.matmul_backend(backend).name
     tr, va = stage1.train_test_split_indices(len(P), 0.2, 0)
     rule_acc = rule[va].mean()
-    d = stage2.evaluate_d(params, P, delta, va, cfg.n_hidden, cfg.temperature)
+    d = stage2.evaluate_d(params, P, delta, va, cfg.n_hidden, cfg.temperature, mm=stage2.matmul_backend(backend))
     acc = stage2.pair_accuracy(d)
     assert acc == pytest.approx(rep["val_accuracy"])
     # best single fixed weighting: a logistic regression on the reward differences (both orientations)
@@ -141,7 +191,7 @@ def test_planted_gating_is_learned_and_the_public_formulation_cannot():
     w = LogisticRegression(fit_intercept=False).fit(X, y).coef_[0]
     fixed = max(stage2.pair_accuracy(delta[va] @ w),
                 max(stage2.pair_accuracy(delta[va][:, k]) for k in range(delta.shape[1])))
-    print(f"planted gating: rule {rule_acc:.3f}, trained {acc:.3f}, best fixed weighting {fixed:.3f}")
+    print(f"planted gating ({backend}): rule {rule_acc:.3f}, trained {acc:.3f}, best fixed weighting {fixed:.3f}")
     assert acc >= rule_acc - 0.03
     assert acc >= fixed + 0.10
     # the public script: softmax over the chosen/rejected axis of a [B, 2, K] output -> every weight 0.5 * scale

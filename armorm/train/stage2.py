@@ -22,10 +22,13 @@ resumable work and the atomic final write are stage 1's (see
 
 1. verbosity debiasing on a reference set (default: the preference set):
    `debias_penalties` / `reward_transform_matrix`;
-2. the gating network trained in NumPy (float32 BLAS matmuls, a hand-written
-   backward pass): input the prompt embedding (one per pair: chosen and
-   rejected share the prompt), softmax over the K objectives, score computed
-   from the transformed rewards `(E W^T) T`, Bradley-Terry loss.
+2. the gating network, with a hand-written backward pass: input the prompt
+   embedding (one per pair: chosen and rejected share the prompt), softmax
+   over the K objectives, score computed from the transformed rewards
+   `(E W^T) T`, Bradley-Terry loss. Its matmuls run on the C core's bf16
+   GEMM (`_core.gemm`: operands rounded to bf16, fp32 sums, master weights
+   and the optimizer in fp32, as mixed-precision training on a GPU) where
+   the CPU has AVX512_BF16, else in NumPy float32 (`GatingConfig.backend`).
 
 Everything is deterministic for a given `seed` (initialisation, batch
 sampling, dropout) and `split_seed` (the 80/20 split, as scikit-learn's
@@ -45,6 +48,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..data import DatasetError, open_dataset
+from ..model import default_num_threads
 from ..safetensors_io import SafetensorsError, SafetensorsFile, save_file, to_float
 from .stage1 import (EMBEDDING_DTYPES, ProgressArg, _Progress, _already_done, _chunk_path, _load_model, _log,
                      _model_fingerprint, _tokenize, _work_dir, _write_json_atomic, resolve_embedding_files,
@@ -438,6 +442,7 @@ class GatingConfig:
     split_seed: int = 0
     seed: int = 0
     eval_every: int = 250
+    backend: str = "auto"  # matmuls: "core" (bf16 GEMMs, fp32 sums), "numpy" (float32 BLAS), "auto"
 
 
 def init_gating(H: int, K: int, cfg: GatingConfig, rng: np.random.Generator,
@@ -453,17 +458,75 @@ def init_gating(H: int, K: int, cfg: GatingConfig, rng: np.random.Generator,
     return p
 
 
+class NumpyMatmul:
+    """The gating network's products in NumPy (float32 BLAS, or float64 for float64 inputs)."""
+
+    name = "numpy"
+
+    @staticmethod
+    def _f(a: np.ndarray) -> np.ndarray:
+        return (a.astype(np.uint32) << np.uint32(16)).view(np.float32) if a.dtype == np.uint16 else a
+
+    def nt(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """a @ b^T"""
+        return self._f(a) @ self._f(b).T
+
+    def tn(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """a^T @ b"""
+        return self._f(a).T @ self._f(b)
+
+    def nn(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """a @ b"""
+        return self._f(a) @ self._f(b)
+
+
+class CoreMatmul:
+    """The same products through the C core's `gemm`: operands rounded to bf16, products summed in fp32
+    (vdpbf16ps), any layout without transposed copies. Mixed precision, as bf16 autocast on a GPU."""
+
+    name = "core-bf16"
+
+    def __init__(self, num_threads: int = 0) -> None:
+        from .. import _core
+        self._gemm = _core.gemm
+        self.threads = int(num_threads)
+
+    def nt(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self._gemm(a, b, trans_b=True, num_threads=self.threads)
+
+    def tn(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self._gemm(a, b, trans_a=True, num_threads=self.threads)
+
+    def nn(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self._gemm(a, b, num_threads=self.threads)
+
+
+def matmul_backend(name: str = "auto", num_threads: Optional[int] = None) -> Any:
+    """'numpy', 'core' (bf16 GEMMs of the C core) or 'auto': 'core' where the CPU has AVX512_BF16
+    (the core's portable fallback is slower than NumPy's BLAS), else 'numpy'."""
+    if name not in ("auto", "numpy", "core"):
+        raise ValueError(f"matmul backend must be 'auto', 'numpy' or 'core', got {name!r}")
+    if name == "numpy":
+        return NumpyMatmul()
+    from .. import _core
+    if name == "auto" and _core.gemm_kernel() == "portable":
+        return NumpyMatmul()
+    return CoreMatmul(num_threads or 0)
+
+
 def gating_forward(params: Dict[str, np.ndarray], x: np.ndarray, n_hidden: int, temperature: float,
                    masks: Optional[Sequence[np.ndarray]] = None, keep_scale: float = 1.0,
-                   cache: Optional[Dict[str, Any]] = None) -> np.ndarray:
+                   cache: Optional[Dict[str, Any]] = None, mm: Any = None) -> np.ndarray:
     """Gating output softmax(z / T) * logit_scale [B, K]; `masks` (train mode): dropout keep-masks per hidden layer.
 
-    `keep_scale` = 1 / (1 - p). `cache` (a dict) receives what the backward pass needs.
+    `keep_scale` = 1 / (1 - p). `cache` (a dict) receives what the backward pass needs. `mm`: the
+    matmul backend (default NumPy); x may be bf16 bits (uint16).
     """
+    mm = mm or NumpyMatmul()
     h = x
     hs = [x]
     for j in range(n_hidden + 1):
-        z = h @ params[f"gating.layers.{j}.weight"].T
+        z = mm.nt(h, params[f"gating.layers.{j}.weight"])
         z += params[f"gating.layers.{j}.bias"]
         if j < n_hidden:
             np.maximum(z, 0, out=z)
@@ -485,14 +548,16 @@ def gating_forward(params: Dict[str, np.ndarray], x: np.ndarray, n_hidden: int, 
 
 def bt_loss_and_grad(params: Dict[str, np.ndarray], x: np.ndarray, delta: np.ndarray, n_hidden: int,
                      temperature: float, masks: Optional[Sequence[np.ndarray]] = None, keep_scale: float = 1.0,
-                     want_grad: bool = True) -> Tuple[float, Optional[Dict[str, np.ndarray]], np.ndarray]:
+                     want_grad: bool = True, mm: Any = None
+                     ) -> Tuple[float, Optional[Dict[str, np.ndarray]], np.ndarray]:
     """Bradley-Terry loss mean(softplus(-d)), d = sum_k g_k delta_k, delta = (r_chosen - r_rejected) T.
 
     Returns (loss, gradients by parameter name, d). The backward pass is written out:
     softmax over the objectives, the temperature, logit_scale, ReLU and dropout.
     """
+    mm = mm or NumpyMatmul()
     cache: Dict[str, Any] = {}
-    g = gating_forward(params, x, n_hidden, temperature, masks, keep_scale, cache)
+    g = gating_forward(params, x, n_hidden, temperature, masks, keep_scale, cache, mm)
     d = np.einsum("bk,bk->b", g, delta)
     loss = float(np.mean(np.logaddexp(0.0, -d.astype(np.float64))))
     if not want_grad:
@@ -500,7 +565,7 @@ def bt_loss_and_grad(params: Dict[str, np.ndarray], x: np.ndarray, delta: np.nda
     B = x.shape[0]
     s = cache["softmax"]
     ls = params["gating.logit_scale"][0]
-    dd = (-0.5 * (1 - np.tanh(0.5 * d)) / B).astype(x.dtype)  # d/dd softplus(-d) / B = -sigmoid(-d) / B
+    dd = (-0.5 * (1 - np.tanh(0.5 * d)) / B).astype(s.dtype)  # d/dd softplus(-d) / B = -sigmoid(-d) / B
     dg = dd[:, None] * delta
     grads: Dict[str, np.ndarray] = {}
     grads["gating.logit_scale"] = np.array([np.sum(dg * s)], dtype=params["gating.logit_scale"].dtype)
@@ -510,11 +575,11 @@ def bt_loss_and_grad(params: Dict[str, np.ndarray], x: np.ndarray, delta: np.nda
     hs = cache["hs"]
     for j in range(n_hidden, -1, -1):
         hin = hs[j]
-        grads[f"gating.layers.{j}.weight"] = dz.T @ hin
+        grads[f"gating.layers.{j}.weight"] = mm.tn(dz, hin)
         grads[f"gating.layers.{j}.bias"] = dz.sum(axis=0)
         if j == 0:
             break
-        dh = dz @ params[f"gating.layers.{j}.weight"]
+        dh = mm.nn(dz, params[f"gating.layers.{j}.weight"])
         # hin = relu(z) * mask * keep_scale: zero where hin == 0 (relu off or dropped), scaled elsewhere
         dh *= (hin > 0)
         if masks is not None and keep_scale != 1.0:
@@ -524,14 +589,19 @@ def bt_loss_and_grad(params: Dict[str, np.ndarray], x: np.ndarray, delta: np.nda
 
 
 class AdamW:
-    """torch.optim.AdamW's update (decoupled weight decay, bias correction), in place."""
+    """torch.optim.AdamW's update (decoupled weight decay, bias correction), in place.
+
+    `fused=True`: float32 parameters are updated by the C core in one pass each (same arithmetic).
+    """
 
     def __init__(self, params: Dict[str, np.ndarray], lr: float, betas: Tuple[float, float], eps: float,
-                 weight_decay: float) -> None:
+                 weight_decay: float, fused: bool = False, num_threads: int = 1) -> None:
         self.lr, self.b1, self.b2, self.eps, self.wd = lr, betas[0], betas[1], eps, weight_decay
         self.m = {k: np.zeros_like(v) for k, v in params.items()}
         self.v = {k: np.zeros_like(v) for k, v in params.items()}
         self.t = 0
+        self.fused = fused
+        self.threads = max(1, int(num_threads))
 
     def step(self, params: Dict[str, np.ndarray], grads: Dict[str, np.ndarray], lr: float) -> None:
         self.t += 1
@@ -539,9 +609,15 @@ class AdamW:
         bc2 = 1 - self.b2 ** self.t
         for k, p in params.items():
             g = grads[k]
+            m, v = self.m[k], self.v[k]
+            if self.fused and p.dtype == np.float32:
+                from .. import _core
+                _core.adamw_update(p, np.ascontiguousarray(g, dtype=np.float32), m, v, lr=lr, beta1=self.b1,
+                                   beta2=self.b2, eps=self.eps, weight_decay=self.wd, step=self.t,
+                                   num_threads=self.threads)
+                continue
             if self.wd:
                 p *= p.dtype.type(1 - lr * self.wd)
-            m, v = self.m[k], self.v[k]
             m *= self.b1
             m += (1 - self.b1) * g
             v *= self.b2
@@ -613,12 +689,13 @@ def _rows_f32(P: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 
 def evaluate_d(params: Dict[str, np.ndarray], P: np.ndarray, delta: np.ndarray, rows: np.ndarray, n_hidden: int,
-               temperature: float, chunk: int = 4096) -> np.ndarray:
+               temperature: float, chunk: int = 4096, mm: Any = None) -> np.ndarray:
     """score(chosen) - score(rejected) for `rows` (eval mode: no dropout)."""
     out = np.empty(rows.size, dtype=np.float32)
     for a in range(0, rows.size, chunk):
         r = rows[a:a + chunk]
-        g = gating_forward(params, _rows_f32(P, r), n_hidden, temperature)
+        g = gating_forward(params, P[r] if isinstance(mm, CoreMatmul) else _rows_f32(P, r), n_hidden, temperature,
+                           mm=mm)
         out[a:a + chunk] = np.einsum("bk,bk->b", g, delta[r])
     return out
 
@@ -633,9 +710,14 @@ def train_gating(prompts: np.ndarray, delta: np.ndarray, cfg: GatingConfig, *, p
     if delta.shape[0] != N:
         raise ValueError(f"{N} prompt embeddings but {delta.shape[0]} reward rows")
     train_idx, val_idx = train_test_split_indices(N, float(cfg.val_fraction), cfg.split_seed)
+    mm = matmul_backend(cfg.backend, blas_threads)
+    core = isinstance(mm, CoreMatmul)
+    if core and prompts.dtype not in (np.uint16, np.float32):
+        prompts = prompts.astype(np.float32)
     rng = np.random.default_rng(cfg.seed)
     params = init if init is not None else init_gating(H, K, cfg, rng)
-    opt = AdamW(params, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
+    opt = AdamW(params, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay, fused=core,
+                num_threads=blas_threads or default_num_threads())
     delta32 = np.ascontiguousarray(delta, dtype=np.float32)
     keep_scale = 1.0 / (1.0 - cfg.dropout) if cfg.dropout > 0 else 1.0
     history: List[Dict[str, float]] = []
@@ -655,14 +737,15 @@ def train_gating(prompts: np.ndarray, delta: np.ndarray, cfg: GatingConfig, *, p
         for step in range(cfg.steps):
             lr = cosine_lr(cfg.lr, step, cfg.steps)
             idx = train_idx[rng.integers(0, train_idx.size, size=cfg.batch_size)]
-            x = _rows_f32(prompts, idx)
+            x = prompts[idx] if core else _rows_f32(prompts, idx)  # the core reads bf16 bits as they are
             masks = dropout_masks(rng, cfg.batch_size, cfg.hidden_dim, cfg.n_hidden, cfg.dropout)
             loss, grads, _ = bt_loss_and_grad(params, x, delta32[idx], cfg.n_hidden, cfg.temperature, masks,
-                                              keep_scale)
+                                              keep_scale, mm=mm)
             opt.step(params, grads, lr)
             last = step + 1 == cfg.steps
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
-                val_acc = pair_accuracy(evaluate_d(params, prompts, delta32, val_idx, cfg.n_hidden, cfg.temperature))
+                val_acc = pair_accuracy(evaluate_d(params, prompts, delta32, val_idx, cfg.n_hidden, cfg.temperature,
+                                                   mm=mm))
                 history.append({"step": step + 1, "loss": loss, "val_accuracy": val_acc, "lr": lr})
             if cb is not None:
                 cb(step + 1, cfg.steps, loss, val_acc)
@@ -678,7 +761,7 @@ def train_gating(prompts: np.ndarray, delta: np.ndarray, cfg: GatingConfig, *, p
         print(file=sys.stderr)
     secs = time.perf_counter() - t0
     uniform = pair_accuracy(delta32[val_idx].sum(axis=1))
-    rep = {"steps": cfg.steps, "batch_size": cfg.batch_size, "seconds": secs,
+    rep = {"steps": cfg.steps, "batch_size": cfg.batch_size, "seconds": secs, "matmul": mm.name,
            "seconds_per_step": secs / max(cfg.steps, 1), "final_loss": loss, "val_accuracy": val_acc,
            "val_accuracy_uniform": uniform, "train_pairs": int(train_idx.size), "val_pairs": int(val_idx.size)}
     return params, rep, history

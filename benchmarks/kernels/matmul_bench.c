@@ -2,7 +2,7 @@
 //
 // Build and run from the repository root:
 //   gcc -O3 -std=c11 -fopenmp -Icsrc -o /tmp/matmul_bench benchmarks/kernels/matmul_bench.c
-//       csrc/cpu/cpu_features.c csrc/cpu/gemm_driver.c csrc/cpu/matmul_avx512.c csrc/cpu/matmul_avx2.c -lm
+//       csrc/cpu/cpu_features.c csrc/cpu/gemm_driver.c csrc/cpu/matmul_avx512.c csrc/cpu/matmul_avx2.c csrc/cpu/gemm_general.c -lm
 //   /tmp/matmul_bench [threads] [reps]          (or: make -C benchmarks/kernels run)
 //
 // 1. Correctness: every path this CPU runs, every weight dtype, odd shapes,
@@ -25,6 +25,7 @@
 
 #include "model.h"
 #include "cpu/matmul.h"
+#include "cpu/gemm_general.h"
 
 static double now(void) {
     struct timespec ts;
@@ -228,6 +229,29 @@ static double time_gemm(int kernel, WDType dt, int64_t T, int64_t N, int64_t K, 
     return wall;
 }
 
+// Training GEMM (gemm_general.c): median GFLOP/s of C (M,N) = op(A) op(B), fp32 operands.
+static double time_general(int64_t M, int64_t N, int64_t K, int ta, int tb, int nthreads, int reps, double *percore) {
+    float *a = malloc(sizeof(float) * M * K), *b = malloc(sizeof(float) * K * N), *c = malloc(sizeof(float) * M * N);
+    for (int64_t i = 0; i < M * K; i++) a[i] = frand();
+    for (int64_t i = 0; i < K * N; i++) b[i] = frand();
+    GemmOperand oa = {a, WT_F32, ta ? K : M, ta ? M : K, ta}, ob = {b, WT_F32, tb ? N : K, tb ? K : N, tb};
+    double *ts = malloc(sizeof(double) * (reps + 1)), *cs = malloc(sizeof(double) * (reps + 1));
+    gemm_general(c, &oa, &ob, 0, nthreads, gemm_general_best());  // warm-up
+    for (int r = 0; r < reps; r++) {
+        double t0 = now(), c0 = cpu_now();
+        gemm_general(c, &oa, &ob, 0, nthreads, gemm_general_best());
+        ts[r] = now() - t0;
+        cs[r] = cpu_now() - c0;
+    }
+    qsort(ts, reps, sizeof(double), cmp_d);
+    qsort(cs, reps, sizeof(double), cmp_d);
+    const double gf = 2.0 * M * N * K / 1e9;
+    *percore = gf / cs[reps / 2];
+    const double wall = gf / ts[reps / 2];
+    free(a); free(b); free(c); free(ts); free(cs);
+    return wall;
+}
+
 int main(int argc, char **argv) {
     int nthreads = argc > 1 ? atoi(argv[1]) : omp_get_max_threads();
     int reps = argc > 2 ? atoi(argv[2]) : 5;
@@ -282,6 +306,23 @@ int main(int argc, char **argv) {
                 fflush(stdout);
             }
             printf("\n");
+        }
+    }
+    if (!paths || in_list(paths, "general")) {
+        // the stage-2 gating MLP's products (batch 1024, H 4096, hidden 1024) in each layout
+        static const int64_t gs[][3] = {{1024, 1024, 4096}, {1024, 4096, 1024}, {4096, 4096, 1024}};
+        printf("\ntraining GEMM (gemm_general, %s, fp32 operands rounded while packed), GFLOP/s wall (per CPU-second)\n",
+               gemm_general_name(gemm_general_best()));
+        printf("%-8s %22s %22s %22s\n", "layout", "1024x1024x4096", "1024x4096x1024", "4096x4096x1024");
+        for (int l = 0; l < 4; l++) {
+            const int ta = l >> 1, tb = l & 1;
+            printf("%-8s", ta ? (tb ? "A^T B^T" : "A^T B") : (tb ? "A B^T" : "A B"));
+            for (int s = 0; s < 3; s++) {
+                double pc, g = time_general(gs[s][0], gs[s][1], gs[s][2], ta, tb, nthreads, reps, &pc);
+                printf(" %9.1f (%5.1f/core)", g, pc);
+            }
+            printf("\n");
+            fflush(stdout);
         }
     }
     if (pkc > 0) {

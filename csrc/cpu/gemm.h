@@ -25,17 +25,20 @@ typedef struct {
     int nw;      // output columns per packed W panel (multiple of 16)
     int kc;      // k elements per cache block (multiple of 32)
     int kstep;   // k elements per packed step: 1 (fp32) or 2 (bf16 pairs); a step is 4 bytes
-    // dst [ceil(K/kstep)][mr]: rows t0..t0+mr of inp (rows >= T and k >= K are zero)
-    void (*pack_x)(void *dst, const float *inp, int64_t T, int64_t K, int64_t t0);
-    // dst [round16(ceil(kc/kstep))][nw]: W rows n0..n0+nw, k0..k0+kc (rows >= N, k >= K zero)
-    void (*pack_w)(void *dst, const WTensor *w, int64_t n0, int64_t k0, int64_t kc);
+    // dst [ceil(K/kstep)][mr]: rows t0..t0+mr of x (rows >= T and k >= K are zero).
+    // x is what gemm_run was given: a const float * (T,K) for the model's paths.
+    void (*pack_x)(void *dst, const void *x, int64_t T, int64_t K, int64_t t0);
+    // dst [round16(ceil(kc/kstep))][nw]: W rows n0..n0+nw, k0..k0+kc (rows >= N, k >= K zero).
+    // w is what gemm_run was given: a const WTensor * for the model's paths.
+    void (*pack_w)(void *dst, const void *w, int64_t n0, int64_t k0, int64_t kc);
     // c (mr rows, stride ldc, nw columns, 64-byte aligned) = (first ? 0 : c) + xp . wp over ksteps
     void (*ukr)(float *c, int64_t ldc, const void *xp, const void *wp, int64_t ksteps, int first);
 } GemmKernel;
 
-// Returns 0, or -1 when a scratch allocation fails.
-int gemm_run(const GemmKernel *g, float *out, const float *inp, const WTensor *w, const float *bias, int64_t T,
-             int accumulate, int nthreads);
+// out (T,N) [+]= x (T,K) . w (N,K)^T + bias, x and w in whatever form the
+// kernel's packers read. Returns 0, or -1 when a scratch allocation fails.
+int gemm_run(const GemmKernel *g, float *out, const void *x, const void *w, int64_t T, int64_t N, int64_t K,
+             const float *bias, int accumulate, int nthreads);
 
 // The kernels each SIMD path offers (NULL when the build has no such path).
 // f32: fp32 arithmetic for F32/BF16/F16 weights; bf16: vdpbf16ps, BF16 weights only.

@@ -51,9 +51,9 @@ static void epilogue(float *out, const float *c, int64_t ldc, const float *bias,
     }
 }
 
-int gemm_run(const GemmKernel *g, float *out, const float *inp, const WTensor *w, const float *bias, int64_t T,
-             int accumulate, int nthreads) {
-    const int64_t N = w->rows, K = w->cols, mr = g->mr, nw = g->nw, ks = g->kstep;
+int gemm_run(const GemmKernel *g, float *out, const void *inp, const void *w, int64_t T, int64_t N, int64_t K,
+             const float *bias, int accumulate, int nthreads) {
+    const int64_t mr = g->mr, nw = g->nw, ks = g->kstep;
     const int64_t Ks = (K + ks - 1) / ks;                   // packed k-steps of a whole row
     const int64_t ntiles = (T + mr - 1) / mr;
     const int64_t xtile = Ks * mr;                          // 4-byte words per packed x tile
@@ -65,7 +65,7 @@ int gemm_run(const GemmKernel *g, float *out, const float *inp, const WTensor *w
     if (npan < 1) npan = 1;
     if (npan > GEMM_NPAN) npan = GEMM_NPAN;
     const int64_t nc = npan * nw, ntasks = (npanels + npan - 1) / npan;
-    int64_t tbt = GEMM_TB / mr;                             // tiles per token block
+    int64_t tbt = (GEMM_TB + mr - 1) / mr;                  // tiles per token block: GEMM_TB tokens fit in one
     if (tbt < 1) tbt = 1;
     if (tbt > ntiles) tbt = ntiles;
 

@@ -130,7 +130,7 @@ static int matmul(float *out, const float *inp, const WTensor *w, const WTensor 
     else if (kernel == ARM_KERNEL_AVX2) g = gemm_kernel_avx2_f32();
     if (!g) return matmul_portable(out, inp, w, bias, T, accumulate, nthreads);
     const float *b = bias && bias->data ? (const float *)bias->data : NULL;  // vectors are fp32
-    return gemm_run(g, out, inp, w, b, T, accumulate, nthreads);
+    return gemm_run(g, out, inp, w, T, w->rows, w->cols, b, accumulate, nthreads);
 }
 
 #endif

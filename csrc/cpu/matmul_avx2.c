@@ -19,7 +19,8 @@
 
 #define T256 __attribute__((target("avx2,fma,f16c")))
 
-T256 static void pack_w_f32(void *dst, const WTensor *w, int64_t n0, int64_t k0, int64_t kc) {
+T256 static void pack_w_f32(void *dst, const void *wv, int64_t n0, int64_t k0, int64_t kc) {
+    const WTensor *w = wv;
     float *d = dst;
     const int64_t N = w->rows, K = w->cols, kc16 = (kc + 15) / 16 * 16;
     for (int j = 0; j < MM2_NW; j++) {
@@ -47,7 +48,8 @@ T256 static void pack_w_f32(void *dst, const WTensor *w, int64_t n0, int64_t k0,
     }
 }
 
-T256 static void pack_x_f32(void *dst, const float *inp, int64_t T, int64_t K, int64_t t0) {
+T256 static void pack_x_f32(void *dst, const void *xv, int64_t T, int64_t K, int64_t t0) {
+    const float *inp = xv;
     float *d = dst;
     for (int r = 0; r < MM2_MR; r++) {
         const int64_t t = t0 + r;

@@ -31,43 +31,7 @@ _Static_assert(MM5_MR >= 1 && MM5_MR <= 16, "an x tile is packed through one 16x
 #define MM5_KC_BF16 512  // k per cache block, bf16 kernel: a packed panel is 32 KiB
 #endif
 
-#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
-#define T512BF __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c,avx512bf16")))
-
-// In-register transpose of 16 rows of 16 dwords: r[j] becomes column j.
-T512 static inline void tr16x16(__m512i r[16]) {
-    __m512i t[16], u[16];
-    for (int i = 0; i < 8; i++) {
-        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-    }
-    // u[4g + c], lane L: column 4L + c of rows 4g .. 4g+3
-    for (int g = 0; g < 4; g++) {
-        u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
-        u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
-        u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
-        u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
-    }
-    // 4x4 transpose of 128-bit lanes among u[c], u[4+c], u[8+c], u[12+c]
-    for (int c = 0; c < 4; c++) {
-        __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44);
-        __m512i v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
-        __m512i v2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
-        __m512i v3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
-        r[0 + c] = _mm512_shuffle_i32x4(v0, v2, 0x88);
-        r[4 + c] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
-        r[8 + c] = _mm512_shuffle_i32x4(v1, v3, 0x88);
-        r[12 + c] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
-    }
-}
-
-// the low min(max(n, 0), 16 or 32) bits
-static inline __mmask16 mask16(int64_t n) {
-    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
-}
-static inline __mmask32 mask32(int64_t n) {
-    return n >= 32 ? (__mmask32)0xffffffffu : n <= 0 ? 0 : (__mmask32)((1u << n) - 1);
-}
+#include "avx512_util.h"
 
 // ---- fp32 kernel -------------------------------------------------------------
 
@@ -81,7 +45,8 @@ T512 static inline __m512i w_row16_f32(const WTensor *w, int64_t n, int64_t k, i
     return _mm512_castps_si512(_mm512_cvtph_ps(h));
 }
 
-T512 static void pack_w_f32(void *dst, const WTensor *w, int64_t n0, int64_t k0, int64_t kc) {
+T512 static void pack_w_f32(void *dst, const void *wv, int64_t n0, int64_t k0, int64_t kc) {
+    const WTensor *w = wv;
     uint32_t *d = dst;
     const int64_t N = w->rows;
     for (int jb = 0; jb < MM5_NW; jb += 16)
@@ -96,7 +61,8 @@ T512 static void pack_w_f32(void *dst, const WTensor *w, int64_t n0, int64_t k0,
 
 // Activations, packed as [K][mr] floats: 16 rows (rows >= T and past mr zero)
 // x 16 k are loaded, transposed, and the first mr lanes of each column stored.
-T512 static void pack_x_f32(void *dst, const float *inp, int64_t T, int64_t K, int64_t t0) {
+T512 static void pack_x_f32(void *dst, const void *xv, int64_t T, int64_t K, int64_t t0) {
+    const float *inp = xv;
     float *d = dst;
     const __mmask16 keep = (__mmask16)((1u << MM5_MR) - 1);
     for (int64_t k = 0; k < K; k += 16) {
@@ -138,7 +104,8 @@ T512 static void ukr_f32(float *c, int64_t ldc, const void *xpv, const void *wpv
 // ---- bf16 kernel (vdpbf16ps) -------------------------------------------------
 
 // W must be BF16: a dword of row n at pair p is (W[n][2p], W[n][2p+1]).
-T512BF static void pack_w_bf16(void *dst, const WTensor *w, int64_t n0, int64_t k0, int64_t kc) {
+T512BF static void pack_w_bf16(void *dst, const void *wv, int64_t n0, int64_t k0, int64_t kc) {
+    const WTensor *w = wv;
     uint32_t *d = dst;
     const int64_t N = w->rows, K = w->cols;
     const uint16_t *W = w->data;
@@ -157,7 +124,8 @@ T512BF static void pack_w_bf16(void *dst, const WTensor *w, int64_t n0, int64_t 
 
 // Activations rounded to bf16 (RNE, vcvtne2ps2bf16), packed as [ceil(K/2)][mr]
 // dwords of pairs: 16 rows x 16 pairs converted, transposed, mr lanes stored.
-T512BF static void pack_x_bf16(void *dst, const float *inp, int64_t T, int64_t K, int64_t t0) {
+T512BF static void pack_x_bf16(void *dst, const void *xv, int64_t T, int64_t K, int64_t t0) {
+    const float *inp = xv;
     uint32_t *d = dst;
     const int64_t Kp = (K + 1) / 2;
     const __mmask16 keep = (__mmask16)((1u << MM5_MR) - 1);
