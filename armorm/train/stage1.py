@@ -57,6 +57,7 @@ or with `skip_unlabeled=True` a zero weight row that the report marks
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob as _glob
 import hashlib
 import json
@@ -667,17 +668,68 @@ def _solve_all_alphas(M: np.ndarray, B: np.ndarray, alphas: Sequence[float],
 # ---------------------------------------------------------------- mixed precision: float32 factors, float64 answers
 
 
-def _scipy_lapack() -> Any:
-    """`scipy.linalg.lapack` when scipy (optional) is installed, else None.
+@functools.lru_cache(maxsize=None)
+def _scipy_lapack() -> Optional["_Lapack"]:
+    """LAPACK's Cholesky routines from scipy (an optional dependency), or None without scipy.
 
-    numpy has no triangular solve and its Cholesky copies the matrix twice;
-    scipy's LAPACK wrappers factor in place and solve with the factor.
+    numpy has no triangular solve and its Cholesky copies the matrix twice.
     """
     try:
-        from scipy.linalg import lapack
-    except ImportError:
+        from scipy.linalg import cython_lapack
+        return _Lapack(cython_lapack)
+    except (ImportError, AttributeError, KeyError, TypeError):
         return None
-    return lapack
+
+
+class _Lapack:
+    """potrf / potrs of scipy's LAPACK, called so that the GIL is released during the call.
+
+    scipy's Python wrappers (scipy.linalg.lapack) hold the GIL while LAPACK
+    runs, so solves in threads would take turns (measured); the same routines
+    called through ctypes, from the function pointers scipy.linalg.cython_lapack
+    exports, release it, and the label masks' solves use every core.
+    Matrices are C-ordered and symmetric: LAPACK sees their transpose, the
+    same matrix; the factor L is stored as L^T in the upper triangle.
+    """
+
+    def __init__(self, cython_lapack: Any) -> None:
+        import ctypes as C
+        capi = cython_lapack.__pyx_capi__
+        name_of, ptr_of = C.pythonapi.PyCapsule_GetName, C.pythonapi.PyCapsule_GetPointer
+        name_of.restype, name_of.argtypes = C.c_char_p, [C.py_object]
+        ptr_of.restype, ptr_of.argtypes = C.c_void_p, [C.py_object, C.c_char_p]
+        i = C.POINTER(C.c_int)
+        potrf = C.CFUNCTYPE(None, C.c_char_p, i, C.c_void_p, i, i)
+        potrs = C.CFUNCTYPE(None, C.c_char_p, i, i, C.c_void_p, i, C.c_void_p, i, i)
+
+        def fn(name: str, proto: Any) -> Any:
+            cap = capi[name]
+            return proto(ptr_of(cap, name_of(cap)))
+
+        self._potrf = {np.dtype(np.float32): fn("spotrf", potrf), np.dtype(np.float64): fn("dpotrf", potrf)}
+        self._potrs = {np.dtype(np.float32): fn("spotrs", potrs), np.dtype(np.float64): fn("dpotrs", potrs)}
+        self._C = C
+
+    def potrf(self, A: np.ndarray) -> int:
+        """Factors the C-ordered symmetric positive definite A in place; LAPACK's info (0: done)."""
+        assert A.flags.c_contiguous and A.shape[0] == A.shape[1] and A.dtype in self._potrf
+        C = self._C
+        n, info = C.c_int(A.shape[0]), C.c_int(0)
+        self._potrf[A.dtype](b"L", C.byref(n), A.ctypes.data, C.byref(n), C.byref(info))
+        return info.value
+
+    def potrs(self, L: np.ndarray, R: np.ndarray) -> np.ndarray:
+        """(L L^T)^-1 R for a factor from `potrf` (R [n, m] is converted to L's dtype)."""
+        C = self._C
+        n, m = R.shape
+        X = np.empty((m, n), dtype=L.dtype)  # LAPACK's column-major n x m
+        X[...] = R.T
+        nn, mm, info = C.c_int(n), C.c_int(m), C.c_int(0)
+        self._potrs[L.dtype](b"L", C.byref(nn), C.byref(mm), L.ctypes.data, C.byref(nn), X.ctypes.data,
+                             C.byref(nn), C.byref(info))
+        if info.value:
+            raise np.linalg.LinAlgError(f"potrs: argument {-info.value} is invalid")
+        return X.T
 
 
 def _pow2(x: float) -> float:
@@ -692,24 +744,17 @@ class _Factor:
     copy neither overflows nor underflows.
     """
 
-    def __init__(self, lapack: Any, M: np.ndarray, alpha: float, dtype: Any, scale: float) -> None:
+    def __init__(self, lapack: _Lapack, M: np.ndarray, alpha: float, dtype: Any, scale: float) -> None:
         n = M.shape[0]
-        A = np.multiply(M, scale, dtype=dtype)
-        A.flat[:: n + 1] += dtype(alpha * scale)
-        potrf = lapack.spotrf if dtype == np.float32 else lapack.dpotrf
-        # A is symmetric: its transpose is the Fortran-ordered matrix LAPACK factors in place
-        self.L, info = potrf(A.T, lower=1, clean=0, overwrite_a=1)
-        self.ok = info == 0 and bool(np.isfinite(self.L.diagonal()).all())
+        self.L = np.multiply(M, scale, dtype=dtype)
+        self.L.flat[:: n + 1] += dtype(alpha * scale)
+        self.ok = lapack.potrf(self.L) == 0 and bool(np.isfinite(self.L.diagonal()).all())
         self.lapack, self.alpha, self.dtype, self.scale = lapack, alpha, dtype, scale
 
     def solve(self, R: np.ndarray) -> np.ndarray:
         """Approximately (M + alpha I)^-1 R, float64 (each column scaled by a power of two on the way)."""
         c = np.array([_pow2(v) for v in np.abs(R).max(axis=0)]) if R.size else np.ones(R.shape[1])
-        potrs = self.lapack.spotrs if self.dtype == np.float32 else self.lapack.dpotrs
-        x, info = potrs(self.L, np.asfortranarray(R * c, dtype=self.dtype), lower=1)
-        if info:
-            raise np.linalg.LinAlgError(f"potrs failed ({info})")
-        return x.astype(np.float64) * (self.scale / c)
+        return self.lapack.potrs(self.L, R * c).astype(np.float64) * (self.scale / c)
 
 
 def _col_change(D: np.ndarray, W: np.ndarray) -> float:
@@ -812,27 +857,29 @@ def _usable_cpus() -> int:
 
 @contextlib.contextmanager
 def _blas_pool(max_workers: Optional[int]) -> Iterator[Optional[Any]]:
-    """A pool of threads that each run one-thread BLAS, or None (then BLAS uses its own threads).
+    """A pool of threads that each run one-thread BLAS (None: one thread), for the `with` block.
 
     The X^T X blocks and the per-group solves are independent: one per core,
     each with a one-thread BLAS, avoids the synchronisation of multithreaded
-    BLAS/LAPACK (on small machines slower than one thread, measured) and gives
-    results that do not depend on the thread count. Needs the optional
-    threadpoolctl to set the BLAS threads; without it, or with one CPU, None.
+    BLAS/LAPACK (on a small machine many times slower than one thread,
+    measured: its threads spin while other threads compute) and gives results
+    that do not depend on the thread count. Needs the optional threadpoolctl
+    to set the BLAS threads; without it, no pool and BLAS's own threading.
     """
-    workers = min(max_workers or _usable_cpus(), 8)  # 8: bounds the memory of the per-group solves
-    limits = None
-    if workers > 1:
-        try:
-            from threadpoolctl import threadpool_limits as limits
-        except ImportError:
-            limits = None
-    if limits is None:
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
         yield None
         return
-    from concurrent.futures import ThreadPoolExecutor
-    with limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as ex:
-        yield ex
+    _scipy_lapack()  # load scipy's own BLAS now: the limit applies to the libraries already loaded
+    workers = min(max_workers or _usable_cpus(), 8)  # 8: bounds the memory of the per-group solves
+    with threadpool_limits(limits=1, user_api="blas"):
+        if workers <= 1:
+            yield None
+            return
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(workers) as ex:
+            yield ex
 
 
 def _pool_map(pool: Optional[Any], fn: Callable[[Any], Any], tasks: Sequence[Any]) -> List[Any]:
