@@ -67,7 +67,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -75,10 +75,13 @@ import numpy as np
 from ..atomic import atomic_open
 from ..config import ATTRIBUTES
 from ..data import DatasetError, open_dataset
-from ..safetensors_io import SafetensorsError, SafetensorsFile, save_file, to_float
+from ..safetensors_io import (SafetensorsError, SafetensorsFile, bf16_to_float32, float32_to_bf16, save_file,
+                              to_float)
 
 #: The reference's alpha grid.
 DEFAULT_ALPHAS: List[float] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4]
+#: Exact refinement of bf16-gram solutions stops when the estimated relative error (per column) is below this.
+_REFINE_TOL = 1e-9
 EMBEDDING_DTYPES = {"bfloat16": "BF16", "bf16": "BF16", "float32": "F32", "fp32": "F32"}
 FORMAT_VERSION = 1
 _META_KEY = "armorm_stage1"
@@ -579,19 +582,24 @@ class _Group:
     Ytr: Optional[np.ndarray] = None  # [n_train, k] float64
     mse: Optional[np.ndarray] = None  # [n_alpha, k]
     W: Optional[List[np.ndarray]] = None  # per alpha [H, k]
-    S: Optional[np.ndarray] = None    # primal: staged training rows (float64) and their labels
-    SY: Optional[np.ndarray] = None
-    fill: int = 0
+    gram: str = "float64"             # how A was accumulated: "float64" (exact) or "bf16"
+    solver: Optional["_MixedSolver"] = None  # kept for the corrections of a bf16-gram solution
+    changes: List[float] = field(default_factory=list)  # relative size of each exact pass's correction
+    est_error: float = math.nan       # estimated relative error left after the last pass
+    fallback: bool = False            # the bf16 gram was replaced by a float64 one
 
 
 def _first_nonfinite_row(raw: np.ndarray, st_dtype: str) -> int:
     """Index of the first row holding a NaN or infinity (stored values), or -1."""
     if st_dtype == "BF16":
-        bad = (raw & np.uint16(0x7F80)) == np.uint16(0x7F80)  # exponent all ones
+        if raw.size == 0 or int(np.max(raw & np.uint16(0x7FFF))) < 0x7F80:  # exponent all ones: inf/NaN
+            return -1
+        bad = (raw & np.uint16(0x7F80)) == np.uint16(0x7F80)
     else:
+        if np.isfinite(raw).all():
+            return -1
         bad = ~np.isfinite(raw)
-    rows = np.flatnonzero(bad.any(axis=1))
-    return int(rows[0]) if rows.size else -1
+    return int(np.flatnonzero(bad.any(axis=1))[0])
 
 
 def _decode_into(raw: np.ndarray, st_dtype: str, out: np.ndarray) -> None:
@@ -629,15 +637,17 @@ def _tri_solve(L: np.ndarray, B: np.ndarray, lower: bool, block: int = 256) -> n
     return X
 
 
-def _solve_all_alphas(M: np.ndarray, B: np.ndarray, alphas: Sequence[float],
-                      solver: str) -> Tuple[List[np.ndarray], Dict[str, int]]:
+def _solve_all_alphas(M: np.ndarray, B: np.ndarray, alphas: Sequence[float], solver: str,
+                      threads: int = 1) -> Tuple[List[np.ndarray], Dict[str, int], Optional["_MixedSolver"]]:
     """Solutions of (M + alpha I) X = B for every alpha (M symmetric positive semi-definite).
 
-    "mixed": float32 Cholesky factors refined to float64 accuracy (`_solve_mixed`);
-    "cholesky": one float64 factorization per alpha; "lu"; "eigh": one
-    eigendecomposition for all alphas (also the fallback when a Cholesky
-    factorization finds the matrix numerically indefinite). Returns the
-    solutions and what was done: `{method: 1, "float32 factorizations": n, ...}`.
+    "mixed": float32 Cholesky factors refined to float64 accuracy
+    (`_MixedSolver`, returned too, for corrections); "cholesky": one float64
+    factorization per alpha; "lu"; "eigh": one eigendecomposition for all
+    alphas (also the fallback when a Cholesky factorization finds the matrix
+    numerically indefinite). Returns the solutions, what was done
+    (`{method: 1, "float32 factorizations": n, ...}`) and the mixed solver
+    (which runs its factorizations on up to `threads` threads).
     """
     if solver == "mixed":
         lapack = _scipy_lapack()
@@ -645,7 +655,9 @@ def _solve_all_alphas(M: np.ndarray, B: np.ndarray, alphas: Sequence[float],
             solver = "cholesky"
         else:
             try:
-                return _solve_mixed(M, B, alphas, lapack)
+                ms = _MixedSolver(M, alphas, lapack, threads)
+                W = ms.solve([B] * len(alphas))
+                return W, {"mixed": 1, **ms.counts}, ms
             except np.linalg.LinAlgError:
                 solver = "eigh"
     if solver == "cholesky":
@@ -654,15 +666,15 @@ def _solve_all_alphas(M: np.ndarray, B: np.ndarray, alphas: Sequence[float],
             for a in alphas:
                 L = np.linalg.cholesky(_add_diag(M, a))
                 out.append(_tri_solve(L, _tri_solve(L, B, lower=True), lower=False))
-            return out, {"cholesky": 1, "float64 factorizations": len(out)}
+            return out, {"cholesky": 1, "float64 factorizations": len(out)}, None
         except np.linalg.LinAlgError:
             solver = "eigh"  # numerically indefinite for a tiny alpha: the eigendecomposition copes
     if solver == "lu":
-        return [np.linalg.solve(_add_diag(M, a), B) for a in alphas], {"lu": 1}
+        return [np.linalg.solve(_add_diag(M, a), B) for a in alphas], {"lu": 1}, None
     lam, Q = np.linalg.eigh(M)
     lam = np.maximum(lam, 0.0)  # M is a Gram matrix: negative eigenvalues are rounding
     QtB = Q.T @ B
-    return [Q @ (QtB / (lam + a)[:, None]) for a in alphas], {"eigh": 1}
+    return [Q @ (QtB / (lam + a)[:, None]) for a in alphas], {"eigh": 1}, None
 
 
 # ---------------------------------------------------------------- mixed precision: float32 factors, float64 answers
@@ -765,12 +777,11 @@ def _col_change(D: np.ndarray, W: np.ndarray) -> float:
     return float(np.max(r)) if r.size else 0.0
 
 
-def _solve_mixed(M: np.ndarray, B: np.ndarray, alphas: Sequence[float], lapack: Any, tol: float = 1e-10,
-                 max_sweeps: int = 60) -> Tuple[List[np.ndarray], Dict[str, int]]:
-    """(M + alpha I) X = B for every alpha: float32 Cholesky factors, float64 iterative refinement.
+class _MixedSolver:
+    """(M + alpha I) X = R_alpha for every alpha of a grid: float32 Cholesky factors, float64 refinement.
 
     Every alpha's solution is refined in float64 against M itself
-    (X += F^-1 (B - (M + alpha I) X), F a factorization) until the estimated
+    (X += F^-1 (R - (M + alpha I) X), F a factorization) until the estimated
     remaining change is below `tol` relative to the solution, per column: the
     answer is the float64 one, the factorizations cost float32 time.
     Factors are shared: the smallest alpha's factor serves every alpha for
@@ -778,74 +789,92 @@ def _solve_mixed(M: np.ndarray, B: np.ndarray, alphas: Sequence[float], lapack: 
     eigenvalue: the error shrinks by about (alpha - a0) / (lambda_min + a0) per
     sweep); the others get their own float32 factor, and a float64 one when
     float32 is too coarse for the conditioning (slow or no convergence). All
-    alphas are refined in lock step, so M is read once per sweep. Raises
+    alphas are refined in lock step, so M is read once per sweep. The factors
+    are kept: later `solve` calls (corrections) reuse them. Raises
     LinAlgError when even a float64 factorization fails (the caller then uses
     the eigendecomposition).
     """
-    n, k = B.shape
-    na = len(alphas)
-    diag = M.diagonal()
-    scale = _pow2(float(diag.max())) if diag.size else 1.0
-    counts = {"mixed": 1, "float32 factorizations": 0, "float64 factorizations": 0, "refinement sweeps": 0}
 
-    def factor(a: float, dtype: Any) -> _Factor:
+    def __init__(self, M: np.ndarray, alphas: Sequence[float], lapack: _Lapack, threads: int = 1) -> None:
+        self.M, self.alphas, self.lapack, self.threads = M, list(alphas), lapack, threads
+        diag = M.diagonal()
+        self.scale = _pow2(float(diag.max())) if diag.size else 1.0
+        self.counts = {"float32 factorizations": 0, "float64 factorizations": 0, "refinement sweeps": 0}
+        first = int(np.argmin(self.alphas))
+        shared = self._factor(self.alphas[first], np.float32)
+        self.fac = [shared] * len(self.alphas)
+        self.own = [i == first for i in range(len(self.alphas))]
+
+    def _factor(self, a: float, dtype: Any) -> _Factor:
         for dt in ((np.float32, np.float64) if dtype == np.float32 else (np.float64,)):
-            f = _Factor(lapack, M, a, dt, scale)
+            f = _Factor(self.lapack, self.M, a, dt, self.scale)
             if f.ok:
-                counts["float32 factorizations" if dt == np.float32 else "float64 factorizations"] += 1
+                self.counts["float32 factorizations" if dt == np.float32 else "float64 factorizations"] += 1
                 return f
         raise np.linalg.LinAlgError(f"M + {a} I is not numerically positive definite")
 
-    first = int(np.argmin(alphas))
-    shared = factor(alphas[first], np.float32)
-    fac = [shared] * na
-    own = [i == first for i in range(na)]
-    W = [np.zeros((n, k)) for _ in range(na)]
-    change = [math.inf] * na   # last relative correction
-    done = [False] * na
-    for sweep in range(max_sweeps):
-        act = [i for i in range(na) if not done[i]]
-        if not act:
-            break
-        counts["refinement sweeps"] += 1
-        Wa = np.concatenate([W[i] for i in act], axis=1)
-        R = np.tile(B, (1, len(act)))
-        if sweep:
-            R -= M @ Wa + Wa * np.repeat([alphas[i] for i in act], k)
-        D = np.empty_like(R)
-        by_factor: Dict[int, Tuple[_Factor, List[int]]] = {}
-        for j, i in enumerate(act):
-            by_factor.setdefault(id(fac[i]), (fac[i], []))[1].extend(range(j * k, (j + 1) * k))
-        for f, cols in by_factor.values():
-            D[:, cols] = f.solve(R[:, cols])
-        for j, i in enumerate(act):
-            Di = D[:, j * k:(j + 1) * k]
-            W[i] += Di
-            prev, change[i] = change[i], _col_change(Di, W[i])
-            if not math.isfinite(change[i]) or not np.isfinite(W[i]).all():
-                rate = math.inf
-            else:
-                rate = change[i] / prev if prev > 0 and math.isfinite(prev) else math.nan
-            if change[i] == 0.0 or (rate < 0.5 and change[i] * rate / (1.0 - rate) <= tol):
-                done[i] = True  # converged: the remaining change is estimated below tol
-                continue
-            if math.isnan(rate):
-                continue  # the first correction with this factor: no rate yet
-            if not own[i] and rate > 0.1:
-                # the shared factor is too far from this alpha: its own factor, from scratch
-                fac[i], own[i] = factor(alphas[i], np.float32), True
-            elif own[i] and fac[i].dtype == np.float32 and rate > 0.25:
-                fac[i] = factor(alphas[i], np.float64)  # float32 too coarse for this conditioning
-            elif fac[i].dtype == np.float64 and rate >= 0.5:
-                done[i] = True  # refinement has stagnated at float64 precision: a float64 solve's accuracy
-                continue
-            else:
-                continue
-            W[i][...] = 0.0
-            change[i] = math.inf
-    if not all(done):
+    def _better_factor(self, i: int) -> Optional[_Factor]:
+        """Alpha i's own float32 factor when it shares one, float64 when it has float32; None after that."""
+        if not self.own[i]:
+            return self._factor(self.alphas[i], np.float32)
+        return self._factor(self.alphas[i], np.float64) if self.fac[i].dtype == np.float32 else None
+
+    def solve(self, rhs: Sequence[np.ndarray], tol: float = 1e-10, max_sweeps: int = 60) -> List[np.ndarray]:
+        """X_i with (M + alpha_i I) X_i = rhs[i], for every alpha i (float64 [n, k] each)."""
+        M, alphas = self.M, self.alphas
+        na = len(alphas)
+        n, k = rhs[0].shape
+        W = [np.zeros((n, k)) for _ in range(na)]
+        change = [math.inf] * na  # last relative correction
+        done = [False] * na
+        for _ in range(max_sweeps):
+            act = [i for i in range(na) if not done[i]]
+            if not act:
+                return W
+            self.counts["refinement sweeps"] += 1
+            R = np.concatenate([rhs[i] for i in act], axis=1)
+            Wa = np.concatenate([W[i] for i in act], axis=1)
+            if np.any(Wa):
+                R -= M @ Wa + Wa * np.repeat([alphas[i] for i in act], k)
+            D = np.empty_like(R)
+            slow: List[int] = []
+            by_factor: Dict[int, Tuple[_Factor, List[int]]] = {}
+            for j, i in enumerate(act):
+                by_factor.setdefault(id(self.fac[i]), (self.fac[i], []))[1].extend(range(j * k, (j + 1) * k))
+            for f, cols in by_factor.values():
+                D[:, cols] = f.solve(R[:, cols])
+            for j, i in enumerate(act):
+                W[i] += D[:, j * k:(j + 1) * k]
+                prev, change[i] = change[i], _col_change(D[:, j * k:(j + 1) * k], W[i])
+                if not (math.isfinite(change[i]) and np.isfinite(W[i]).all()):
+                    rate = math.inf
+                elif change[i] == 0.0:
+                    done[i] = True
+                    continue
+                else:
+                    rate = change[i] / prev if math.isfinite(prev) else math.nan
+                    if rate < 0.5 and change[i] * rate / (1.0 - rate) <= tol:
+                        done[i] = True  # the remaining change is estimated below tol
+                        continue
+                    if math.isnan(rate):
+                        continue  # the first correction with this factor: no rate yet
+                # too slow: a shared factor is too far from this alpha, a float32 one too coarse for the
+                # conditioning; a float64 factor that stagnates has reached a float64 solve's accuracy
+                limit = 0.1 if not self.own[i] else 0.25 if self.fac[i].dtype == np.float32 else 0.5
+                if rate > limit:
+                    slow.append(i)
+            # the new factorizations of a sweep are independent: on all cores (LAPACK releases the GIL)
+            slow_fac = _thread_map(self.threads, self._better_factor, slow)
+            for i, f in zip(slow, slow_fac):
+                if f is not None:
+                    self.fac[i], self.own[i] = f, True
+                    W[i][...] = 0.0
+                    change[i] = math.inf
+                elif change[i] <= 1e-2:
+                    done[i] = True  # corrections at the noise level of float64 for this conditioning
+                else:
+                    raise np.linalg.LinAlgError(f"no convergence for alpha {alphas[i]}")
         raise np.linalg.LinAlgError("iterative refinement did not converge")
-    return W, counts
 
 
 def _usable_cpus() -> int:
@@ -853,6 +882,20 @@ def _usable_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
         return max(1, os.cpu_count() or 1)
+
+
+def _pool_size(max_workers: Optional[int]) -> int:
+    return min(max_workers or _usable_cpus(), 8)  # 8: bounds the memory of the per-group solves
+
+
+def _bf16_gemm_kernel() -> Optional[str]:
+    """The core's bf16 GEMM kernel when it is a fast one (AVX512_BF16), else None."""
+    try:
+        from .. import _core
+        kernel = _core.gemm_kernel()
+    except (ImportError, AttributeError):
+        return None
+    return None if kernel == "portable" else kernel
 
 
 @contextlib.contextmanager
@@ -872,7 +915,7 @@ def _blas_pool(max_workers: Optional[int]) -> Iterator[Optional[Any]]:
         yield None
         return
     _scipy_lapack()  # load scipy's own BLAS now: the limit applies to the libraries already loaded
-    workers = min(max_workers or _usable_cpus(), 8)  # 8: bounds the memory of the per-group solves
+    workers = _pool_size(max_workers)
     with threadpool_limits(limits=1, user_api="blas"):
         if workers <= 1:
             yield None
@@ -884,6 +927,15 @@ def _blas_pool(max_workers: Optional[int]) -> Iterator[Optional[Any]]:
 
 def _pool_map(pool: Optional[Any], fn: Callable[[Any], Any], tasks: Sequence[Any]) -> List[Any]:
     return list(pool.map(fn, tasks)) if pool is not None and len(tasks) > 1 else [fn(t) for t in tasks]
+
+
+def _thread_map(threads: int, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> List[Any]:
+    """`[fn(t) for t in tasks]` on up to `threads` new threads (usable inside a pool's task)."""
+    if threads <= 1 or len(tasks) <= 1:
+        return [fn(t) for t in tasks]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(min(threads, len(tasks))) as ex:
+        return list(ex.map(fn, tasks))
 
 
 def _gram_add(A: np.ndarray, S: np.ndarray, pool: Optional[Any]) -> None:
@@ -913,6 +965,132 @@ def _mirror_lower(A: np.ndarray, step: int = 512) -> None:
         A[i0:i1, i1:] = A[i1:, i0:i1].T
 
 
+def _bf16_parts(Y: np.ndarray) -> np.ndarray:
+    """float64 [n, k] -> bf16 bits [n, 3k]: Y ~= part0 + part1 + part2 (24 significant bits, float32's)."""
+    parts, r = [], np.asarray(Y, dtype=np.float64)
+    for _ in range(3):
+        p = float32_to_bf16(r.astype(np.float32))
+        parts.append(p)
+        r = r - bf16_to_float32(p)
+    return np.ascontiguousarray(np.concatenate(parts, axis=1))
+
+
+class _Gram:
+    """X^T X and X^T Y of one label mask's training rows, accumulated as the rows stream by.
+
+    mode "float64": exact (every stored dtype is a subset of float64), staged
+    rows multiplied `stage_rows` at a time, lower triangle only, in row blocks
+    on the pool's threads. mode "bf16" (bf16 rows, the core's AVX512_BF16
+    GEMM): exact products, float32 sums over each block of `stage_rows` rows,
+    float64 across blocks; X^T Y the same way from Y split into three bf16
+    parts. An approximation (about 1e-6 relative): `train` refines its
+    solutions against the exact rows afterwards.
+    """
+
+    def __init__(self, H: int, k: int, rows: int, mode: str, pool: Optional[Any], threads: int,
+                 C: Optional[np.ndarray] = None, stage_rows: int = 4096) -> None:
+        n = min(stage_rows, rows)
+        self.A = np.zeros((H, H), dtype=np.float64)
+        self.B = np.zeros((H, k), dtype=np.float64)
+        self.mode, self.pool, self.threads = mode, pool, threads
+        self.S = np.empty((n, H), dtype=np.uint16 if mode == "bf16" else np.float64)
+        self.SY = np.empty((n, k), dtype=np.float64)
+        self.C = C  # bf16: float32 [H, H] scratch for one block's product (shared by the groups)
+        self.fill = 0
+
+    def add(self, raw: np.ndarray, st_dtype: str, Y: np.ndarray) -> None:
+        """Adds stored embedding rows `raw` (bf16 bits for mode "bf16") and their labels."""
+        pos = 0
+        while pos < len(raw):
+            take = min(len(raw) - pos, self.S.shape[0] - self.fill)
+            dst = self.S[self.fill:self.fill + take]
+            if self.mode == "bf16":
+                dst[...] = raw[pos:pos + take]
+            else:
+                _decode_into(raw[pos:pos + take], st_dtype, dst)
+            self.SY[self.fill:self.fill + take] = Y[pos:pos + take]
+            self.fill += take
+            pos += take
+            if self.fill == self.S.shape[0]:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self.fill:
+            return
+        S, SY = self.S[:self.fill], self.SY[:self.fill]
+        if self.mode == "bf16":
+            from .. import _core
+            _core.gemm(S, S, trans_a=True, out=self.C, num_threads=self.threads)
+            self.A += self.C
+            k = SY.shape[1]
+            self.B += _core.gemm(S, _bf16_parts(SY), trans_a=True, num_threads=self.threads) \
+                .reshape(-1, 3, k).sum(axis=1, dtype=np.float64)
+        else:
+            _gram_add(self.A, S, self.pool)
+            self.B += S.T @ SY
+        self.fill = 0
+
+    def finish(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(X^T X, X^T Y); frees the staging buffers."""
+        self._flush()
+        self.S = self.SY = self.C = None
+        _mirror_lower(self.A)  # float64: the upper triangle is stale; bf16: ~equal, one triangle is used
+        return self.A, self.B
+
+
+def _stream(files: List[SafetensorsFile], offsets: np.ndarray, chunk_rows: int, row_sets: Sequence[np.ndarray],
+            bar: Optional[_Progress] = None, check: bool = False) -> Iterator[Tuple[str, np.ndarray, int,
+                                                                                      List[Tuple[int, int]]]]:
+    """Reads the chunks of `chunk_rows` rows that hold a row of some set (sorted global row indices).
+
+    Yields (stored dtype, raw embedding rows, global index of the chunk's
+    first row, [(lo, hi)] per set: that set's rows in the chunk are
+    `rows[lo:hi]`). `check`: a ValueError names a row with a NaN/infinity.
+    """
+    for fi, f in enumerate(files):
+        e = f.info("embeddings")
+        for a in range(0, e.shape[0], chunk_rows):
+            b = min(e.shape[0], a + chunk_rows)
+            ga, gb = int(offsets[fi] + a), int(offsets[fi] + b)
+            spans = [(int(lo), int(hi)) for lo, hi in (np.searchsorted(rows, [ga, gb]) for rows in row_sets)]
+            if any(hi > lo for lo, hi in spans):
+                raw = f.read_rows("embeddings", a, b)
+                if check:
+                    bad = _first_nonfinite_row(raw, e.dtype)
+                    if bad >= 0:
+                        raise ValueError(f"{f.path}: row {a + bad}: the embedding has a NaN or infinite value")
+                yield e.dtype, raw, ga, spans
+            if bar is not None:
+                bar.update(b - a, 0)
+
+
+def _exact_residuals(files: List[SafetensorsFile], offsets: np.ndarray, chunk_rows: int, groups: List["_Group"],
+                     alphas: Sequence[float], pool: Optional[Any]) -> List[List[np.ndarray]]:
+    """Per group, per alpha: X^T (Y - X W) - alpha W over the group's training rows, in float64.
+
+    One pass over the files: the exact residuals of the current solutions
+    (`g.W`), whatever approximation of X^T X produced them.
+    """
+    na = len(alphas)
+    W_all = [np.concatenate(g.W, axis=1) for g in groups]
+    acc = [np.zeros_like(w) for w in W_all]
+
+    def one(t: Tuple[int, str, np.ndarray, int, int, int]) -> None:
+        gi, st, raw, ga, lo, hi = t
+        g = groups[gi]
+        X = np.empty((hi - lo, raw.shape[1]), dtype=np.float64)
+        _decode_into(raw[g.train_rows[lo:hi] - ga], st, X)
+        U = np.tile(g.Ytr[lo:hi], (1, na))
+        U -= X @ W_all[gi]
+        acc[gi] += X.T @ U
+
+    for st, raw, ga, spans in _stream(files, offsets, chunk_rows, [g.train_rows for g in groups]):
+        _pool_map(pool, one, [(gi, st, raw, ga, lo, hi) for gi, (lo, hi) in enumerate(spans) if hi > lo])
+    k = [len(g.objectives) for g in groups]
+    return [[acc[gi][:, i * k[gi]:(i + 1) * k[gi]] - a * g.W[i] for i, a in enumerate(alphas)]
+            for gi, g in enumerate(groups)]
+
+
 def _objective_names(files: List[SafetensorsFile], K: int, objectives: Optional[Sequence[str]]) -> List[str]:
     if objectives is not None:
         names = _resolve_objectives(objectives)
@@ -934,8 +1112,9 @@ def _objective_names(files: List[SafetensorsFile], K: int, objectives: Optional[
 def train(embeddings: Any, output: Optional[Union[str, os.PathLike]] = None, *,
           report: Optional[Union[str, os.PathLike]] = None, alphas: Sequence[float] = DEFAULT_ALPHAS,
           val_fraction: float = 0.2, seed: int = 42, objectives: Optional[Sequence[str]] = None,
-          solver: str = "auto", form: str = "auto", skip_unlabeled: bool = False, chunk_rows: int = 4096,
-          max_workers: Optional[int] = None, progress: ProgressArg = False, quiet: bool = True) -> Stage1Result:
+          solver: str = "auto", form: str = "auto", gram: str = "auto", skip_unlabeled: bool = False,
+          chunk_rows: int = 4096, max_workers: Optional[int] = None, progress: ProgressArg = False,
+          quiet: bool = True) -> Stage1Result:
     """Fits the [K, H] regression layer from stage-1 files (see the module docstring).
 
     `embeddings`: a glob, directory, file or list of them (sorted by path).
@@ -946,7 +1125,10 @@ def train(embeddings: Any, output: Optional[Union[str, os.PathLike]] = None, *,
     that converges fast, refined in float64 to float64 solutions),
     "cholesky" (one float64 factorization per alpha), "eigh" (one
     eigendecomposition per label mask) or "lu". `form`: "auto" (dual when a
-    mask has fewer training rows than H), "primal" or "dual".
+    mask has fewer training rows than H), "primal" or "dual". `gram`: how
+    X^T X is accumulated: "float64" (exact), "bf16" (bf16 embeddings, the
+    core's AVX512_BF16 GEMM, then the solutions refined against the exact rows
+    in float64 passes; needs solver "mixed") or "auto" (bf16 where it can).
     `skip_unlabeled`: an objective without training or validation labels
     gets a zero row marked in the report instead of an error.
     `max_workers`: threads for the X^T X products and the solves (default:
@@ -963,6 +1145,8 @@ def train(embeddings: Any, output: Optional[Union[str, os.PathLike]] = None, *,
         raise ValueError("solver='mixed' needs scipy (its LAPACK wrappers); install scipy or use 'cholesky'")
     if form not in ("auto", "primal", "dual"):
         raise ValueError(f"form must be auto, primal or dual, got {form!r}")
+    if gram not in ("auto", "bf16", "float64"):
+        raise ValueError(f"gram must be auto, bf16 or float64, got {gram!r}")
     if chunk_rows < 1:
         raise ValueError("chunk_rows must be >= 1")
     # auto: float32 factorizations refined to float64 answers when scipy is there (measured the fastest,
@@ -1050,100 +1234,123 @@ def train(embeddings: Any, output: Optional[Union[str, os.PathLike]] = None, *,
             raise ValueError(f"form='dual' would build a {g.train_rows.size} x {g.train_rows.size} kernel matrix "
                              f"for {', '.join(names[k] for k in ks)}; use form='auto' (primal when rows >= H)")
         g.Ytr = Y[g.train_rows][:, ks].astype(np.float64)
-        if g.form == "primal":
-            g.A = np.zeros((H, H), dtype=np.float64)
-            g.B = np.zeros((H, len(ks)), dtype=np.float64)
-        else:
-            g.A = np.empty((g.train_rows.size, H), dtype=np.float64)
         groups.append(g)
     val_rows = np.unique(np.concatenate([g.val_rows for g in groups])) if groups else np.zeros(0, np.int64)
     stored = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64}[emb_dtype]
     V = np.empty((val_rows.size, H), dtype=stored)
+    fast = emb_dtype == "BF16" and solver_used == "mixed" and _bf16_gemm_kernel() is not None
+    if gram == "bf16" and not fast:
+        why = "the embeddings are not bf16" if emb_dtype != "BF16" else \
+            "it needs the mixed solver (scipy)" if solver_used != "mixed" else "this CPU has no AVX512_BF16"
+        raise ValueError(f"gram='bf16' is not available: {why}; use gram='auto' or 'float64'")
+    fast = fast and gram != "float64"
     t_read = time.perf_counter()
-
-    # ---- one streaming pass: X^T X and X^T Y per primal group, rows of dual groups, validation rows ----
-    # Rows of a primal group are staged (float64, exact for every stored dtype) and accumulated
-    # `stage_rows` at a time, so each X^T X update is one large product (lower triangle only, in row
-    # blocks spread over the threads) whatever the chunk holds of that group.
-    stage_rows = 4096
-    for g in groups:
-        if g.form == "primal":
-            g.S = np.empty((min(stage_rows, g.train_rows.size), H), dtype=np.float64)
-            g.SY = np.empty((g.S.shape[0], len(g.objectives)), dtype=np.float64)
-            g.fill = 0
     notes: Dict[str, int] = {}
+
     with _blas_pool(max_workers) as pool:
+        threads = _pool_size(max_workers)
 
-        def flush(g: _Group) -> None:
-            if g.fill:
-                S = g.S[:g.fill]
-                _gram_add(g.A, S, pool)
-                g.B += S.T @ g.SY[:g.fill]
-                g.fill = 0
-
-        bar = _Progress(progress if progress is not None else False, N, 0, desc="accumulating X^T X", unit="row")
-        try:
-            for fi, f in enumerate(files):
-                e = f.info("embeddings")
-                for a in range(0, e.shape[0], chunk_rows):
-                    b = min(e.shape[0], a + chunk_rows)
-                    ga, gb = int(offsets[fi] + a), int(offsets[fi] + b)
-                    spans = [(g, *np.searchsorted(g.train_rows, [ga, gb])) for g in groups]
-                    vlo, vhi = np.searchsorted(val_rows, [ga, gb])
-                    if vhi == vlo and all(hi == lo for _, lo, hi in spans):
-                        bar.update(b - a, 0)
-                        continue
-                    raw = f.read_rows("embeddings", a, b)
-                    bad = _first_nonfinite_row(raw, e.dtype)
-                    if bad >= 0:
-                        raise ValueError(f"{f.path}: row {a + bad}: the embedding has a NaN or infinite value")
-                    for g, lo, hi in spans:
-                        if hi == lo:
-                            continue
-                        loc = g.train_rows[lo:hi] - ga
-                        if g.form == "dual":
-                            _decode_into(raw[loc], e.dtype, g.A[lo:hi])
-                            continue
-                        pos = 0
-                        while pos < loc.size:
-                            take = min(loc.size - pos, g.S.shape[0] - g.fill)
-                            _decode_into(raw[loc[pos:pos + take]], e.dtype, g.S[g.fill:g.fill + take])
-                            g.SY[g.fill:g.fill + take] = g.Ytr[lo + pos:lo + pos + take]
-                            g.fill += take
-                            pos += take
-                            if g.fill == g.S.shape[0]:
-                                flush(g)
-                    if vhi > vlo:
+        def accumulate(sel: List[_Group], mode: str, first: bool) -> None:
+            """One streaming pass: X^T X and X^T Y of `sel`'s primal groups, rows of its dual groups, and
+            (`first`) the validation rows."""
+            C = np.empty((H, H), dtype=np.float32) if mode == "bf16" else None
+            grams = [_Gram(H, len(g.objectives), g.train_rows.size, mode, pool, threads, C) if g.form == "primal"
+                     else None for g in sel]
+            for g in sel:
+                if g.form == "dual":
+                    g.A = np.empty((g.train_rows.size, H), dtype=np.float64)
+            bar = _Progress(progress if progress is not None and first else False, N, 0,
+                            desc="accumulating X^T X", unit="row")
+            try:
+                sets = [g.train_rows for g in sel] + ([val_rows] if first else [])
+                for st, raw, ga, spans in _stream(files, offsets, chunk_rows, sets, bar, check=first):
+                    for g, gr, (lo, hi) in zip(sel, grams, spans):
+                        if hi > lo:
+                            rows = raw[g.train_rows[lo:hi] - ga]
+                            if gr is None:
+                                _decode_into(rows, st, g.A[lo:hi])
+                            else:
+                                gr.add(rows, st, g.Ytr[lo:hi])
+                    if first and spans[-1][1] > spans[-1][0]:
+                        vlo, vhi = spans[-1]
                         rows_v = raw[val_rows[vlo:vhi] - ga]
-                        V[vlo:vhi] = rows_v if e.dtype == emb_dtype else to_float(rows_v, e.dtype, stored)
-                    bar.update(b - a, 0)
-            for g in groups:
-                if g.form == "primal":
-                    flush(g)
-                    g.S = g.SY = None
-                    _mirror_lower(g.A)
-        finally:
-            bar.close()
+                        V[vlo:vhi] = rows_v if st == emb_dtype else to_float(rows_v, st, stored)
+            finally:
+                bar.close()
+            for g, gr in zip(sel, grams):
+                g.gram = "float64" if gr is None else mode
+                if gr is not None:
+                    g.A, g.B = gr.finish()
+
+        def solve(sel: List[_Group]) -> None:
+            """Every alpha's solution for `sel`: primal (X^T X + a I) W = X^T Y; dual (X X^T + a I) C = Y,
+            W = X^T C."""
+            def system(g: _Group) -> Tuple[np.ndarray, np.ndarray]:
+                return (g.A, g.B) if g.form == "primal" else (g.A @ g.A.T, g.Ytr)
+
+            per_alpha = solver_used in ("cholesky", "lu")  # one factorization per alpha: independent tasks
+            tasks = [(i, [a]) for i in range(len(sel)) for a in alphas] if per_alpha else \
+                [(i, alphas) for i in range(len(sel))]
+            solved = _pool_map(pool, lambda t: _solve_all_alphas(*system(sel[t[0]]), t[1], solver_used, threads),
+                               tasks)
+            for _, info, _ in solved:
+                for key, v in info.items():
+                    notes[key] = notes.get(key, 0) + v
+            for i, g in enumerate(sel):
+                W = [w for (j, _), (ws, _, _) in zip(tasks, solved) if j == i for w in ws]
+                g.W = W if g.form == "primal" else [g.A.T @ c for c in W]
+                g.solver = next((ms for (j, _), (_, _, ms) in zip(tasks, solved) if j == i), None)
+                if g.gram != "bf16":
+                    g.A = g.B = g.solver = None  # free: only bf16-gram solutions get corrected
+
+        accumulate(groups, "bf16" if fast else "float64", first=True)
         t_acc = time.perf_counter()
+        solve(groups)
+        t_solve = time.perf_counter()
 
-        # ---- solve every alpha, validation MSE, choice ---------------------------------------------
-        # primal: (X^T X + a I) W = X^T Y ; dual: (X X^T + a I) C = Y, W = X^T C
-        def system(g: _Group) -> Tuple[np.ndarray, np.ndarray]:
-            return (g.A, g.B) if g.form == "primal" else (g.A @ g.A.T, g.Ytr)
+        # ---- bf16 X^T X: correct the solutions against the exact rows (float64 residuals) ---------------
+        # W += (X~^T X~ + a I)^-1 (X^T (Y - X W) - a W), one pass over the files each: the error shrinks by
+        # about the relative error that X~^T X~ caused. Done when the estimated remaining change is below
+        # _REFINE_TOL; a mask whose corrections do not shrink fast is accumulated again in float64.
+        pending = [g for g in groups if g.gram == "bf16"]
+        while pending:
+            residuals = _exact_residuals(files, offsets, chunk_rows, pending, alphas, pool)
 
-        per_alpha = solver_used in ("cholesky", "lu")  # one factorization per alpha: independent tasks
-        tasks = [(i, [a]) for i in range(len(groups)) for a in alphas] if per_alpha else \
-            [(i, alphas) for i in range(len(groups))]
-        solved = _pool_map(pool, lambda t: _solve_all_alphas(*system(groups[t[0]]), t[1], solver_used), tasks)
-    for _, info in solved:
-        for key, v in info.items():
-            notes[key] = notes.get(key, 0) + v
-    for i, g in enumerate(groups):
-        W = [w for (j, _), (ws, _) in zip(tasks, solved) if j == i for w in ws]
-        g.W = W if g.form == "primal" else [g.A.T @ c for c in W]
-    solved = []  # free
+            def correct(t: Tuple[_Group, List[np.ndarray]]) -> Optional[List[np.ndarray]]:
+                try:
+                    return t[0].solver.solve(t[1], tol=1e-6)
+                except np.linalg.LinAlgError:
+                    return None
+
+            again, redo = [], []
+            for g, D in zip(pending, _pool_map(pool, correct, list(zip(pending, residuals)))):
+                if D is None:
+                    redo.append(g)
+                    continue
+                g.W = [w + d for w, d in zip(g.W, D)]
+                g.changes.append(max(_col_change(d, w) for w, d in zip(g.W, D)))
+                c = g.changes
+                rate = c[-1] / c[-2] if len(c) > 1 and c[-2] > 0 else math.nan
+                # after the first pass the contraction is estimated by the first correction itself (the
+                # relative error X~^T X~ caused), with a margin of 10
+                est = 10 * c[0] * c[0] if len(c) == 1 else (c[-1] * rate / (1 - rate) if rate < 0.5 else math.inf)
+                if c[-1] == 0 or est <= _REFINE_TOL:
+                    g.est_error = est
+                elif c[0] > 1e-2 or rate > 0.1 or len(c) >= 4:
+                    redo.append(g)
+                else:
+                    again.append(g)
+            for g in pending:
+                if g not in again:
+                    g.A = g.B = g.solver = None
+            if redo:  # too far from float64 for refinement: X^T X again, exactly
+                for g in redo:
+                    g.fallback = True
+                accumulate(redo, "float64", first=False)
+                solve(redo)
+            pending = again
+    t_refine = time.perf_counter()
     for g in groups:
-        g.A = g.B = None  # free
         W_all = np.concatenate(g.W, axis=1)  # [H, n_alpha * k]
         kk = len(g.objectives)
         Yv = Y[g.val_rows][:, g.objectives].astype(np.float64)
@@ -1154,7 +1361,7 @@ def train(embeddings: Any, output: Optional[Union[str, os.PathLike]] = None, *,
             R = Xv @ W_all - np.tile(Yv[s:s + chunk_rows], (1, len(alphas)))
             sse += np.einsum("ij,ij->j", R, R)
         g.mse = (sse / g.val_rows.size).reshape(len(alphas), kk)
-    t_solve = time.perf_counter()
+    t_val = time.perf_counter()
 
     weight = np.zeros((K, H), dtype=np.float32)
     for gi, g in enumerate(groups):
@@ -1173,10 +1380,15 @@ def train(embeddings: Any, output: Optional[Union[str, os.PathLike]] = None, *,
         "solver": "+".join(sorted(k for k in notes if " " not in k)) or solver_used,
         "solver_work": {k: v for k, v in notes.items() if " " in k},
         "groups": [{"objectives": [names[k] for k in g.objectives], "form": g.form,
-                    "train_count": int(g.train_rows.size), "val_count": int(g.val_rows.size)} for g in groups],
+                    "train_count": int(g.train_rows.size), "val_count": int(g.val_rows.size),
+                    "gram": "bf16, refined" if g.changes and not g.fallback else
+                    "float64 (bf16 refinement too slow)" if g.fallback else "float64",
+                    **({"exact_passes": len(g.changes), "corrections": g.changes,
+                        "estimated_rel_error": g.est_error} if g.changes and not g.fallback else {})}
+                   for g in groups],
         "objectives": entries, "warnings": report_warnings,
-        "timings_s": {"read_labels": t_read - t0, "accumulate": t_acc - t_read, "solve_validate": t_solve - t_acc,
-                      "total": t_end - t0},
+        "timings_s": {"read_labels": t_read - t0, "accumulate": t_acc - t_read, "solve": t_solve - t_acc,
+                      "refine": t_refine - t_solve, "validate": t_val - t_refine, "total": t_end - t0},
     }
     result = Stage1Result(weight, names, rep)
     if output is not None:
