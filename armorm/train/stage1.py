@@ -1065,11 +1065,12 @@ def _stream(files: List[SafetensorsFile], offsets: np.ndarray, chunk_rows: int, 
 
 
 def _exact_residuals(files: List[SafetensorsFile], offsets: np.ndarray, chunk_rows: int, groups: List["_Group"],
-                     alphas: Sequence[float], pool: Optional[Any]) -> List[List[np.ndarray]]:
+                     alphas: Sequence[float], pool: Optional[Any], block: int = 4096) -> List[List[np.ndarray]]:
     """Per group, per alpha: X^T (Y - X W) - alpha W over the group's training rows, in float64.
 
     One pass over the files: the exact residuals of the current solutions
-    (`g.W`), whatever approximation of X^T X produced them.
+    (`g.W`), whatever approximation of X^T X produced them. Rows are decoded
+    `block` at a time, so both products read them from cache.
     """
     na = len(alphas)
     W_all = [np.concatenate(g.W, axis=1) for g in groups]
@@ -1078,13 +1079,17 @@ def _exact_residuals(files: List[SafetensorsFile], offsets: np.ndarray, chunk_ro
     def one(t: Tuple[int, str, np.ndarray, int, int, int]) -> None:
         gi, st, raw, ga, lo, hi = t
         g = groups[gi]
-        X = np.empty((hi - lo, raw.shape[1]), dtype=np.float64)
-        _decode_into(raw[g.train_rows[lo:hi] - ga], st, X)
-        U = np.tile(g.Ytr[lo:hi], (1, na))
-        U -= X @ W_all[gi]
-        acc[gi] += X.T @ U
+        X = np.empty((min(block, hi - lo), raw.shape[1]), dtype=np.float64)
+        for a in range(lo, hi, block):
+            b = min(hi, a + block)
+            Xb = X[:b - a]
+            _decode_into(raw[g.train_rows[a:b] - ga], st, Xb)
+            U = np.tile(g.Ytr[a:b], (1, na))
+            U -= Xb @ W_all[gi]
+            acc[gi] += Xb.T @ U
 
     for st, raw, ga, spans in _stream(files, offsets, chunk_rows, [g.train_rows for g in groups]):
+        # one task per group and chunk: a group's sum is only ever updated by one thread at a time
         _pool_map(pool, one, [(gi, st, raw, ga, lo, hi) for gi, (lo, hi) in enumerate(spans) if hi > lo])
     k = [len(g.objectives) for g in groups]
     return [[acc[gi][:, i * k[gi]:(i + 1) * k[gi]] - a * g.W[i] for i, a in enumerate(alphas)]
