@@ -65,6 +65,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -637,8 +638,9 @@ def _tri_solve(L: np.ndarray, B: np.ndarray, lower: bool, block: int = 256) -> n
     return X
 
 
-def _solve_all_alphas(M: np.ndarray, B: np.ndarray, alphas: Sequence[float], solver: str,
-                      threads: int = 1) -> Tuple[List[np.ndarray], Dict[str, int], Optional["_MixedSolver"]]:
+def _solve_all_alphas(M: np.ndarray, B: np.ndarray, alphas: Sequence[float], solver: str, threads: int = 1,
+                      scratch: Optional[_Scratch] = None) -> Tuple[List[np.ndarray], Dict[str, int],
+                                                                   Optional["_MixedSolver"]]:
     """Solutions of (M + alpha I) X = B for every alpha (M symmetric positive semi-definite).
 
     "mixed": float32 Cholesky factors refined to float64 accuracy
@@ -655,7 +657,7 @@ def _solve_all_alphas(M: np.ndarray, B: np.ndarray, alphas: Sequence[float], sol
             solver = "cholesky"
         else:
             try:
-                ms = _MixedSolver(M, alphas, lapack, threads)
+                ms = _MixedSolver(M, alphas, lapack, threads, scratch)
                 W = ms.solve([B] * len(alphas))
                 return W, {"mixed": 1, **ms.counts}, ms
             except np.linalg.LinAlgError:
@@ -744,6 +746,33 @@ class _Lapack:
         return X.T
 
 
+class _Scratch:
+    """Large arrays handed back for reuse by later requests of the same shape and dtype (thread-safe).
+
+    First touching fresh memory (the kernel clearing its pages) was measured
+    at 0.5-2 GB/s on a small VM: for the factors and row buffers of a run,
+    about as much time as the factorizations themselves.
+    """
+
+    def __init__(self) -> None:
+        self._free: Dict[int, List[np.ndarray]] = {}  # by size in bytes: raw uint8 buffers
+        self._lock = threading.Lock()
+
+    def get(self, shape: Tuple[int, ...], dtype: Any) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        with self._lock:
+            free = self._free.get(nbytes)
+            buf = free.pop() if free else None
+        return np.empty(shape, dtype=dtype) if buf is None else buf.view(dtype).reshape(shape)
+
+    def put(self, a: Optional[np.ndarray]) -> None:
+        """Hands `a` (C-contiguous; nothing else may use it any more) back for reuse."""
+        if a is not None and a.flags.c_contiguous and a.nbytes:
+            with self._lock:
+                self._free.setdefault(a.nbytes, []).append(a.reshape(-1).view(np.uint8))
+
+
 def _pow2(x: float) -> float:
     """The power of two nearest below 1/|x| (1.0 for 0 or non-finite): an exact scale factor."""
     return 2.0 ** -math.frexp(x)[1] if x and math.isfinite(x) else 1.0
@@ -756,9 +785,11 @@ class _Factor:
     copy neither overflows nor underflows.
     """
 
-    def __init__(self, lapack: _Lapack, M: np.ndarray, alpha: float, dtype: Any, scale: float) -> None:
+    def __init__(self, lapack: _Lapack, M: np.ndarray, alpha: float, dtype: Any, scale: float,
+                 scratch: Optional[_Scratch] = None) -> None:
         n = M.shape[0]
-        self.L = np.multiply(M, scale, dtype=dtype)
+        self.L = scratch.get(M.shape, dtype) if scratch is not None else np.empty(M.shape, dtype=dtype)
+        np.multiply(M, scale, out=self.L, casting="same_kind")
         self.L.flat[:: n + 1] += dtype(alpha * scale)
         self.ok = lapack.potrf(self.L) == 0 and bool(np.isfinite(self.L.diagonal()).all())
         self.lapack, self.alpha, self.dtype, self.scale = lapack, alpha, dtype, scale
@@ -795,8 +826,9 @@ class _MixedSolver:
     the eigendecomposition).
     """
 
-    def __init__(self, M: np.ndarray, alphas: Sequence[float], lapack: _Lapack, threads: int = 1) -> None:
-        self.M, self.alphas, self.lapack, self.threads = M, list(alphas), lapack, threads
+    def __init__(self, M: np.ndarray, alphas: Sequence[float], lapack: _Lapack, threads: int = 1,
+                 scratch: Optional[_Scratch] = None) -> None:
+        self.M, self.alphas, self.lapack, self.threads, self.scratch = M, list(alphas), lapack, threads, scratch
         diag = M.diagonal()
         self.scale = _pow2(float(diag.max())) if diag.size else 1.0
         self.counts = {"float32 factorizations": 0, "float64 factorizations": 0, "refinement sweeps": 0}
@@ -807,11 +839,20 @@ class _MixedSolver:
 
     def _factor(self, a: float, dtype: Any) -> _Factor:
         for dt in ((np.float32, np.float64) if dtype == np.float32 else (np.float64,)):
-            f = _Factor(self.lapack, self.M, a, dt, self.scale)
+            f = _Factor(self.lapack, self.M, a, dt, self.scale, self.scratch)
+            if self.scratch is not None and not f.ok:
+                self.scratch.put(f.L)
             if f.ok:
                 self.counts["float32 factorizations" if dt == np.float32 else "float64 factorizations"] += 1
                 return f
         raise np.linalg.LinAlgError(f"M + {a} I is not numerically positive definite")
+
+    def release(self) -> None:
+        """Hands the factors back to the scratch pool; the solver cannot be used afterwards."""
+        if self.scratch is not None:
+            for f in {id(f): f for f in self.fac}.values():
+                self.scratch.put(f.L)
+        self.fac = []
 
     def _better_factor(self, i: int) -> Optional[_Factor]:
         """Alpha i's own float32 factor when it shares one, float64 when it has float32; None after that."""
@@ -867,6 +908,8 @@ class _MixedSolver:
             slow_fac = _thread_map(self.threads, self._better_factor, slow)
             for i, f in zip(slow, slow_fac):
                 if f is not None:
+                    if self.own[i] and self.scratch is not None:
+                        self.scratch.put(self.fac[i].L)  # its float32 factor is replaced: no one else uses it
                     self.fac[i], self.own[i] = f, True
                     W[i][...] = 0.0
                     change[i] = math.inf
@@ -978,36 +1021,36 @@ def _bf16_parts(Y: np.ndarray) -> np.ndarray:
 class _Gram:
     """X^T X and X^T Y of one label mask's training rows, accumulated as the rows stream by.
 
-    mode "float64": exact (every stored dtype is a subset of float64), staged
-    rows multiplied `stage_rows` at a time, lower triangle only, in row blocks
-    on the pool's threads. mode "bf16" (bf16 rows, the core's AVX512_BF16
-    GEMM): exact products, float32 sums over each block of `stage_rows` rows,
+    Rows are staged as stored and multiplied `stage_rows` at a time. mode
+    "float64": exact (every stored dtype is a subset of float64): the staged
+    rows decoded into `work` (float64 [stage_rows, H], shared by the groups),
+    lower triangle only, in row blocks on the pool's threads. mode "bf16"
+    (bf16 rows, the core's AVX512_BF16 GEMM): exact products, float32 sums
+    over each block of `stage_rows` rows (into `work`, float32 [H, H]),
     float64 across blocks; X^T Y the same way from Y split into three bf16
     parts. An approximation (about 1e-6 relative): `train` refines its
     solutions against the exact rows afterwards.
     """
 
-    def __init__(self, H: int, k: int, rows: int, mode: str, pool: Optional[Any], threads: int,
-                 C: Optional[np.ndarray] = None, stage_rows: int = 4096) -> None:
-        n = min(stage_rows, rows)
+    def __init__(self, H: int, k: int, rows: int, mode: str, st_dtype: str, pool: Optional[Any], threads: int,
+                 work: np.ndarray, scratch: _Scratch, stage_rows: int = 4096) -> None:
+        stored = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64}[st_dtype]
         self.A = np.zeros((H, H), dtype=np.float64)
         self.B = np.zeros((H, k), dtype=np.float64)
-        self.mode, self.pool, self.threads = mode, pool, threads
-        self.S = np.empty((n, H), dtype=np.uint16 if mode == "bf16" else np.float64)
-        self.SY = np.empty((n, k), dtype=np.float64)
-        self.C = C  # bf16: float32 [H, H] scratch for one block's product (shared by the groups)
+        self.mode, self.st_dtype, self.pool, self.threads, self.work = mode, st_dtype, pool, threads, work
+        self.scratch = scratch
+        self.S = scratch.get((min(stage_rows, rows), H), stored)
+        self.SY = np.empty((self.S.shape[0], k), dtype=np.float64)
         self.fill = 0
 
     def add(self, raw: np.ndarray, st_dtype: str, Y: np.ndarray) -> None:
-        """Adds stored embedding rows `raw` (bf16 bits for mode "bf16") and their labels."""
+        """Adds embedding rows as stored (`st_dtype`) and their labels."""
         pos = 0
         while pos < len(raw):
             take = min(len(raw) - pos, self.S.shape[0] - self.fill)
             dst = self.S[self.fill:self.fill + take]
-            if self.mode == "bf16":
-                dst[...] = raw[pos:pos + take]
-            else:
-                _decode_into(raw[pos:pos + take], st_dtype, dst)
+            dst[...] = raw[pos:pos + take] if st_dtype == self.st_dtype else \
+                to_float(raw[pos:pos + take], st_dtype, self.S.dtype)  # files of mixed dtypes: as float
             self.SY[self.fill:self.fill + take] = Y[pos:pos + take]
             self.fill += take
             pos += take
@@ -1020,52 +1063,66 @@ class _Gram:
         S, SY = self.S[:self.fill], self.SY[:self.fill]
         if self.mode == "bf16":
             from .. import _core
-            _core.gemm(S, S, trans_a=True, out=self.C, num_threads=self.threads)
-            self.A += self.C
+            _core.gemm(S, S, trans_a=True, out=self.work, num_threads=self.threads)
+            self.A += self.work
             k = SY.shape[1]
             self.B += _core.gemm(S, _bf16_parts(SY), trans_a=True, num_threads=self.threads) \
                 .reshape(-1, 3, k).sum(axis=1, dtype=np.float64)
         else:
-            _gram_add(self.A, S, self.pool)
-            self.B += S.T @ SY
+            X = self.work[:self.fill]
+            _decode_into(S, self.st_dtype, X)
+            _gram_add(self.A, X, self.pool)
+            self.B += X.T @ SY
         self.fill = 0
 
     def finish(self) -> Tuple[np.ndarray, np.ndarray]:
-        """(X^T X, X^T Y); frees the staging buffers."""
+        """(X^T X, X^T Y); hands the staging buffer back."""
         self._flush()
-        self.S = self.SY = self.C = None
+        self.scratch.put(self.S)
+        self.S = self.SY = self.work = None
         _mirror_lower(self.A)  # float64: the upper triangle is stale; bf16: ~equal, one triangle is used
         return self.A, self.B
 
 
 def _stream(files: List[SafetensorsFile], offsets: np.ndarray, chunk_rows: int, row_sets: Sequence[np.ndarray],
-            bar: Optional[_Progress] = None, check: bool = False) -> Iterator[Tuple[str, np.ndarray, int,
-                                                                                      List[Tuple[int, int]]]]:
+            bar: Optional[_Progress] = None, check: bool = False,
+            scratch: Optional[_Scratch] = None) -> Iterator[Tuple[str, np.ndarray, int, List[Tuple[int, int]]]]:
     """Reads the chunks of `chunk_rows` rows that hold a row of some set (sorted global row indices).
 
     Yields (stored dtype, raw embedding rows, global index of the chunk's
     first row, [(lo, hi)] per set: that set's rows in the chunk are
-    `rows[lo:hi]`). `check`: a ValueError names a row with a NaN/infinity.
+    `rows[lo:hi]`; the raw rows are only valid until the next chunk). `check`:
+    a ValueError names a row with a NaN/infinity.
     """
-    for fi, f in enumerate(files):
-        e = f.info("embeddings")
-        for a in range(0, e.shape[0], chunk_rows):
-            b = min(e.shape[0], a + chunk_rows)
-            ga, gb = int(offsets[fi] + a), int(offsets[fi] + b)
-            spans = [(int(lo), int(hi)) for lo, hi in (np.searchsorted(rows, [ga, gb]) for rows in row_sets)]
-            if any(hi > lo for lo, hi in spans):
-                raw = f.read_rows("embeddings", a, b)
-                if check:
-                    bad = _first_nonfinite_row(raw, e.dtype)
-                    if bad >= 0:
-                        raise ValueError(f"{f.path}: row {a + bad}: the embedding has a NaN or infinite value")
-                yield e.dtype, raw, ga, spans
-            if bar is not None:
-                bar.update(b - a, 0)
+    bufs: Dict[str, np.ndarray] = {}
+    try:
+        for fi, f in enumerate(files):
+            e = f.info("embeddings")
+            for a in range(0, e.shape[0], chunk_rows):
+                b = min(e.shape[0], a + chunk_rows)
+                ga, gb = int(offsets[fi] + a), int(offsets[fi] + b)
+                spans = [(int(lo), int(hi)) for lo, hi in (np.searchsorted(rows, [ga, gb]) for rows in row_sets)]
+                if any(hi > lo for lo, hi in spans):
+                    if e.dtype not in bufs:
+                        shape = (chunk_rows,) + tuple(e.shape[1:])
+                        bufs[e.dtype] = scratch.get(shape, e.np_dtype) if scratch else np.empty(shape, e.np_dtype)
+                    raw = f.read_rows("embeddings", a, b, out=bufs[e.dtype][:b - a])
+                    if check:
+                        bad = _first_nonfinite_row(raw, e.dtype)
+                        if bad >= 0:
+                            raise ValueError(f"{f.path}: row {a + bad}: the embedding has a NaN or infinite value")
+                    yield e.dtype, raw, ga, spans
+                if bar is not None:
+                    bar.update(b - a, 0)
+    finally:
+        if scratch is not None:
+            for buf in bufs.values():
+                scratch.put(buf)
 
 
 def _exact_residuals(files: List[SafetensorsFile], offsets: np.ndarray, chunk_rows: int, groups: List["_Group"],
-                     alphas: Sequence[float], pool: Optional[Any], block: int = 4096) -> List[List[np.ndarray]]:
+                     alphas: Sequence[float], pool: Optional[Any], scratch: _Scratch,
+                     block: int = 512) -> List[List[np.ndarray]]:
     """Per group, per alpha: X^T (Y - X W) - alpha W over the group's training rows, in float64.
 
     One pass over the files: the exact residuals of the current solutions
@@ -1079,7 +1136,7 @@ def _exact_residuals(files: List[SafetensorsFile], offsets: np.ndarray, chunk_ro
     def one(t: Tuple[int, str, np.ndarray, int, int, int]) -> None:
         gi, st, raw, ga, lo, hi = t
         g = groups[gi]
-        X = np.empty((min(block, hi - lo), raw.shape[1]), dtype=np.float64)
+        X = scratch.get((block, raw.shape[1]), np.float64)
         for a in range(lo, hi, block):
             b = min(hi, a + block)
             Xb = X[:b - a]
@@ -1087,8 +1144,9 @@ def _exact_residuals(files: List[SafetensorsFile], offsets: np.ndarray, chunk_ro
             U = np.tile(g.Ytr[a:b], (1, na))
             U -= Xb @ W_all[gi]
             acc[gi] += Xb.T @ U
+        scratch.put(X)
 
-    for st, raw, ga, spans in _stream(files, offsets, chunk_rows, [g.train_rows for g in groups]):
+    for st, raw, ga, spans in _stream(files, offsets, chunk_rows, [g.train_rows for g in groups], scratch=scratch):
         # one task per group and chunk: a group's sum is only ever updated by one thread at a time
         _pool_map(pool, one, [(gi, st, raw, ga, lo, hi) for gi, (lo, hi) in enumerate(spans) if hi > lo])
     k = [len(g.objectives) for g in groups]
@@ -1252,15 +1310,22 @@ def train(embeddings: Any, output: Optional[Union[str, os.PathLike]] = None, *,
     t_read = time.perf_counter()
     notes: Dict[str, int] = {}
 
+    scratch = _Scratch()  # factors and row buffers, reused
+
+    def release(g: _Group) -> None:
+        if g.solver is not None:
+            g.solver.release()
+        g.A = g.B = g.solver = None
+
     with _blas_pool(max_workers) as pool:
         threads = _pool_size(max_workers)
 
         def accumulate(sel: List[_Group], mode: str, first: bool) -> None:
             """One streaming pass: X^T X and X^T Y of `sel`'s primal groups, rows of its dual groups, and
             (`first`) the validation rows."""
-            C = np.empty((H, H), dtype=np.float32) if mode == "bf16" else None
-            grams = [_Gram(H, len(g.objectives), g.train_rows.size, mode, pool, threads, C) if g.form == "primal"
-                     else None for g in sel]
+            work = scratch.get((H, H), np.float32) if mode == "bf16" else scratch.get((4096, H), np.float64)
+            grams = [_Gram(H, len(g.objectives), g.train_rows.size, mode, emb_dtype, pool, threads, work, scratch)
+                     if g.form == "primal" else None for g in sel]
             for g in sel:
                 if g.form == "dual":
                     g.A = np.empty((g.train_rows.size, H), dtype=np.float64)
@@ -1268,7 +1333,7 @@ def train(embeddings: Any, output: Optional[Union[str, os.PathLike]] = None, *,
                             desc="accumulating X^T X", unit="row")
             try:
                 sets = [g.train_rows for g in sel] + ([val_rows] if first else [])
-                for st, raw, ga, spans in _stream(files, offsets, chunk_rows, sets, bar, check=first):
+                for st, raw, ga, spans in _stream(files, offsets, chunk_rows, sets, bar, first, scratch):
                     for g, gr, (lo, hi) in zip(sel, grams, spans):
                         if hi > lo:
                             rows = raw[g.train_rows[lo:hi] - ga]
@@ -1286,6 +1351,7 @@ def train(embeddings: Any, output: Optional[Union[str, os.PathLike]] = None, *,
                 g.gram = "float64" if gr is None else mode
                 if gr is not None:
                     g.A, g.B = gr.finish()
+            scratch.put(work)
 
         def solve(sel: List[_Group]) -> None:
             """Every alpha's solution for `sel`: primal (X^T X + a I) W = X^T Y; dual (X X^T + a I) C = Y,
@@ -1296,8 +1362,8 @@ def train(embeddings: Any, output: Optional[Union[str, os.PathLike]] = None, *,
             per_alpha = solver_used in ("cholesky", "lu")  # one factorization per alpha: independent tasks
             tasks = [(i, [a]) for i in range(len(sel)) for a in alphas] if per_alpha else \
                 [(i, alphas) for i in range(len(sel))]
-            solved = _pool_map(pool, lambda t: _solve_all_alphas(*system(sel[t[0]]), t[1], solver_used, threads),
-                               tasks)
+            solved = _pool_map(pool, lambda t: _solve_all_alphas(*system(sel[t[0]]), t[1], solver_used, threads,
+                                                                 scratch), tasks)
             for _, info, _ in solved:
                 for key, v in info.items():
                     notes[key] = notes.get(key, 0) + v
@@ -1306,7 +1372,7 @@ def train(embeddings: Any, output: Optional[Union[str, os.PathLike]] = None, *,
                 g.W = W if g.form == "primal" else [g.A.T @ c for c in W]
                 g.solver = next((ms for (j, _), (_, _, ms) in zip(tasks, solved) if j == i), None)
                 if g.gram != "bf16":
-                    g.A = g.B = g.solver = None  # free: only bf16-gram solutions get corrected
+                    release(g)  # only bf16-gram solutions get corrected
 
         accumulate(groups, "bf16" if fast else "float64", first=True)
         t_acc = time.perf_counter()
@@ -1319,7 +1385,7 @@ def train(embeddings: Any, output: Optional[Union[str, os.PathLike]] = None, *,
         # _REFINE_TOL; a mask whose corrections do not shrink fast is accumulated again in float64.
         pending = [g for g in groups if g.gram == "bf16"]
         while pending:
-            residuals = _exact_residuals(files, offsets, chunk_rows, pending, alphas, pool)
+            residuals = _exact_residuals(files, offsets, chunk_rows, pending, alphas, pool, scratch)
 
             def correct(t: Tuple[_Group, List[np.ndarray]]) -> Optional[List[np.ndarray]]:
                 try:
@@ -1347,7 +1413,7 @@ def train(embeddings: Any, output: Optional[Union[str, os.PathLike]] = None, *,
                     again.append(g)
             for g in pending:
                 if g not in again:
-                    g.A = g.B = g.solver = None
+                    release(g)
             if redo:  # too far from float64 for refinement: X^T X again, exactly
                 for g in redo:
                     g.fallback = True
@@ -1361,11 +1427,15 @@ def train(embeddings: Any, output: Optional[Union[str, os.PathLike]] = None, *,
         Yv = Y[g.val_rows][:, g.objectives].astype(np.float64)
         sse = np.zeros(W_all.shape[1])
         pos = np.searchsorted(val_rows, g.val_rows)
+        Xv = scratch.get((chunk_rows, H), np.float64)
         for s in range(0, pos.size, chunk_rows):
-            Xv = to_float(V[pos[s:s + chunk_rows]], emb_dtype, np.float64)
-            R = Xv @ W_all - np.tile(Yv[s:s + chunk_rows], (1, len(alphas)))
+            n = min(chunk_rows, pos.size - s)
+            _decode_into(V[pos[s:s + n]], emb_dtype, Xv[:n])
+            R = Xv[:n] @ W_all - np.tile(Yv[s:s + n], (1, len(alphas)))
             sse += np.einsum("ij,ij->j", R, R)
         g.mse = (sse / g.val_rows.size).reshape(len(alphas), kk)
+        scratch.put(Xv)
+    scratch = None  # free
     t_val = time.perf_counter()
 
     weight = np.zeros((K, H), dtype=np.float32)
