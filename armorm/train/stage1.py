@@ -848,19 +848,23 @@ class _MixedSolver:
         self.scale = _pow2(float(diag.max())) if diag.size else 1.0
         self.counts = {"float32 factorizations": 0, "float64 factorizations": 0, "refinement sweeps": 0}
         first = int(np.argmin(self.alphas))
-        shared = self._factor(self.alphas[first], np.float32)
+        shared = self._count(self._factor(self.alphas[first], np.float32))
         self.fac = [shared] * len(self.alphas)
         self.own = [i == first for i in range(len(self.alphas))]
 
     def _factor(self, a: float, dtype: Any) -> _Factor:
+        """Factor of M + a I in `dtype`, float64 when float32 finds it indefinite (thread-safe)."""
         for dt in ((np.float32, np.float64) if dtype == np.float32 else (np.float64,)):
             f = _Factor(self.lapack, self.M, a, dt, self.scale, self.scratch)
-            if self.scratch is not None and not f.ok:
-                self.scratch.put(f.L)
             if f.ok:
-                self.counts["float32 factorizations" if dt == np.float32 else "float64 factorizations"] += 1
                 return f
+            if self.scratch is not None:
+                self.scratch.put(f.L)
         raise np.linalg.LinAlgError(f"M + {a} I is not numerically positive definite")
+
+    def _count(self, f: _Factor) -> _Factor:
+        self.counts["float32 factorizations" if f.dtype == np.float32 else "float64 factorizations"] += 1
+        return f
 
     def release(self) -> None:
         """Hands the factors back to the scratch pool; the solver cannot be used afterwards."""
@@ -925,7 +929,7 @@ class _MixedSolver:
                 if f is not None:
                     if self.own[i] and self.scratch is not None:
                         self.scratch.put(self.fac[i].L)  # its float32 factor is replaced: no one else uses it
-                    self.fac[i], self.own[i] = f, True
+                    self.fac[i], self.own[i] = self._count(f), True
                     W[i][...] = 0.0
                     change[i] = math.inf
                 elif change[i] <= 1e-2:
@@ -1403,6 +1407,8 @@ def train(embeddings: Any, output: Optional[Union[str, os.PathLike]] = None, *,
             residuals = _exact_residuals(files, offsets, chunk_rows, pending, alphas, pool, scratch)
 
             def correct(t: Tuple[_Group, List[np.ndarray]]) -> Optional[List[np.ndarray]]:
+                if t[0].solver is None:  # solved by the eigendecomposition: no factors to correct with
+                    return None
                 try:
                     return t[0].solver.solve(t[1], tol=1e-6)
                 except np.linalg.LinAlgError:
