@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -279,6 +280,12 @@ def test_lapack_wrapper_matches_numpy():
         assert rel(lapack.potrs(L, B), np.linalg.solve(M, B)) < tol
     bad = -np.eye(4)
     assert lapack.potrf(bad) == 1  # not positive definite: LAPACK's info names the failing column
+    with pytest.raises(ValueError, match="C-contiguous square"):
+        lapack.potrf(np.eye(4)[:, :3].copy())
+    with pytest.raises(ValueError, match="C-contiguous square"):
+        lapack.potrf(np.asfortranarray(np.eye(4))[:, ::2])
+    with pytest.raises(ValueError, match="do not fit a 50 x 50 factor"):
+        lapack.potrs(L, B[:10])
 
 
 def test_bf16_gram_refinement_equals_float64_gram(synth, tmp_path, monkeypatch):
@@ -310,6 +317,11 @@ def test_gram_and_solver_choices(synth, tmp_path, monkeypatch):
         stage1.train(glob, gram="fp16")
     res = stage1.train(f32)
     assert {g["gram"] for g in res.report["groups"]} == {"float64"} and res.report["solver"] == "mixed"
+    # without threadpoolctl: no thread pool (BLAS's own threads), the same answer
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "threadpoolctl", None)  # import fails
+        alone = stage1.train(f32)
+    np.testing.assert_allclose(alone.weight, res.weight, rtol=0, atol=1e-6 * np.abs(res.weight).max())
     # without scipy: one float64 Cholesky factorization per alpha, float64 X^T X
     monkeypatch.setattr(stage1, "_scipy_lapack", lambda: None)
     res = stage1.train(glob)

@@ -739,9 +739,14 @@ class _Lapack:
         self._potrs = {np.dtype(np.float32): fn("spotrs", potrs), np.dtype(np.float64): fn("dpotrs", potrs)}
         self._C = C
 
+    def _check(self, A: np.ndarray) -> None:
+        if A.ndim != 2 or A.shape[0] != A.shape[1] or not A.flags.c_contiguous or A.dtype not in self._potrf:
+            raise ValueError(f"LAPACK needs a C-contiguous square float32/float64 matrix, got {A.dtype} "
+                             f"{list(A.shape)}")
+
     def potrf(self, A: np.ndarray) -> int:
         """Factors the C-ordered symmetric positive definite A in place; LAPACK's info (0: done)."""
-        assert A.flags.c_contiguous and A.shape[0] == A.shape[1] and A.dtype in self._potrf
+        self._check(A)
         C = self._C
         n, info = C.c_int(A.shape[0]), C.c_int(0)
         self._potrf[A.dtype](b"L", C.byref(n), A.ctypes.data, C.byref(n), C.byref(info))
@@ -749,6 +754,9 @@ class _Lapack:
 
     def potrs(self, L: np.ndarray, R: np.ndarray) -> np.ndarray:
         """(L L^T)^-1 R for a factor from `potrf` (R [n, m] is converted to L's dtype)."""
+        self._check(L)
+        if R.ndim != 2 or R.shape[0] != L.shape[0]:
+            raise ValueError(f"right-hand sides {list(R.shape)} do not fit a {L.shape[0]} x {L.shape[0]} factor")
         C = self._C
         n, m = R.shape
         X = np.empty((m, n), dtype=L.dtype)  # LAPACK's column-major n x m
@@ -762,7 +770,7 @@ class _Lapack:
 
 
 class _Scratch:
-    """Large arrays handed back for reuse by later requests of the same shape and dtype (thread-safe).
+    """Large arrays handed back for reuse by later requests of the same size in bytes (thread-safe).
 
     First touching fresh memory (the kernel clearing its pages) was measured
     at 0.5-2 GB/s on a small VM: for the factors and row buffers of a run,
@@ -1337,7 +1345,8 @@ def train(embeddings: Any, output: Optional[Union[str, os.PathLike]] = None, *,
         g.A = g.B = g.solver = None
 
     with _blas_pool(max_workers) as pool:
-        threads = _pool_size(max_workers)
+        threads = _pool_size(max_workers)  # the core's GEMM threads
+        solve_threads = threads if pool is not None else 1  # factorizations at once (one-thread BLAS each)
 
         def accumulate(sel: List[_Group], mode: str, first: bool) -> None:
             """One streaming pass: X^T X and X^T Y of `sel`'s primal groups, rows of its dual groups, and
@@ -1381,8 +1390,8 @@ def train(embeddings: Any, output: Optional[Union[str, os.PathLike]] = None, *,
             per_alpha = solver_used in ("cholesky", "lu")  # one factorization per alpha: independent tasks
             tasks = [(i, [a]) for i in range(len(sel)) for a in alphas] if per_alpha else \
                 [(i, alphas) for i in range(len(sel))]
-            solved = _pool_map(pool, lambda t: _solve_all_alphas(*system(sel[t[0]]), t[1], solver_used, threads,
-                                                                 scratch), tasks)
+            solved = _pool_map(pool, lambda t: _solve_all_alphas(*system(sel[t[0]]), t[1], solver_used,
+                                                                 solve_threads, scratch), tasks)
             for _, info, _ in solved:
                 for key, v in info.items():
                     notes[key] = notes.get(key, 0) + v
