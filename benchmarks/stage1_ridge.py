@@ -7,7 +7,10 @@ objectives from 7 sources, each source labelling only its own block
 files, labels float32 with NaN for missing.
 
 - armorm: `armorm.train.stage1.train(files)` (one X^T X accumulation per label
-  mask, float64, all alphas from it).
+  mask, all alphas from it: float32 Cholesky factors shared between alphas
+  where that converges fast, refined in float64; with bf16 embeddings X^T X
+  on the core's AVX512_BF16 GEMM, the solutions then refined against the
+  exact rows). `--gram float64` also times the exact float64 accumulation.
 - reference: what RLHFlow's stage-1_train.py does -- load everything as
   float32, `train_test_split(test_size=0.2, random_state=42)`, then for each
   objective and alpha `Ridge(alpha, fit_intercept=False).fit` on its labelled
@@ -22,12 +25,14 @@ dataset's scale (500,000 x 4096 bf16, about 4 GB of files): wall time and
 peak memory.
 
     python benchmarks/stage1_ridge.py                      # 60,000 x 2048, as the issue asks
+    python benchmarks/stage1_ridge.py --gram auto --gram float64 --reference-fp64
     python benchmarks/stage1_ridge.py --rows 20000 --dim 1024 --repeats 3
-    python benchmarks/stage1_ridge.py --big
+    python benchmarks/stage1_ridge.py --big --gram auto --gram float64 --dir /tmp/big --keep
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -43,7 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from armorm.config import ATTRIBUTES  # noqa: E402
-from armorm.safetensors_io import float32_to_bf16, save_file  # noqa: E402
+from armorm.safetensors_io import SafetensorsFile, float32_to_bf16, save_file  # noqa: E402
 
 ALPHAS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4]
 # (source, objective indices, share of the rows): uneven, UltraFeedback largest, as in the real data
@@ -98,11 +103,13 @@ import json, sys, time
 sys.path.insert(0, {root!r})
 t = time.perf_counter()
 from armorm.train import stage1
-r = stage1.train({files!r}, solver={solver!r})
+r = stage1.train({files!r}, solver={solver!r}, gram={gram!r})
 wall = time.perf_counter() - t
 import resource
 json.dump({{"wall": wall, "alphas": [e.get("alpha") for e in r.report["objectives"]],
-           "timings": r.report["timings_s"], "solver": r.report["solver"],
+           "timings": r.report["timings_s"], "solver": r.report["solver"], "work": r.report.get("solver_work"),
+           "grams": sorted({{g["gram"] for g in r.report["groups"]}}),
+           "passes": max([g.get("exact_passes", 0) for g in r.report["groups"]]),
            "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}}, open({out!r}, "w"))
 import numpy as np; np.save({wout!r}, r.weight)
 """
@@ -173,12 +180,16 @@ def main() -> int:
     ap.add_argument("--reference-repeats", type=int, default=1, help="runs of the float32 reference (median)")
     ap.add_argument("--reference-fp64", action="store_true", help="also run the reference on float64 copies")
     ap.add_argument("--no-reference", action="store_true")
-    ap.add_argument("--solver", default="auto", choices=["auto", "cholesky", "eigh", "lu"])
+    ap.add_argument("--solver", default="auto", choices=["auto", "mixed", "cholesky", "eigh", "lu"])
+    ap.add_argument("--gram", action="append", choices=["auto", "bf16", "float64"],
+                    help="armorm's X^T X accumulation; repeat to time several (default: auto)")
     ap.add_argument("--big", action="store_true", help="500,000 x 4096, armorm only (wall time, peak memory)")
     ap.add_argument("--blas-threads", type=int, help="set OPENBLAS/OMP/MKL_NUM_THREADS for both procedures "
                     "(default: the BLAS library's own choice)")
     ap.add_argument("--dir", help="where to write the synthetic files (default: a temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic files")
+    ap.add_argument("--reuse-data", action="store_true", help="use the files already in --dir (from an earlier "
+                    "run with the same --rows/--dim) instead of generating them")
     args = ap.parse_args()
     if args.blas_threads:
         for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -190,7 +201,14 @@ def main() -> int:
     os.makedirs(d, exist_ok=True)
     try:
         t = time.perf_counter()
-        files = make_data(d, args.rows, args.dim)
+        files = sorted(glob.glob(os.path.join(d, "synthetic-*.safetensors"))) if args.reuse_data else []
+        if files:
+            shape = [SafetensorsFile(f).info("embeddings").shape for f in files]
+            if sum(s[0] for s in shape) != args.rows or any(s[1] != args.dim for s in shape):
+                raise SystemExit(f"{d} holds {sum(s[0] for s in shape)} x {shape[0][1]} rows, not "
+                                 f"{args.rows} x {args.dim}: drop --reuse-data")
+        else:
+            files = make_data(d, args.rows, args.dim)
         size = sum(os.path.getsize(f) for f in files) / 2 ** 30
         print(f"data: {args.rows:,} x {args.dim} bf16 in {len(files)} files ({size:.2f} GiB), 19 objectives "
               f"from 7 sources; generated in {time.perf_counter() - t:.0f} s", flush=True)
@@ -202,13 +220,19 @@ def main() -> int:
         print(f"machine: {os.cpu_count()} CPUs; numpy {np.__version__}, scikit-learn {skv}; "
               f"BLAS threads: {args.blas_threads or 'default'}", flush=True)
 
-        ours = [run_child(ARMORM_CHILD, files=files, solver=args.solver) for _ in range(args.repeats)]
-        for r in ours:
-            print(f"  armorm run: {r['wall']:.2f} s (accumulate {r['timings']['accumulate']:.2f} s, "
-                  f"solve+validate {r['timings']['solve_validate']:.2f} s, solver {r['solver']}), "
-                  f"peak {r['peak_gib']:.2f} GiB", flush=True)
-        rows = [("armorm train-stage1", statistics.median(r["wall"] for r in ours),
-                 max(r["peak_gib"] for r in ours), ours[0])]
+        variants = {}
+        for rep in range(args.repeats):  # the variants alternate, so a change of machine load hits them alike
+            for gram in args.gram or ["auto"]:
+                r = run_child(ARMORM_CHILD, files=files, solver=args.solver, gram=gram)
+                variants.setdefault(gram, []).append(r)
+                t = r["timings"]
+                print(f"  armorm (gram={gram}) run: {r['wall']:.2f} s (accumulate {t['accumulate']:.2f} s, "
+                      f"solve {t['solve']:.2f} s, refine {t['refine']:.2f} s, validate {t['validate']:.2f} s; "
+                      f"X^T X {'/'.join(r['grams'])}, exact passes {r['passes']}, {r['work']}), "
+                      f"peak {r['peak_gib']:.2f} GiB", flush=True)
+        rows = [(f"armorm train-stage1 (gram={gram})", statistics.median(r["wall"] for r in rs),
+                 max(r["peak_gib"] for r in rs), rs[0]) for gram, rs in variants.items()]
+        ours = [rows[0][3]]
         refs = []
         if not args.no_reference:
             variants = [("float32", "reference (sklearn, float32)")]
@@ -227,13 +251,15 @@ def main() -> int:
         print("| procedure | median wall s | runs | peak RSS GiB | speed-up of armorm | same alphas | "
               "max rel weight diff vs armorm |")
         print("|---|---:|---:|---:|---:|---|---:|")
-        print(f"| armorm train-stage1 | {ours_t:.2f} | {args.repeats} | {rows[0][2]:.2f} | 1.0x | - | - |")
-        for label, t_ref, peak, r in refs:
-            same = r["alphas"] == ours[0]["alphas"]
-            diff = [i for i, (a, b) in enumerate(zip(r["alphas"], ours[0]["alphas"])) if a != b]
-            print(f"| {label} | {t_ref:.2f} | {len(r['all_walls'])} | {peak:.2f} | {t_ref / ours_t:.1f}x | "
-                  f"{'yes' if same else 'no: ' + ', '.join(ATTRIBUTES[i] for i in diff)} | "
-                  f"{rel_err(ours[0]['weight'], r['weight']):.2e} |")
+        for label, t, peak, r in rows + refs:
+            if r is ours[0]:
+                same = diff_w = "-"
+            else:
+                diff = [i for i, (x, y) in enumerate(zip(r["alphas"], ours[0]["alphas"])) if x != y]
+                same = "yes" if not diff else "no: " + ", ".join(ATTRIBUTES[i] for i in diff)
+                diff_w = f"{rel_err(ours[0]['weight'], r['weight']):.2e}"
+            runs = len(r["all_walls"]) if "all_walls" in r else args.repeats
+            print(f"| {label} | {t:.2f} | {runs} | {peak:.2f} | {t / ours_t:.1f}x | {same} | {diff_w} |")
         print(f"\narmorm chosen alphas: {ours[0]['alphas']}")
         for label, _, _, r in refs:
             print(f"{label} chosen alphas: {r['alphas']}")

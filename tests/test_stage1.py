@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -178,11 +179,17 @@ def synth(tmp_path_factory):
     return X, Y, write_parts(d, X, Y, dtypes={"embeddings": "BF16"}), sklearn_reference(X, Y)
 
 
-@pytest.mark.parametrize("solver,form", [("auto", "auto"), ("cholesky", "primal"), ("eigh", "auto"),
-                                         ("lu", "dual"), ("eigh", "dual")])
-def test_ridge_matches_sklearn(synth, solver, form, tmp_path):
+@pytest.mark.parametrize("solver,form,gram", [("auto", "auto", "auto"), ("cholesky", "primal", "float64"),
+                                              ("mixed", "primal", "float64"), ("mixed", "auto", "bf16"),
+                                              ("eigh", "auto", "auto"), ("lu", "dual", "auto"),
+                                              ("eigh", "dual", "auto")])
+def test_ridge_matches_sklearn(synth, solver, form, gram, tmp_path):
     X, Y, glob, ref = synth
-    res = stage1.train(glob, tmp_path / "w.safetensors", solver=solver, form=form)
+    if gram == "bf16" and stage1._bf16_gemm_kernel() is None:  # this CPU has no AVX512_BF16
+        with pytest.raises(ValueError, match="gram='bf16' is not available: this CPU has no AVX512_BF16"):
+            stage1.train(glob, solver=solver, form=form, gram=gram)
+        return
+    res = stage1.train(glob, tmp_path / "w.safetensors", solver=solver, form=form, gram=gram)
     chosen = [r["alpha"] for r in ref]
     assert len(set(chosen)) > 1, "the synthetic data should not choose one alpha for everything"
     for k, r in enumerate(ref):
@@ -197,6 +204,130 @@ def test_ridge_matches_sklearn(synth, solver, form, tmp_path):
     # objectives sharing a label mask share one accumulation: 4 sources, 4 groups for 5 objectives...
     # ...except objective 1, labelled by two sources, which has its own mask
     assert sorted(len(g["objectives"]) for g in res.report["groups"]) == [1, 1, 1, 2]
+    bf16 = gram == "bf16" or (gram == "auto" and solver in ("auto", "mixed")
+                              and stage1._bf16_gemm_kernel() is not None)
+    for g in res.report["groups"]:
+        if g["form"] == "primal" and bf16:  # bf16 X^T X, then corrected against the exact rows
+            assert g["gram"] == "bf16, refined" and 1 <= g["exact_passes"] <= 3
+            assert g["estimated_rel_error"] <= 1e-9 and g["corrections"][0] < 1e-3
+        else:
+            assert g["gram"] == "float64" and "exact_passes" not in g
+
+
+def spd(n, eigenvalues, seed=0):
+    """A symmetric matrix with the given spectrum (random orthogonal eigenvectors), and a right-hand side."""
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    return (Q * eigenvalues) @ Q.T, rng.normal(size=(n, 3)) * [1.0, 1e-3, 1e3]
+
+
+def direct(M, B, a):
+    return np.linalg.solve(M + a * np.eye(len(M)), B)
+
+
+def rel(x, ref):
+    return float(np.max(np.abs(x - ref).max(axis=0) / np.abs(ref).max(axis=0)))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_mixed_solver_equals_float64_solves(threads):
+    """float32 factors + float64 refinement give the float64 answer; alphas below the spectrum share a factor."""
+    alphas = DEFAULT_ALPHAS
+    M, B = spd(120, np.geomspace(5.0, 5e4, 120))
+    W, info, ms = stage1._solve_all_alphas(M, B, alphas, "mixed", threads)
+    for w, a in zip(W, alphas):
+        assert rel(w, direct(M, B, a)) < 1e-9, a
+    # 1e-4 .. 1e-1 are far below the smallest eigenvalue (5): one factorization serves them
+    assert info["float32 factorizations"] <= len(alphas) - 3 and info["float64 factorizations"] == 0
+    assert all(ms.fac[i] is ms.fac[0] for i in range(4))
+    # later solves (corrections) reuse the factors: any right-hand sides, float64 answers again
+    R = [B * (i + 1) for i in range(len(alphas))]
+    for w, r, a in zip(ms.solve(R), R, alphas):
+        assert rel(w, direct(M, r, a)) < 1e-9
+    # a zero right-hand side column is solved by zeros
+    B0 = B.copy()
+    B0[:, 1] = 0
+    W0, _, _ = stage1._solve_all_alphas(M, B0, alphas, "mixed", threads)
+    assert all(not w[:, 1].any() for w in W0)
+
+
+def test_mixed_solver_ill_conditioned_uses_float64_factors():
+    # condition numbers up to 1e13 at alpha 1e-4: float32 factors cannot refine, float64 ones can
+    alphas = DEFAULT_ALPHAS
+    M, B = spd(80, np.geomspace(1e-9, 1e9, 80), seed=1)
+    W, info, _ = stage1._solve_all_alphas(M, B, alphas, "mixed")
+    assert info["mixed"] == 1 and info["float64 factorizations"] >= 1
+    for w, a in zip(W, alphas):
+        ref = direct(M, B, a)
+        cond = (1e9 + a) / (1e-9 + a)
+        assert rel(w, ref) < max(1e-9, cond * 1e-14), a  # float64 accuracy for that conditioning
+    # numerically singular (negative eigenvalues from rounding): no Cholesky factor exists -> eigh
+    S, B = spd(40, np.r_[np.full(20, -1e-6), np.geomspace(1.0, 1e3, 20)], seed=2)
+    W, info, ms = stage1._solve_all_alphas(S, B, [1e-12, 1.0], "mixed")
+    assert info == {"eigh": 1} and ms is None
+    lam, Q = np.linalg.eigh(S)
+    np.testing.assert_allclose(W[1], Q @ ((Q.T @ B) / (np.maximum(lam, 0) + 1.0)[:, None]), rtol=1e-9)
+
+
+def test_lapack_wrapper_matches_numpy():
+    lapack = stage1._scipy_lapack()
+    assert lapack is not None  # scipy is a test dependency: the fast solver is tested, not skipped
+    M, B = spd(50, np.geomspace(1.0, 100.0, 50), seed=3)
+    for dt, tol in ((np.float32, 1e-4), (np.float64, 1e-12)):
+        L = M.astype(dt)
+        assert lapack.potrf(L) == 0
+        np.testing.assert_allclose(np.triu(L).T, np.linalg.cholesky(M), rtol=0, atol=tol * 10)
+        assert rel(lapack.potrs(L, B), np.linalg.solve(M, B)) < tol
+    bad = -np.eye(4)
+    assert lapack.potrf(bad) == 1  # not positive definite: LAPACK's info names the failing column
+    with pytest.raises(ValueError, match="C-contiguous square"):
+        lapack.potrf(np.eye(4)[:, :3].copy())
+    with pytest.raises(ValueError, match="C-contiguous square"):
+        lapack.potrf(np.asfortranarray(np.eye(4))[:, ::2])
+    with pytest.raises(ValueError, match="do not fit a 50 x 50 factor"):
+        lapack.potrs(L, B[:10])
+
+
+def test_bf16_gram_refinement_equals_float64_gram(synth, tmp_path, monkeypatch):
+    X, Y, glob, ref = synth
+    if stage1._bf16_gemm_kernel() is None:
+        pytest.skip("this CPU has no AVX512_BF16: gram='bf16' is refused (test_ridge_matches_sklearn checks that)")
+    exact = stage1.train(glob, gram="float64")
+    fast = stage1.train(glob, gram="bf16", chunk_rows=333, max_workers=1)
+    assert [e["alpha"] for e in fast.report["objectives"]] == [e["alpha"] for e in exact.report["objectives"]]
+    for e, f in zip(exact.report["objectives"], fast.report["objectives"]):
+        np.testing.assert_allclose(f["val_mse_by_alpha"], e["val_mse_by_alpha"], rtol=1e-9)
+    assert rel(fast.weight.T.astype(np.float64), exact.weight.T.astype(np.float64)) < 1e-6  # float32 rounding
+    # a refinement that does not get below the tolerance: the mask is accumulated again in float64
+    monkeypatch.setattr(stage1, "_REFINE_TOL", 0.0)
+    slow = stage1.train(glob, gram="bf16")
+    primal = [g for g in slow.report["groups"] if g["form"] == "primal"]
+    assert primal and all(g["gram"] == "float64 (bf16 refinement too slow)" for g in primal)
+    np.testing.assert_array_equal(slow.weight, exact.weight)
+
+
+def test_gram_and_solver_choices(synth, tmp_path, monkeypatch):
+    X, Y, glob, _ = synth
+    f32 = write_parts(tmp_path / "f32", X, Y, parts=2)
+    with pytest.raises(ValueError, match="gram='bf16' is not available: the embeddings are not bf16"):
+        stage1.train(f32, gram="bf16")
+    with pytest.raises(ValueError, match="gram='bf16' is not available: it needs the mixed solver"):
+        stage1.train(glob, gram="bf16", solver="cholesky")
+    with pytest.raises(ValueError, match="gram must be auto, bf16 or float64"):
+        stage1.train(glob, gram="fp16")
+    res = stage1.train(f32)
+    assert {g["gram"] for g in res.report["groups"]} == {"float64"} and res.report["solver"] == "mixed"
+    # without threadpoolctl: no thread pool (BLAS's own threads), the same answer
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "threadpoolctl", None)  # import fails
+        alone = stage1.train(f32)
+    np.testing.assert_allclose(alone.weight, res.weight, rtol=0, atol=1e-6 * np.abs(res.weight).max())
+    # without scipy: one float64 Cholesky factorization per alpha, float64 X^T X
+    monkeypatch.setattr(stage1, "_scipy_lapack", lambda: None)
+    res = stage1.train(glob)
+    assert res.report["solver"] == "cholesky" and {g["gram"] for g in res.report["groups"]} == {"float64"}
+    with pytest.raises(ValueError, match="solver='mixed' needs scipy"):
+        stage1.train(glob, solver="mixed")
 
 
 def test_train_is_independent_of_file_split_and_chunking(synth, tmp_path):
