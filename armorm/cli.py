@@ -188,7 +188,7 @@ def cmd_train_stage1(args: argparse.Namespace) -> int:
     result = stage1.train(args.embeddings, args.output, report=args.report,
                           alphas=args.alphas or stage1.DEFAULT_ALPHAS, val_fraction=args.val_fraction,
                           seed=args.seed, objectives=args.objectives,
-                          solver=args.solver, form=args.form, skip_unlabeled=args.skip_unlabeled,
+                          solver=args.solver, form=args.form, gram=args.gram, skip_unlabeled=args.skip_unlabeled,
                           chunk_rows=args.chunk_rows, max_workers=args.workers, progress=_show_progress(args))
     print(result.table())
     print(f"wrote regression_layer.weight {list(result.weight.shape)} to {result.output} "
@@ -339,8 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=42, help="split seed (default 42, as the reference)")
     s.add_argument("--objectives", nargs="+", metavar="NAME", help="names of the label columns (default: from "
                    "the files' metadata, else the 19 ArmoRM attributes)")
-    s.add_argument("--solver", default="auto", choices=["auto", "cholesky", "eigh", "lu"],
-                   help="linear solver for the alpha grid (default auto)")
+    s.add_argument("--solver", default="auto", choices=["auto", "mixed", "cholesky", "eigh", "lu"],
+                   help="linear solver for the alpha grid: mixed = float32 Cholesky factors refined to float64 "
+                        "solutions (needs scipy), cholesky = one float64 factorization per alpha; default auto "
+                        "(mixed with scipy)")
+    s.add_argument("--gram", default="auto", choices=["auto", "float64", "bf16"],
+                   help="X^T X accumulation: float64 (exact) or bf16 (bf16 embeddings on the core's AVX512_BF16 "
+                        "GEMM, solutions then refined against the exact rows in float64); default auto (bf16 "
+                        "where it can)")
     s.add_argument("--form", default="auto", choices=["auto", "primal", "dual"],
                    help="primal (H x H) or dual (n x n) normal equations (default: the smaller)")
     s.add_argument("--skip-unlabeled", action="store_true",
