@@ -600,8 +600,11 @@ class AdamW:
         self.m = {k: np.zeros_like(v) for k, v in params.items()}
         self.v = {k: np.zeros_like(v) for k, v in params.items()}
         self.t = 0
-        self.fused = fused
         self.threads = max(1, int(num_threads))
+        self._fused_update = None
+        if fused:
+            from .. import _core
+            self._fused_update = _core.adamw_update
 
     def step(self, params: Dict[str, np.ndarray], grads: Dict[str, np.ndarray], lr: float) -> None:
         self.t += 1
@@ -610,9 +613,8 @@ class AdamW:
         for k, p in params.items():
             g = grads[k]
             m, v = self.m[k], self.v[k]
-            if self.fused and p.dtype == np.float32:
-                from .. import _core
-                _core.adamw_update(p, np.ascontiguousarray(g, dtype=np.float32), m, v, lr=lr, beta1=self.b1,
+            if self._fused_update is not None and p.dtype == np.float32:
+                self._fused_update(p, np.ascontiguousarray(g, dtype=np.float32), m, v, lr=lr, beta1=self.b1,
                                    beta2=self.b2, eps=self.eps, weight_decay=self.wd, step=self.t,
                                    num_threads=self.threads)
                 continue

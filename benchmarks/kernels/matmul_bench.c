@@ -206,28 +206,48 @@ static int cmp_d(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-// Median GFLOP/s by wall clock; *percore: median GFLOP per CPU-second.
+// Runs run(ctx) once to warm up, then reps times: median GFLOP/s by wall clock;
+// *percore: median GFLOP per CPU-second.
+static double median_rate(void (*run)(void *), void *ctx, double gflop, int reps, double *percore) {
+    double *ts = malloc(sizeof(double) * (reps + 1)), *cs = malloc(sizeof(double) * (reps + 1));
+    run(ctx);
+    for (int r = 0; r < reps; r++) {
+        double t0 = now(), c0 = cpu_now();
+        run(ctx);
+        ts[r] = now() - t0;
+        cs[r] = cpu_now() - c0;
+    }
+    qsort(ts, reps, sizeof(double), cmp_d);
+    qsort(cs, reps, sizeof(double), cmp_d);
+    *percore = gflop / cs[reps / 2];
+    const double wall = gflop / ts[reps / 2];
+    free(ts); free(cs);
+    return wall;
+}
+
+typedef struct { float *out; const float *x; const WTensor *w, *bias; int64_t T; int nthreads, kernel; } MatmulRun;
+static void run_matmul(void *p) {
+    const MatmulRun *r = p;
+    matmul(r->out, r->x, r->w, r->bias, r->T, 0, r->nthreads, r->kernel);
+}
+
+// The model's matmul path `kernel` with weights of dtype dt: median GFLOP/s (see median_rate).
 static double time_gemm(int kernel, WDType dt, int64_t T, int64_t N, int64_t K, int nthreads, int reps,
                         double *percore) {
     float *x = malloc(sizeof(float) * T * K), *out = malloc(sizeof(float) * T * N);
     for (int64_t i = 0; i < T * K; i++) x[i] = frand();
     void *wd = make_w(dt, N, K, NULL);
     WTensor w = {wd, dt, N, K}, bias = {NULL, WT_F32, 1, N};
-    double *ts = malloc(sizeof(double) * (reps + 1)), *cs = malloc(sizeof(double) * (reps + 1));
-    matmul(out, x, &w, &bias, T, 0, nthreads, kernel);  // warm-up
-    for (int r = 0; r < reps; r++) {
-        double t0 = now(), c0 = cpu_now();
-        matmul(out, x, &w, &bias, T, 0, nthreads, kernel);
-        ts[r] = now() - t0;
-        cs[r] = cpu_now() - c0;
-    }
-    qsort(ts, reps, sizeof(double), cmp_d);
-    qsort(cs, reps, sizeof(double), cmp_d);
-    const double gf = 2.0 * T * N * K / 1e9;
-    *percore = gf / cs[reps / 2];
-    const double wall = gf / ts[reps / 2];
-    free(x); free(out); free(wd); free(ts); free(cs);
+    MatmulRun r = {out, x, &w, &bias, T, nthreads, kernel};
+    const double wall = median_rate(run_matmul, &r, 2.0 * T * N * K / 1e9, reps, percore);
+    free(x); free(out); free(wd);
     return wall;
+}
+
+typedef struct { float *c; const GemmOperand *a, *b; int nthreads; } GeneralRun;
+static void run_general(void *p) {
+    const GeneralRun *r = p;
+    gemm_general(r->c, r->a, r->b, 0, r->nthreads, gemm_general_best());
 }
 
 // Training GEMM (gemm_general.c): median GFLOP/s of C (M,N) = op(A) op(B), fp32 operands.
@@ -236,20 +256,9 @@ static double time_general(int64_t M, int64_t N, int64_t K, int ta, int tb, int 
     for (int64_t i = 0; i < M * K; i++) a[i] = frand();
     for (int64_t i = 0; i < K * N; i++) b[i] = frand();
     GemmOperand oa = {a, WT_F32, ta ? K : M, ta ? M : K, ta}, ob = {b, WT_F32, tb ? N : K, tb ? K : N, tb};
-    double *ts = malloc(sizeof(double) * (reps + 1)), *cs = malloc(sizeof(double) * (reps + 1));
-    gemm_general(c, &oa, &ob, 0, nthreads, gemm_general_best());  // warm-up
-    for (int r = 0; r < reps; r++) {
-        double t0 = now(), c0 = cpu_now();
-        gemm_general(c, &oa, &ob, 0, nthreads, gemm_general_best());
-        ts[r] = now() - t0;
-        cs[r] = cpu_now() - c0;
-    }
-    qsort(ts, reps, sizeof(double), cmp_d);
-    qsort(cs, reps, sizeof(double), cmp_d);
-    const double gf = 2.0 * M * N * K / 1e9;
-    *percore = gf / cs[reps / 2];
-    const double wall = gf / ts[reps / 2];
-    free(a); free(b); free(c); free(ts); free(cs);
+    GeneralRun r = {c, &oa, &ob, nthreads};
+    const double wall = median_rate(run_general, &r, 2.0 * M * N * K / 1e9, reps, percore);
+    free(a); free(b); free(c);
     return wall;
 }
 
