@@ -110,7 +110,7 @@ def prepare(model: Any, dataset: Any, output: Union[str, os.PathLike], *, n_shar
             embeddings_dtype: str = "bfloat16", torch_dtype: str = "bfloat16", seed: Optional[int] = 0,
             shard_mode: str = "contiguous", chunk_rows: int = 512, num_threads: Optional[int] = None,
             progress: ProgressArg = None, overwrite: bool = False, restart: bool = False,
-            quiet: bool = False) -> str:
+            quiet: bool = False, check_finite: bool = True) -> str:
     """Writes one shard of stage-2 pair embeddings; returns the file's path (see the module docstring).
 
     Arguments as `stage1.prepare`; `seq_len`: pairs with a side longer than
@@ -176,7 +176,7 @@ def prepare(model: Any, dataset: Any, output: Union[str, os.PathLike], *, n_shar
                     convs += [ch, rj]
                     cw += [f"{where} (chosen)", f"{where} (rejected)"]
                 if rm is None:
-                    rm = _load_model(model, torch_dtype, num_threads, batch_tokens)
+                    rm = _load_model(model, torch_dtype, num_threads, batch_tokens, check_finite)
                     tok = rm.tokenizer
                     if tok is None:
                         raise ValueError(f"{rm.name_or_path} has no tokenizer (tokenizer.json); stage 2 formats "
