@@ -1,11 +1,15 @@
 // forward_cpu.c: the whole CPU forward pass, top to bottom.
 //
-// Input: B token sequences packed end to end (no padding). For each layer:
+// Input: B token sequences packed end to end (no padding); a sequence may
+// continue another one of the batch (a shared prefix, prefix.h). For each layer:
 //   xn = rmsnorm(x); q,k,v = xn W^T; rope(q,k); a = attention(q,k,v)
 //   x += a Wo^T;  xn = rmsnorm(x);  x += down(silu(gate(xn)) * up(xn))
-// then the final norm at the rows the heads read, and the heads.
+// then the final norm at the rows the heads read, and the heads. The ArmoRM
+// gating network runs once per distinct gating row: the continuations of one
+// prompt read the same row of their shared prefix.
 // Activations are fp32 throughout; weights are read in their stored dtype.
 #include "model.h"
+#include "prefix.h"
 #include "cpu/attention.h"
 #include "cpu/embedding.h"
 #include "cpu/head.h"
@@ -28,16 +32,17 @@ typedef struct {
     float *v;     // (T, nkv*hd)
     float *att;   // (T, nh*hd)
     float *g, *u; // (MLP_CHUNK, I)
-    int32_t *pos; // (T) position within its sequence
+    int32_t *pos; // (T) position within its (full) sequence
+    int64_t *off; // (B) position of each sequence's first own token (prefix.h)
 } RunState;
 
 static void runstate_free(RunState *s) {
     free(s->x); free(s->xn); free(s->q); free(s->k); free(s->v); free(s->att);
-    free(s->g); free(s->u); free(s->pos);
+    free(s->g); free(s->u); free(s->pos); free(s->off);
     memset(s, 0, sizeof *s);
 }
 
-static int runstate_alloc(RunState *s, const Config *c, int64_t T, ArmError *e) {
+static int runstate_alloc(RunState *s, const Config *c, int64_t T, int B, ArmError *e) {
     memset(s, 0, sizeof *s);
     const size_t H = (size_t)c->hidden_size, QD = (size_t)c->num_heads * c->head_dim;
     const size_t KD = (size_t)c->num_kv_heads * c->head_dim, I = (size_t)c->intermediate_size;
@@ -51,7 +56,8 @@ static int runstate_alloc(RunState *s, const Config *c, int64_t T, ArmError *e) 
     s->g = malloc(mc * I * sizeof(float));
     s->u = malloc(mc * I * sizeof(float));
     s->pos = malloc(t * sizeof(int32_t));
-    if (!s->x || !s->xn || !s->q || !s->k || !s->v || !s->att || !s->g || !s->u || !s->pos) {
+    s->off = malloc((size_t)B * sizeof(int64_t));
+    if (!s->x || !s->xn || !s->q || !s->k || !s->v || !s->att || !s->g || !s->u || !s->pos || !s->off) {
         runstate_free(s);
         return arm_fail(e, "out of memory for activations of %lld tokens", (long long)T);
     }
@@ -70,8 +76,8 @@ static int threads_for(const Model *m, int64_t T) {
 }
 
 // Returns 0, -1 on error, -2 when `cancel` asked to stop (polled between attention slices and MLP chunks).
-static int layer_forward(const Model *m, const LayerWeights *lw, RunState *s, const Batch *b, int64_t T, int nt,
-                         CancelFn cancel, void *cancel_ctx, ArmError *e) {
+static int layer_forward(const Model *m, const LayerWeights *lw, RunState *s, const SeqIndex *ix, int B, int64_t T,
+                         int nt, CancelFn cancel, void *cancel_ctx, ArmError *e) {
     const Config *c = &m->cfg;
     const int kern = m->kernel;
     const int64_t H = c->hidden_size, I = c->intermediate_size;
@@ -84,8 +90,8 @@ static int layer_forward(const Model *m, const LayerWeights *lw, RunState *s, co
         return arm_fail(e, "out of memory in matmul scratch");
     rope(s->q, s->pos, m->inv_freq, T, c->num_heads, c->head_dim, nt);
     rope(s->k, s->pos, m->inv_freq, T, c->num_kv_heads, c->head_dim, nt);
-    const int ra = attention(s->att, s->q, s->k, s->v, b->cu_seqlens, b->B, c->num_heads, c->num_kv_heads,
-                             c->head_dim, nt, kern, cancel, cancel_ctx);
+    const int ra = attention(s->att, s->q, s->k, s->v, ix, B, c->num_heads, c->num_kv_heads, c->head_dim, nt, kern,
+                             cancel, cancel_ctx);
     if (ra) return ra == -2 ? -2 : arm_fail(e, "out of memory in attention scratch");
     if (matmul(s->x, s->att, &lw->o, &lw->o_b, T, 1, nt, kern))
         return arm_fail(e, "out of memory in matmul scratch");
@@ -113,14 +119,16 @@ int forward_cpu(const Model *m, const Batch *b, Outputs *out, CancelFn cancel, v
     if ((want_armorm || out->prompt_embedding) && !b->gating_pos)
         return arm_fail(e, "gating positions are required for the ArmoRM head and prompt_embedding");
     RunState s;
-    if (runstate_alloc(&s, c, T, e)) return -1;
+    if (runstate_alloc(&s, c, T, b->B, e)) return -1;
+    batch_offsets(b, s.off);
+    const SeqIndex ix = {b->cu_seqlens, s.off, b->parent};
     for (int bi = 0; bi < b->B; bi++)
         for (int64_t t = b->cu_seqlens[bi]; t < b->cu_seqlens[bi + 1]; t++)
-            s.pos[t] = (int32_t)(t - b->cu_seqlens[bi]);
+            s.pos[t] = (int32_t)(s.off[bi] + t - b->cu_seqlens[bi]);
     const int nt = threads_for(m, T);
     embedding(s.x, b->tokens, &m->w.embed, T, nt);
     for (int l = 0; l < c->num_layers; l++) {
-        int r = cancel && cancel(cancel_ctx) ? -2 : layer_forward(m, &m->w.layers[l], &s, b, T, nt, cancel,
+        int r = cancel && cancel(cancel_ctx) ? -2 : layer_forward(m, &m->w.layers[l], &s, &ix, b->B, T, nt, cancel,
                                                                    cancel_ctx, e);
         if (r) {
             runstate_free(&s);
@@ -134,6 +142,7 @@ int forward_cpu(const Model *m, const Batch *b, Outputs *out, CancelFn cancel, v
     const int64_t K = c->num_objectives, D = c->gating_hidden_dim;
     float *hs = malloc(sizeof(float) * (size_t)(2 * H));
     float *scratch = want_armorm ? malloc(sizeof(float) * (size_t)(2 * (D > K ? D : K) + 2 * K)) : scratch_small;
+    int64_t gated_row = -1;  // the gating row whose gating output `gt` holds
     float *logits = want_seqcls ? malloc(sizeof(float) * (size_t)c->num_labels) : scratch_small;
     if (!hs || !scratch || !logits) {
         free(hs);
@@ -143,16 +152,19 @@ int forward_cpu(const Model *m, const Batch *b, Outputs *out, CancelFn cancel, v
         return arm_fail(e, "out of memory for the head");
     }
     for (int bi = 0; bi < b->B; bi++) {
-        const int64_t start = b->cu_seqlens[bi], len = b->cu_seqlens[bi + 1] - start;
-        const int64_t pr = start + (b->reward_pos ? b->reward_pos[bi] : len - 1);
+        const int64_t full = s.off[bi] + b->cu_seqlens[bi + 1] - b->cu_seqlens[bi];
+        const int64_t pr = seq_row(&ix, bi, b->reward_pos ? b->reward_pos[bi] : full - 1);
+        const int64_t pg = b->gating_pos ? seq_row(&ix, bi, b->gating_pos[bi]) : -1;
         float *h = hs, *p = hs + H;
         rmsnorm_row(h, s.x + pr * H, fn, H, c->rms_norm_eps);
-        if (b->gating_pos) rmsnorm_row(p, s.x + (start + b->gating_pos[bi]) * H, fn, H, c->rms_norm_eps);
+        if (pg >= 0) rmsnorm_row(p, s.x + pg * H, fn, H, c->rms_norm_eps);
         if (out->hidden_state) memcpy(out->hidden_state + bi * H, h, sizeof(float) * (size_t)H);
         if (out->prompt_embedding) memcpy(out->prompt_embedding + bi * H, p, sizeof(float) * (size_t)H);
         if (want_armorm) {
             float *rw = scratch + 2 * (D > K ? D : K), *gt = rw + K, sc;
-            armorm_head(m, h, p, rw, gt, &sc, scratch);
+            if (pg != gated_row) armorm_gating(m, p, gt, scratch);  // else gt already holds this row's output
+            gated_row = pg;
+            armorm_rewards_score(m, h, gt, rw, &sc);
             if (out->rewards) memcpy(out->rewards + bi * K, rw, sizeof(float) * (size_t)K);
             if (out->gating_output) memcpy(out->gating_output + bi * K, gt, sizeof(float) * (size_t)K);
             if (out->score) out->score[bi] = sc;

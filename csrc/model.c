@@ -479,29 +479,55 @@ const StTensor *model_find_tensor(const Model *m, const char *name) {
     return NULL;
 }
 
+void batch_offsets(const Batch *b, int64_t *off) {
+    for (int s = 0; s < b->B; s++) {
+        const int p = b->parent ? b->parent[s] : -1;
+        off[s] = p < 0 ? 0 : off[p] + b->cu_seqlens[p + 1] - b->cu_seqlens[p];
+    }
+}
+
 int batch_validate(const Model *m, const Batch *b, ArmError *e) {
     const Config *c = &m->cfg;
     if (b->B <= 0) return arm_fail(e, "empty batch");
     if (b->cu_seqlens[0] != 0) return arm_fail(e, "cu_seqlens must start at 0");
-    for (int s = 0; s < b->B; s++) {
-        int64_t len = b->cu_seqlens[s + 1] - b->cu_seqlens[s];
-        if (len <= 0) return arm_fail(e, "sequence %lld is empty", (long long)(s + b->index_base));
-        if (len > c->max_position_embeddings)
-            return arm_fail(e, "sequence %lld has %lld tokens; the model allows at most %d "
-                               "(max_position_embeddings)", (long long)(s + b->index_base), (long long)len, c->max_position_embeddings);
-        if (b->reward_pos && (b->reward_pos[s] < 0 || b->reward_pos[s] >= len))
-            return arm_fail(e, "sequence %lld: reward position %lld outside its %lld tokens", (long long)(s + b->index_base),
-                            (long long)b->reward_pos[s], (long long)len);
-        if (b->gating_pos && (b->gating_pos[s] < 0 || b->gating_pos[s] >= len))
-            return arm_fail(e, "sequence %lld: gating position %lld outside its %lld tokens", (long long)(s + b->index_base),
-                            (long long)b->gating_pos[s], (long long)len);
+    int64_t *full = malloc(sizeof(int64_t) * (size_t)b->B);  // full length of each sequence
+    if (!full) return arm_fail(e, "out of memory checking a batch of %d sequences", b->B);
+    int rc = 0;
+    for (int s = 0; s < b->B && rc == 0; s++) {
+        const long long id = (long long)(s + b->index_base);
+        const int64_t own = b->cu_seqlens[s + 1] - b->cu_seqlens[s];
+        const int p = b->parent ? b->parent[s] : -1;
+        if (own <= 0) { rc = arm_fail(e, "sequence %lld is empty", id); break; }
+        if (p < -1 || p >= s) {
+            rc = arm_fail(e, "sequence %lld: parent %d must be -1 or an earlier sequence of the batch", id, p);
+            break;
+        }
+        const int64_t len = full[s] = (p < 0 ? 0 : full[p]) + own;
+        if (len > c->max_position_embeddings) {
+            rc = arm_fail(e, "sequence %lld has %lld tokens; the model allows at most %d (max_position_embeddings)",
+                          id, (long long)len, c->max_position_embeddings);
+            break;
+        }
+        if (b->reward_pos && (b->reward_pos[s] < 0 || b->reward_pos[s] >= len)) {
+            rc = arm_fail(e, "sequence %lld: reward position %lld outside its %lld tokens", id,
+                          (long long)b->reward_pos[s], (long long)len);
+            break;
+        }
+        if (b->gating_pos && (b->gating_pos[s] < 0 || b->gating_pos[s] >= len)) {
+            rc = arm_fail(e, "sequence %lld: gating position %lld outside its %lld tokens", id,
+                          (long long)b->gating_pos[s], (long long)len);
+            break;
+        }
         for (int64_t i = b->cu_seqlens[s]; i < b->cu_seqlens[s + 1]; i++) {
             int32_t t = b->tokens[i];
-            if (t < 0 || t >= c->vocab_size)
-                return arm_fail(e, "sequence %lld, position %lld: token id %d is outside the embedding "
-                                   "(vocab_size %d)", (long long)(s + b->index_base), (long long)(i - b->cu_seqlens[s]), (int)t,
-                                c->vocab_size);
+            if (t < 0 || t >= c->vocab_size) {
+                rc = arm_fail(e, "sequence %lld, position %lld: token id %d is outside the embedding "
+                                 "(vocab_size %d)", id, (long long)(len - own + i - b->cu_seqlens[s]), (int)t,
+                              c->vocab_size);
+                break;
+            }
         }
     }
-    return 0;
+    free(full);
+    return rc;
 }

@@ -128,15 +128,23 @@ void arm_convert_to_f32(float *dst, const void *src, StDType dtype, uint64_t n);
 // Looks up a tensor by name in the mapped files (NULL when absent).
 const StTensor *model_find_tensor(const Model *m, const char *name);
 
-// One packed batch: B sequences laid end to end, no padding.
+// One packed batch: B sequences laid end to end, no padding. A sequence may
+// continue an earlier one (a shared prefix, prefix.h): its packed rows then
+// hold only its own tokens, and positions count from the start of its full
+// token list (the parent's full list, then its own tokens).
 typedef struct {
     const int32_t *tokens;     // (T) token ids
     const int64_t *cu_seqlens; // (B+1) cu_seqlens[b] = start of sequence b, cu_seqlens[B] = T
     int B;
-    const int64_t *reward_pos; // (B) position within each sequence, or NULL = last token
-    const int64_t *gating_pos; // (B) position within each sequence, or NULL (no gating)
+    const int64_t *reward_pos; // (B) position within each full sequence, or NULL = last token
+    const int64_t *gating_pos; // (B) position within each full sequence, or NULL (no gating)
     int64_t index_base;        // number of sequence 0 in error messages (its index in the caller's list)
+    const int32_t *parent;     // (B) parent[b] < b: the sequence b continues, -1: none; NULL: no sequence has one
 } Batch;
+
+// off[b] = the full length of the sequence b continues (0 without a parent):
+// the position of b's first own token. off has B entries.
+void batch_offsets(const Batch *b, int64_t *off);
 
 // Outputs; any pointer may be NULL when the field is not wanted.
 typedef struct {

@@ -252,16 +252,16 @@ static PyArrayObject *as_i64_1d(PyObject *o, const char *what) {
 
 // The arrays behind a Batch, converted from Python objects (owned references).
 typedef struct {
-    PyArrayObject *tok, *cu, *rp, *gp;
+    PyArrayObject *tok, *cu, *rp, *gp, *par;
 } BatchArrays;
 
 static void batch_arrays_clear(BatchArrays *a) {
-    Py_CLEAR(a->tok); Py_CLEAR(a->cu); Py_CLEAR(a->rp); Py_CLEAR(a->gp);
+    Py_CLEAR(a->tok); Py_CLEAR(a->cu); Py_CLEAR(a->rp); Py_CLEAR(a->gp); Py_CLEAR(a->par);
 }
 
 // Converts and shape-checks a batch; token values and positions are checked by batch_validate.
-static int parse_batch(PyObject *tok_o, PyObject *cu_o, PyObject *rp_o, PyObject *gp_o, long long base,
-                       BatchArrays *a, Batch *b) {
+static int parse_batch(PyObject *tok_o, PyObject *cu_o, PyObject *rp_o, PyObject *gp_o, PyObject *par_o,
+                       long long base, BatchArrays *a, Batch *b) {
     memset(a, 0, sizeof *a);
     // Tokens are read as int64 with numpy's safe casting (floats are refused) and range-checked
     // before narrowing: a forced cast to int32 would silently wrap 2**32 to the valid id 0.
@@ -305,21 +305,43 @@ static int parse_batch(PyObject *tok_o, PyObject *cu_o, PyObject *rp_o, PyObject
         if (!(a->gp = as_i64_1d(gp_o, "gating_pos"))) return -1;
         if (PyArray_DIM(a->gp, 0) != nb) { PyErr_SetString(PyExc_ValueError, "gating_pos must have B entries"); return -1; }
     }
+    if (par_o != Py_None) {  // values are checked by batch_validate
+        PyArrayObject *p64 = as_i64_1d(par_o, "parent");
+        if (!p64) return -1;
+        if (PyArray_DIM(p64, 0) != nb) {
+            Py_DECREF(p64);
+            PyErr_SetString(PyExc_ValueError, "parent must have B entries");
+            return -1;
+        }
+        const int64_t *pv = PyArray_DATA(p64);
+        for (npy_intp i = 0; i < nb; i++)
+            if (pv[i] < -1 || pv[i] >= i) {
+                PyErr_Format(PyExc_ValueError, "sequence %lld: parent %lld must be -1 or an earlier sequence of the "
+                             "batch", (long long)(i + base), (long long)pv[i]);
+                Py_DECREF(p64);
+                return -1;
+            }
+        a->par = (PyArrayObject *)PyArray_FROMANY((PyObject *)p64, NPY_INT32, 1, 1,
+                                                  NPY_ARRAY_CARRAY_RO | NPY_ARRAY_FORCECAST);
+        Py_DECREF(p64);
+        if (!a->par) return -1;
+    }
     *b = (Batch){PyArray_DATA(a->tok), cus, (int)nb, a->rp ? PyArray_DATA(a->rp) : NULL,
-                 a->gp ? PyArray_DATA(a->gp) : NULL, (int64_t)base};
+                 a->gp ? PyArray_DATA(a->gp) : NULL, (int64_t)base, a->par ? PyArray_DATA(a->par) : NULL};
     return 0;
 }
 
 static PyObject *PyModel_validate(PyModel *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"tokens", "cu_seqlens", "reward_pos", "gating_pos", "index_base", NULL};
-    PyObject *tok_o, *cu_o, *rp_o = Py_None, *gp_o = Py_None;
+    static char *kwlist[] = {"tokens", "cu_seqlens", "reward_pos", "gating_pos", "index_base", "parent", NULL};
+    PyObject *tok_o, *cu_o, *rp_o = Py_None, *gp_o = Py_None, *par_o = Py_None;
     long long base = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOL", kwlist, &tok_o, &cu_o, &rp_o, &gp_o, &base)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOLO", kwlist, &tok_o, &cu_o, &rp_o, &gp_o, &base, &par_o))
+        return NULL;
     if (check_loaded(self)) return NULL;
     BatchArrays a;
     Batch b;
     PyObject *res = NULL;
-    if (parse_batch(tok_o, cu_o, rp_o, gp_o, base, &a, &b) == 0) {
+    if (parse_batch(tok_o, cu_o, rp_o, gp_o, par_o, base, &a, &b) == 0) {
         ArmError e = {{0}};
         if (batch_validate(&self->model, &b, &e)) raise_arm(&e);
         else {
@@ -332,10 +354,12 @@ static PyObject *PyModel_validate(PyModel *self, PyObject *args, PyObject *kw) {
 }
 
 static PyObject *PyModel_forward(PyModel *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"tokens", "cu_seqlens", "reward_pos", "gating_pos", "fields", "index_base", NULL};
-    PyObject *tok_o, *cu_o, *rp_o = Py_None, *gp_o = Py_None, *fields = NULL;
+    static char *kwlist[] = {"tokens", "cu_seqlens", "reward_pos", "gating_pos", "fields", "index_base", "parent",
+                             NULL};
+    PyObject *tok_o, *cu_o, *rp_o = Py_None, *gp_o = Py_None, *fields = NULL, *par_o = Py_None;
     long long base = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOOL", kwlist, &tok_o, &cu_o, &rp_o, &gp_o, &fields, &base))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOOLO", kwlist, &tok_o, &cu_o, &rp_o, &gp_o, &fields, &base,
+                                     &par_o))
         return NULL;
     if (check_loaded(self)) return NULL;
     const Config *c = &self->model.cfg;
@@ -344,7 +368,7 @@ static PyObject *PyModel_forward(PyModel *self, PyObject *args, PyObject *kw) {
     PyObject *result = NULL, *arrays[7] = {0};
     static const char *names[7] = {"hidden_state", "prompt_embedding", "rewards", "gating_output",
                                    "score", "logits", "all_hidden"};
-    if (parse_batch(tok_o, cu_o, rp_o, gp_o, base, &ba, &b)) goto done;
+    if (parse_batch(tok_o, cu_o, rp_o, gp_o, par_o, base, &ba, &b)) goto done;
     const npy_intp T = PyArray_DIM(ba.tok, 0), nb = b.B;
     PyArrayObject *gp = ba.gp;
     const npy_intp H = c->hidden_size, K = c->num_objectives, NL = c->num_labels;
@@ -471,10 +495,11 @@ static PyObject *PyModel_get_device(PyModel *self, void *c) {
 
 static PyMethodDef PyModel_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))PyModel_forward, METH_VARARGS | METH_KEYWORDS,
-     "forward(tokens, cu_seqlens, reward_pos=None, gating_pos=None, fields=None, index_base=0) -> dict of arrays"},
+     "forward(tokens, cu_seqlens, reward_pos=None, gating_pos=None, fields=None, index_base=0, parent=None) -> dict "
+     "of arrays; parent[b] = the earlier sequence b continues (a shared prefix), or -1"},
     {"validate", (PyCFunction)(void (*)(void))PyModel_validate, METH_VARARGS | METH_KEYWORDS,
-     "validate(tokens, cu_seqlens, reward_pos=None, gating_pos=None, index_base=0): the checks forward makes, "
-     "without computing"},
+     "validate(tokens, cu_seqlens, reward_pos=None, gating_pos=None, index_base=0, parent=None): the checks forward "
+     "makes, without computing"},
     {"tensor", (PyCFunction)PyModel_tensor, METH_O, "tensor(name) -> float32 copy of a stored tensor"},
     {"close", (PyCFunction)PyModel_close, METH_NOARGS, "unmap the checkpoint and free the weights"},
     {NULL, NULL, 0, NULL}};

@@ -1,13 +1,18 @@
 // attention.h: causal grouped-query attention over packed sequences.
 //
-// q (T, nh*hd), k and v (T, nkv*hd), out (T, nh*hd); sequences given by
-// cu_seqlens (B+1). Each task is one (sequence, head, block of ATT_QB queries)
-// and walks the keys in blocks of ATT_KB with an online softmax (running max
-// and sum), so memory is O(ATT_QB * (ATT_KB + hd)) per thread, never L x L.
-// Query blocks start at each sequence's first token, so a sequence's result
-// does not depend on what else is in the batch. On the avx512 kernel paths a
-// task is (sequence, KV group, query block) and runs attention_avx512_task
-// (attention_avx512.c): the same scheme, vectorised.
+// q (T, nh*hd), k and v (T, nkv*hd), out (T, nh*hd); sequences given by a
+// SeqIndex (prefix.h): packed rows, and for a sequence that continues another
+// one, its offset and parent. Each task is one (sequence, head, block of
+// ATT_QB queries) and walks the keys of the full sequence in blocks of ATT_KB
+// from key 0 with an online softmax (running max and sum), so memory is
+// O(ATT_QB * (ATT_KB + hd)) per thread, never L x L. Key j is read from packed
+// row seq_row(j): a continuation reads its prefix's rows first. Query blocks
+// are aligned to multiples of ATT_QB in the full sequence (a continuation's
+// first block may be shorter), so a query meets the same key blocks and the
+// same block ends whatever else is in the batch and whether or not its
+// prefix is shared. On the avx512 kernel paths a task is (sequence, KV group,
+// query block) and runs attention_avx512_task (attention_avx512.c): the same
+// scheme, vectorised.
 #ifndef ARMORM_CPU_ATTENTION_H
 #define ARMORM_CPU_ATTENTION_H
 
@@ -17,14 +22,15 @@
 #include <string.h>
 #include "cpu_features.h"
 #include "attention_simd.h"
+#include "../prefix.h"
 
 #define ATT_QB 16
 #define ATT_KB 64
 
 typedef struct {
-    int64_t start;  // first token of the sequence
-    int64_t len;    // tokens in the sequence
-    int64_t q0;     // first query of the block, relative to start
+    int64_t q0;  // first query of the block: its position in the full sequence
+    int seq;     // the sequence
+    int nq;      // queries in the block (q0 .. q0 + nq - 1)
     int head;
 } AttTask;
 
@@ -39,11 +45,12 @@ typedef struct {
 // is still the sequential sum over c of q[c] * k[c], times scale. The build has
 // no FP contraction (-std=c11), so every clone rounds identically.
 ATT_CLONES
-static void attention_block(float *out, const float *q, const float *k, const float *v, const AttTask *tk,
-                            int nh, int nkv, int hd, float *scratch) {
+static void attention_block(float *out, const float *q, const float *k, const float *v, const SeqIndex *ix,
+                            const AttTask *tk, int nh, int nkv, int hd, float *scratch) {
     const int64_t qs = (int64_t)nh * hd, ks = (int64_t)nkv * hd;
     const int g = tk->head / (nh / nkv);
-    const int64_t nq = tk->len - tk->q0 < ATT_QB ? tk->len - tk->q0 : ATT_QB;
+    const int64_t nq = tk->nq, qrow0 = ix->cu[tk->seq] + tk->q0 - ix->off[tk->seq];  // the queries' own rows
+    int64_t krow[ATT_KB];
     const float scale = 1.0f / sqrtf((float)hd);
     float *acc = scratch;                  // (ATT_QB, hd)
     float *sc = acc + ATT_QB * hd;         // (ATT_QB, ATT_KB)
@@ -54,13 +61,14 @@ static void attention_block(float *out, const float *q, const float *k, const fl
     const int64_t kend = tk->q0 + nq;  // keys needed: 0 .. last query (causal)
     for (int64_t k0 = 0; k0 < kend; k0 += ATT_KB) {
         const int64_t nk = kend - k0 < ATT_KB ? kend - k0 : ATT_KB;
+        seq_rows(krow, ix, tk->seq, k0, nk);
         for (int64_t j = 0; j < nk; j++) {
-            const float *kr = k + (tk->start + k0 + j) * ks + (int64_t)g * hd;
+            const float *kr = k + krow[j] * ks + (int64_t)g * hd;
             for (int c = 0; c < hd; c++) kt[c * ATT_KB + j] = kr[c];
         }
         for (int64_t i = 0; i < nq; i++) {
             const int64_t qi = tk->q0 + i;
-            const float *qr = q + (tk->start + qi) * qs + (int64_t)tk->head * hd;
+            const float *qr = q + (qrow0 + i) * qs + (int64_t)tk->head * hd;
             float m = mx[i];
             float *s = sc + i * ATT_KB;
             int64_t lim = qi - k0 + 1;  // keys of this block visible to query qi
@@ -82,7 +90,7 @@ static void attention_block(float *out, const float *q, const float *k, const fl
             for (int64_t j = 0; j < lim; j++) {
                 const float p = expf(s[j] - m);
                 l += p;
-                const float *vr = v + (tk->start + k0 + j) * ks + (int64_t)g * hd;
+                const float *vr = v + krow[j] * ks + (int64_t)g * hd;
                 for (int c = 0; c < hd; c++) a[c] += p * vr[c];
             }
             mx[i] = m;
@@ -90,7 +98,7 @@ static void attention_block(float *out, const float *q, const float *k, const fl
         }
     }
     for (int64_t i = 0; i < nq; i++) {
-        float *o = out + (tk->start + tk->q0 + i) * qs + (int64_t)tk->head * hd;
+        float *o = out + (qrow0 + i) * qs + (int64_t)tk->head * hd;
         const float inv = 1.0f / sum[i];
         for (int c = 0; c < hd; c++) o[c] = acc[i * hd + c] * inv;
     }
@@ -101,23 +109,34 @@ static void attention_block(float *out, const float *q, const float *k, const fl
 // tokens stops promptly on Ctrl-C. A task's result does not depend on its slice.
 #define ATT_POLL_TASKS 256
 
+// The query blocks of one sequence: positions off .. off+len-1 of its full
+// token list, cut at multiples of qb. Writes them (last first: the longest
+// blocks start first, which balances the dynamic schedule) when `tasks` is
+// not NULL; returns how many there are.
+static int64_t att_query_blocks(AttTask *tasks, int seq, int64_t off, int64_t len, int qb, int per_block) {
+    int64_t n = 0;
+    for (int64_t end = off + len; end > off;) {
+        const int64_t q0 = (end - 1) / qb * qb > off ? (end - 1) / qb * qb : off;
+        if (tasks)
+            for (int h = 0; h < per_block; h++) tasks[n + h] = (AttTask){q0, seq, (int)(end - q0), h};
+        n += per_block;
+        end = q0;
+    }
+    return n;
+}
+
 // Returns 0, -1 when scratch allocation fails, -2 when `cancel` asked to stop.
-static int attention(float *out, const float *q, const float *k, const float *v, const int64_t *cu_seqlens,
-                     int B, int nh, int nkv, int hd, int nthreads, int kernel, int (*cancel)(void *),
-                     void *cancel_ctx) {
+static int attention(float *out, const float *q, const float *k, const float *v, const SeqIndex *ix, int B, int nh,
+                     int nkv, int hd, int nthreads, int kernel, int (*cancel)(void *), void *cancel_ctx) {
     const int simd = kernel >= ARM_KERNEL_AVX512;
     const int qb = simd ? ATT5_QB : ATT_QB, per_block = simd ? nkv : nh;  // tasks per query block
     int64_t ntasks = 0;
-    for (int b = 0; b < B; b++) ntasks += (cu_seqlens[b + 1] - cu_seqlens[b] + qb - 1) / qb * per_block;
+    for (int b = 0; b < B; b++)
+        ntasks += att_query_blocks(NULL, b, ix->off[b], ix->cu[b + 1] - ix->cu[b], qb, per_block);
     AttTask *tasks = malloc((size_t)ntasks * sizeof *tasks);
     if (!tasks) return -1;
     int64_t n = 0;
-    for (int b = 0; b < B; b++) {
-        const int64_t len = cu_seqlens[b + 1] - cu_seqlens[b];
-        // longest query blocks first balances the dynamic schedule
-        for (int64_t q0 = (len - 1) / qb * qb; q0 >= 0; q0 -= qb)
-            for (int h = 0; h < per_block; h++) tasks[n++] = (AttTask){cu_seqlens[b], len, q0, h};
-    }
+    for (int b = 0; b < B; b++) n += att_query_blocks(tasks + n, b, ix->off[b], ix->cu[b + 1] - ix->cu[b], qb, per_block);
     const size_t scratch_bytes = simd ? attention_avx512_scratch(nh, nkv, hd)
                                       : sizeof(float) * (size_t)(ATT_QB * hd + ATT_QB * ATT_KB + hd * ATT_KB);
     int failed = 0, cancelled = 0;
@@ -130,10 +149,10 @@ static int attention(float *out, const float *q, const float *k, const float *v,
             for (int64_t i = s0; i < s1; i++) {
                 if (!scratch) { failed = 1; continue; }
                 if (simd)  // head = KV group
-                    attention_avx512_task(out, q, k, v, tasks[i].start, tasks[i].len, tasks[i].q0, tasks[i].head,
+                    attention_avx512_task(out, q, k, v, ix, tasks[i].seq, tasks[i].q0, tasks[i].nq, tasks[i].head,
                                           nh, nkv, hd, scratch);
                 else
-                    attention_block(out, q, k, v, &tasks[i], nh, nkv, hd, scratch);
+                    attention_block(out, q, k, v, ix, &tasks[i], nh, nkv, hd, scratch);
             }  // implicit barrier: the slice is done
 #pragma omp master
             if (cancel && s1 < ntasks && cancel(cancel_ctx)) cancelled = 1;

@@ -9,6 +9,8 @@
 // mask, online softmax (running max and sum), O = O*corr + P V (6 rows x 64
 // head dims). Every row's arithmetic depends only on its own query, head and
 // position within its sequence, never on the batch or the thread running it.
+// Key j of a block is read from packed row seq_row(j) (prefix.h), so a
+// sequence continuing a shared prefix reads the prefix's keys and values.
 // Compiled without -march flags; reached only when cpu_features.c found
 // AVX-512 F/BW/VL.
 #include "attention_simd.h"
@@ -93,7 +95,7 @@ T512 static inline void scores_tile(float *S, const float *const *qrow, int nr, 
 // O rows (nr <= RT), head dims c0..c0+64 (masked to hd) = O*corr + P V. Lanes past
 // hd are neither read nor written (a row of O is only hd16 floats).
 T512 static inline void pv_tile(float *O, int ldo, const float *P, const float *corr, int nr, const float *v,
-                                int64_t ldv, int nk, int c0, int hd) {
+                                int64_t ldv, const int64_t *vrow, int nk, int c0, int hd) {
     __m512 a[RT][4];
     __mmask16 mk[4];
     for (int j = 0; j < 4; j++) mk[j] = m16(hd - c0 - 16 * j);
@@ -104,7 +106,7 @@ T512 static inline void pv_tile(float *O, int ldo, const float *P, const float *
         for (int j = 0; j < 4; j++) a[r][j] = _mm512_mul_ps(_mm512_maskz_load_ps(mk[j], O + r * ldo + c0 + 16 * j), cr);
     }
     for (int jk = 0; jk < nk; jk++) {
-        const float *vr = v + jk * ldv + c0;
+        const float *vr = v + vrow[jk] * ldv + c0;
         const __m512 v0 = _mm512_maskz_loadu_ps(mk[0], vr), v1 = _mm512_maskz_loadu_ps(mk[1], vr + 16);
         const __m512 v2 = _mm512_maskz_loadu_ps(mk[2], vr + 32), v3 = _mm512_maskz_loadu_ps(mk[3], vr + 48);
 #pragma GCC unroll 8
@@ -124,11 +126,12 @@ T512 static inline void pv_tile(float *O, int ldo, const float *P, const float *
     }
 }
 
-T512 void attention_avx512_task(float *out, const float *q, const float *k, const float *v, int64_t start,
-                                int64_t len, int64_t q0, int g, int nh, int nkv, int hd, void *scratch) {
+T512 void attention_avx512_task(float *out, const float *q, const float *k, const float *v, const SeqIndex *ix,
+                                int seq, int64_t q0, int nq, int g, int nh, int nkv, int hd, void *scratch) {
     const int G = nh / nkv, hd16 = (hd + 15) / 16 * 16;
     const int64_t qs = (int64_t)nh * hd, ks = (int64_t)nkv * hd;
-    const int nq = (int)(len - q0 < ATT5_QB ? len - q0 : ATT5_QB);
+    const int64_t start = ix->cu[seq] - ix->off[seq];  // packed row of query position qi: start + qi
+    int64_t krow[KB];                                   // packed rows of the block's keys
     const int R = G * nq;  // row r: head g*G + r / nq, query q0 + r % nq
     const float scale = 1.0f / sqrtf((float)hd);
     float *kt = (float *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
@@ -144,10 +147,11 @@ T512 void attention_avx512_task(float *out, const float *q, const float *k, cons
     const int64_t kend = q0 + nq;  // keys needed: 0 .. last query (causal)
     for (int64_t k0 = 0; k0 < kend; k0 += KB) {
         const int nk = (int)(kend - k0 < KB ? kend - k0 : KB);
+        seq_rows(krow, ix, seq, k0, nk);
         // kt[c][j] = K[k0 + j][c] for this group, zero for j >= nk
         for (int c = 0; c < hd; c++) {
             float *d = kt + c * KB;
-            for (int j = 0; j < nk; j++) d[j] = k[(start + k0 + j) * ks + (int64_t)g * hd + c];
+            for (int j = 0; j < nk; j++) d[j] = k[krow[j] * ks + (int64_t)g * hd + c];
             for (int j = nk; j < KB; j++) d[j] = 0.0f;
         }
         for (int r0 = 0; r0 < R; r0 += RT)
@@ -188,7 +192,7 @@ T512 void attention_avx512_task(float *out, const float *q, const float *k, cons
             for (int r0 = 0; r0 < R; r0 += RT) {
                 // rows of one tile may mix heads; each row's V is the group's V, the same for all
                 pv_tile(O + (size_t)r0 * hd16, hd16, S + (size_t)r0 * KB, corr + r0, R - r0 < RT ? R - r0 : RT,
-                        v + (start + k0) * ks + (int64_t)g * hd, ks, nk, c0, hd);
+                        v + (int64_t)g * hd, ks, krow, nk, c0, hd);
             }
     }
     for (int r = 0; r < R; r++) {
@@ -204,10 +208,10 @@ int attention_avx512_available(void) { return 1; }
 #else
 
 size_t attention_avx512_scratch(int nh, int nkv, int hd) { (void)nh; (void)nkv; (void)hd; return 0; }
-void attention_avx512_task(float *out, const float *q, const float *k, const float *v, int64_t start, int64_t len,
-                           int64_t q0, int g, int nh, int nkv, int hd, void *scratch) {
-    (void)out; (void)q; (void)k; (void)v; (void)start; (void)len; (void)q0; (void)g; (void)nh; (void)nkv; (void)hd;
-    (void)scratch;
+void attention_avx512_task(float *out, const float *q, const float *k, const float *v, const SeqIndex *ix, int seq,
+                           int64_t q0, int nq, int g, int nh, int nkv, int hd, void *scratch) {
+    (void)out; (void)q; (void)k; (void)v; (void)ix; (void)seq; (void)q0; (void)nq; (void)g; (void)nh; (void)nkv;
+    (void)hd; (void)scratch;
 }
 void arm_swiglu_avx512(float *g, const float *u, int64_t n) { (void)g; (void)u; (void)n; }
 int attention_avx512_available(void) { return 0; }

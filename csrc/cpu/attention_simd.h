@@ -6,15 +6,16 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include "../prefix.h"
 
 #define ATT5_QB 16  // queries per task (times the heads of one KV group)
 
 // Bytes of per-thread scratch attention_avx512_task needs.
 size_t attention_avx512_scratch(int nh, int nkv, int hd);
-// One task: sequence [start, start+len), KV group g, queries q0 .. q0+ATT5_QB
-// (clipped to len), every query head of the group.
-void attention_avx512_task(float *out, const float *q, const float *k, const float *v, int64_t start, int64_t len,
-                           int64_t q0, int g, int nh, int nkv, int hd, void *scratch);
+// One task: sequence `seq` of ix, KV group g, queries at positions q0 .. q0+nq-1
+// (nq <= ATT5_QB) of its full token list, every query head of the group.
+void attention_avx512_task(float *out, const float *q, const float *k, const float *v, const SeqIndex *ix, int seq,
+                           int64_t q0, int nq, int g, int nh, int nkv, int hd, void *scratch);
 // g[i] = silu(g[i]) * u[i]
 void arm_swiglu_avx512(float *g, const float *u, int64_t n);
 

@@ -27,13 +27,11 @@ static void linear_f32(float *out, const float *W, const float *bias, const floa
     }
 }
 
-// scratch holds 2 * max(D, K) floats.
-static void armorm_head(const Model *m, const float *hidden, const float *prompt, float *rewards,
-                        float *gating, float *score, float *scratch) {
+// gating (K) = softmax(MLP(prompt) / temperature) * logit_scale; scratch holds 2 * max(D, K) floats.
+static void armorm_gating(const Model *m, const float *prompt, float *gating, float *scratch) {
     const Config *c = &m->cfg;
     const int64_t H = c->hidden_size, K = c->num_objectives, D = c->gating_hidden_dim;
     const int64_t wmax = D > K ? D : K;
-    linear_f32(rewards, m->w.regression, NULL, hidden, K, H, 0);
     float *a = scratch, *b = scratch + wmax;
     const float *in = prompt;
     int64_t in_dim = H;
@@ -52,6 +50,13 @@ static void armorm_head(const Model *m, const float *hidden, const float *prompt
     for (int64_t k = 0; k < K; k++) z += exp(in[k] / c->gating_temperature - mx);
     for (int64_t k = 0; k < K; k++)
         gating[k] = (float)(exp(in[k] / c->gating_temperature - mx) / z * m->w.logit_scale);
+}
+
+// rewards (K) = W_reg hidden; score = sum_j gating[j] * (rewards @ T)[j].
+static void armorm_rewards_score(const Model *m, const float *hidden, const float *gating, float *rewards,
+                                 float *score) {
+    const int64_t H = m->cfg.hidden_size, K = m->cfg.num_objectives;
+    linear_f32(rewards, m->w.regression, NULL, hidden, K, H, 0);
     double s = 0.0;
     for (int64_t j = 0; j < K; j++) {
         double adj = 0.0;  // (rewards @ T)[j]
