@@ -7,7 +7,9 @@ the reference's output fields. Input can be NumPy, lists or torch tensors;
 torch input gives torch output, anything else NumPy.
 
 Batching never pads: sequences are packed end to end and each one's result is
-the same as when it is scored alone.
+the same as when it is scored alone. Sequences of one call that share a
+prefix (N responses to one prompt) compute it once (armorm/prefix.py,
+docs/best_of_n.md).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import numpy as np
 from . import _core
 from .config import ATTRIBUTES, CheckpointError, ModelConfig, load_config, weight_files
 from .hub import resolve_model_path
+from .prefix import DEFAULT_MIN_SHARED, plan_batches
 from .tokenizer import ChatTokenizer, find_gating_position
 from .tokenizer import gating_pattern as derive_gating_pattern
 
@@ -189,6 +192,8 @@ class ArmoRM:
         self.max_batch_tokens = int(max_batch_tokens)
         self.device = "cpu"
         self._pattern_error: Optional[str] = None
+        #: shortest shared prefix (tokens) that scoring computes once; 0 turns sharing off
+        self.min_shared_prefix = DEFAULT_MIN_SHARED
 
     # ---- loading --------------------------------------------------------
 
@@ -412,15 +417,25 @@ class ArmoRM:
     def score_sequences(self, sequences: Sequence[Any], reward_pos: Optional[Sequence[int]] = None,
                         fields: Optional[Iterable[str]] = None, batch_tokens: Optional[int] = None,
                         progress: Optional[Callable[[int, int], None]] = None,
-                        names: Optional[Sequence[str]] = None) -> RewardOutput:
+                        names: Optional[Sequence[str]] = None, share_prefixes: Union[bool, int] = True,
+                        stats: Optional[Dict[str, int]] = None) -> RewardOutput:
         """Scores token-id sequences of any lengths, packed without padding.
 
         `reward_pos[i]` is where sequence i's reward is read (default: its last
         token). `fields` limits the outputs (default: all the architecture
         has). `batch_tokens` caps the tokens per core call (default
-        `max_batch_tokens`; a longer sequence runs alone). `progress(done,
-        total)` is called after each core call with sequence counts. Errors
-        about one sequence name it `names[i]` (e.g. "file.jsonl:7") when given.
+        `max_batch_tokens`; a longer sequence runs alone; a shared prefix
+        counts once). `progress(done, total)` is called after each core call
+        with sequence counts. Errors about one sequence name it `names[i]`
+        (e.g. "file.jsonl:7") when given.
+
+        Sequences that start with the same tokens (responses to one prompt)
+        compute their common prefix once; results are bit-identical to
+        scoring each alone (docs/best_of_n.md). `share_prefixes`: True
+        shares prefixes of at least `min_shared_prefix` tokens, an integer n
+        those of at least n tokens, False nothing. `stats`, when given, is
+        filled with `tokens_in` (the sequences' tokens), `tokens_computed`
+        (the rows the backbone computed), `core_calls` and `shared_prefixes`.
         """
         if names is not None and len(names) != len(sequences):
             raise ValueError("names must have one entry per sequence")
@@ -459,24 +474,52 @@ class ArmoRM:
         if arch == "LlamaForRewardModelWithGating" and "logits" in wanted and "score" not in core_fields:
             core_fields.append("score")
         budget = int(batch_tokens or self.max_batch_tokens)
-        parts: Dict[str, List[np.ndarray]] = {f: [] for f in core_fields}
+        plan = plan_batches(seqs, budget, _min_shared(share_prefixes, self.min_shared_prefix), rpos, gpos)
+        out: Dict[str, np.ndarray] = {}
         done = 0
-        for group in _pack(lengths, budget):
-            toks = np.concatenate([seqs[i] for i in group])
-            cu = cu_all[group[0]:group[-1] + 2] - cu_all[group[0]]
-            res = self._core.forward(toks, cu, None if rpos is None else rpos[group],
-                                     None if gpos is None else gpos[group], core_fields, group[0])
+        for b in plan.batches:
+            # the whole input passed validate() above: the core has nothing left to name by index
+            res = self._core.forward(b.tokens, b.cu_seqlens, b.reward_pos, b.gating_pos, core_fields, 0, b.parent)
             for f in core_fields:
-                parts[f].append(res[f])
-            done += len(group)
+                if f not in out:
+                    out[f] = np.empty((len(seqs),) + res[f].shape[1:], dtype=res[f].dtype)
+                out[f][b.sequences] = res[f][b.rows]
+            done += b.sequences.size
             if progress is not None:
                 progress(done, len(seqs))
-        out = {f: np.concatenate(v, axis=0) for f, v in parts.items()}
+        if stats is not None:
+            stats.update(tokens_in=plan.tokens_in, tokens_computed=plan.tokens_computed,
+                         core_calls=len(plan.batches), shared_prefixes=plan.shared_segments)
         if arch == "LlamaForRewardModelWithGating" and "logits" in wanted:
             out["logits"] = out["score"]
             if "score" not in wanted:
                 del out["score"]
         return RewardOutput(**{f: out[f] for f in FIELDS if f in out})
+
+    def score_responses(self, prompt_ids: Any, responses: Sequence[Any], fields: Optional[Iterable[str]] = None,
+                        batch_tokens: Optional[int] = None,
+                        progress: Optional[Callable[[int, int], None]] = None,
+                        stats: Optional[Dict[str, int]] = None) -> RewardOutput:
+        """Scores `prompt_ids + responses[i]` for every i, computing the prompt once.
+
+        `prompt_ids`: the token ids every sequence starts with (for ArmoRM,
+        usually the conversation up to and including the final assistant
+        header, so the gating row lies in it and the gating network runs once);
+        `responses`: token-id sequences. Row i of the result is response i;
+        each equals scoring the whole sequence alone, bit for bit on the CPU.
+        Same `fields`, `batch_tokens`, `progress` and `stats` as score_sequences.
+        """
+        prompt = _as_sequence(prompt_ids, "prompt_ids")
+        if isinstance(responses, (str, bytes, Mapping)) or not hasattr(responses, "__iter__"):
+            raise TypeError("responses must be a list of token-id sequences")
+        responses = list(responses)
+        if not responses:
+            raise ValueError("responses is empty")
+        seqs = [np.concatenate([prompt, _as_sequence(r, f"response {i}")]) for i, r in enumerate(responses)]
+        names = [f"response {i}" for i in range(len(seqs))]
+        # explicit: the caller says the prompt is shared, so share it whatever its length
+        return self.score_sequences(seqs, fields=fields, batch_tokens=batch_tokens, progress=progress, names=names,
+                                    share_prefixes=1, stats=stats)
 
     # ---- interpretation --------------------------------------------------
 
@@ -523,17 +566,10 @@ def _rename_sequence(message: str, names: Optional[Sequence[str]]) -> str:
     return names[int(m.group(1))] + message[m.end():]
 
 
-def _pack(lengths: Sequence[int], budget: int) -> List[List[int]]:
-    """Groups consecutive sequences so each group's tokens fit `budget`."""
-    groups: List[List[int]] = []
-    cur: List[int] = []
-    used = 0
-    for i, n in enumerate(lengths):
-        if cur and used + n > budget:
-            groups.append(cur)
-            cur, used = [], 0
-        cur.append(i)
-        used += n
-    if cur:
-        groups.append(cur)
-    return groups
+def _min_shared(share_prefixes: Union[bool, int], default: int) -> int:
+    """score_sequences' `share_prefixes` as a minimum prefix length (0: no sharing)."""
+    if isinstance(share_prefixes, (bool, np.bool_)):
+        return int(default) if share_prefixes else 0
+    if not isinstance(share_prefixes, (int, np.integer)) or share_prefixes < 0:
+        raise ValueError(f"share_prefixes must be True, False or a token count >= 0, got {share_prefixes!r}")
+    return int(share_prefixes)

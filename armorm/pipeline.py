@@ -3,6 +3,7 @@
     rm = ArmoRMPipeline("RLHFlow/ArmoRM-Llama3-8B-v0.1", trust_remote_code=True)
     rm([{"role": "user", "content": p}, {"role": "assistant", "content": r}])  # {"score": ...}
     rm.score_batch(conversations)  # every field, for many conversations at once
+    rm.score_responses(messages, [response, ...])  # N responses to one prompt, the prompt computed once
 """
 from __future__ import annotations
 
@@ -99,14 +100,44 @@ class ArmoRMPipeline:
         return {"score": float(out.score[0])}
 
     def score_batch(self, conversations: Sequence[Union[Conversation, Mapping[str, Any]]],
-                    batch_tokens: Optional[int] = None, progress: bool = False) -> RewardOutput:
+                    batch_tokens: Optional[int] = None, progress: bool = False,
+                    share_prefixes: Union[bool, int] = True) -> RewardOutput:
         """Scores many conversations in packed batches of at most `batch_tokens` tokens.
 
         Returns every field as NumPy arrays (row i = conversation i).
+        Conversations that start alike (responses to one prompt) compute their
+        common tokens once (`share_prefixes`, as ArmoRM.score_sequences).
         """
         seqs = self.encode(conversations)
         cb = make_progress(len(seqs), progress)
-        return self.model.score_sequences(seqs, batch_tokens=batch_tokens or self.batch_tokens, progress=cb)
+        return self.model.score_sequences(seqs, batch_tokens=batch_tokens or self.batch_tokens, progress=cb,
+                                          share_prefixes=share_prefixes)
+
+    def score_responses(self, messages: Conversation, responses: Sequence[str], batch_tokens: Optional[int] = None,
+                        progress: bool = False) -> RewardOutput:
+        """Scores each of `responses` as the final assistant turn after `messages`, the prompt computed once.
+
+        `messages`: the conversation without its final turn (it must not end
+        with an assistant message). Row i of the result (every field, NumPy)
+        is `messages + [{"role": "assistant", "content": responses[i]}]`,
+        equal to scoring that conversation alone.
+        """
+        if not isinstance(messages, (list, tuple)):
+            raise TypeError("messages must be a list of {'role', 'content'} dicts")
+        if isinstance(responses, str) or not isinstance(responses, Sequence):
+            raise TypeError("responses must be a list of strings")
+        if len(responses) == 0:
+            raise ValueError("responses is empty")
+        for i, r in enumerate(responses):
+            if not isinstance(r, str):
+                raise TypeError(f"response {i} must be a string, got {type(r).__name__}")
+        last = messages[-1] if messages else None
+        if isinstance(last, Mapping) and last.get("role") == "assistant":
+            raise ValueError("messages ends with an assistant message; score_responses appends each response as "
+                             "the final assistant turn, so pass the conversation without it")
+        convs = [list(messages) + [{"role": "assistant", "content": r}] for r in responses]
+        # explicit: the conversation before the final turn is shared whatever its length
+        return self.score_batch(convs, batch_tokens=batch_tokens, progress=progress, share_prefixes=1)
 
     def explain(self, conversation_or_output: Union[Conversation, Mapping], k: int = 3) -> List[Tuple[str, float]]:
         """Top-`k` objectives by |coefficient| for one conversation (or row 0 of an output)."""
