@@ -327,7 +327,8 @@ def test_batch_pack(host_test):
     assert (n["off_tokens"], n["off_pos"], n["off_cu"], n["off_rows"], n["off_tiles"]) == (0, T, 2 * T,
                                                                                        2 * T + B + 1,
                                                                                        2 * T + B + 1 + 2 * B)
-    assert n["ntiles"] == 2 and n["n_ints"] == n["off_tiles"] + 2 * n["ntiles"]
+    assert n["ntiles"] == 2 and n["off_seg"] == n["off_tiles"] + 2 * n["ntiles"]
+    assert n["n_ints"] == n["off_seg"] + 2 * B
     buf = list(map(int, got["buf"].split(",")))
     assert buf[0:8] == list(range(1000, 1008))                  # token ids
     assert buf[8:16] == [0, 1, 2, 0, 1, 2, 3, 4]                # positions restart per sequence
@@ -335,6 +336,7 @@ def test_batch_pack(host_test):
     assert buf[19:21] == [2, 7]                                 # reward rows: last token of each
     assert buf[21:23] == [0 + 1, 3 + 2]                         # gating rows: start + len // 2
     assert buf[23:27] == [0, 0, 1, 0]                           # tiles (seq, q0)
+    assert buf[27:31] == [0, 0, -1, -1]                         # offsets, parents: no shared prefix
     # results: 64-float aligned sections, all_hidden present (T x H)
     H, K = 8, 3
     assert n["hidden"] == 0 and n["prompt"] == 64 and n["rewards"] == 128 and n["gating"] == 192
@@ -343,6 +345,32 @@ def test_batch_pack(host_test):
     assert n["scratch_floats"] == 2 * B * max(5, K)
     assert n["host_bytes"] == _up(n["n_ints"] * 4) + _up(n["n_floats"] * 4)
     assert n["device_bytes"] == n["host_bytes"] + _up(n["scratch_floats"] * 4)
+
+
+def test_batch_pack_shared_prefixes(host_test):
+    """Sequences continuing others (csrc/prefix.h): positions go on from the prefix, head rows read through it."""
+    # 0: 4 tokens; 1: 3 more after 0 (full 7); 2: 2 more after 1 (full 9); 3: 1 more after 0 (full 5); 4: plain 2
+    got = run_host(host_test, "pack", 4, "3/0", "2/1", "1/0", 2)
+    assert got["rc"] == "0"
+    n = {k: int(v) for k, v in got.items() if k != "buf"}
+    buf = list(map(int, got["buf"].split(",")))
+    T, B = 12, 5
+    pos = buf[n["off_pos"]:n["off_pos"] + T]
+    assert pos == [0, 1, 2, 3, 4, 5, 6, 7, 8, 4, 0, 1]
+    cu = buf[n["off_cu"]:n["off_cu"] + B + 1]
+    assert cu == [0, 4, 7, 9, 10, 12]
+    full = [4, 7, 9, 5, 2]
+    # packed row of position j of each full sequence, walked by hand
+    own = {0: [0, 1, 2, 3], 1: [0, 1, 2, 3, 4, 5, 6], 2: [0, 1, 2, 3, 4, 5, 6, 7, 8], 3: [0, 1, 2, 3, 9],
+           4: [10, 11]}
+    rows = buf[n["off_rows"]:n["off_rows"] + 2 * B]
+    assert rows[:B] == [own[b][full[b] - 1] for b in range(B)]           # reward: last token of each
+    assert rows[B:] == [own[b][full[b] // 2] for b in range(B)]          # gating: half way, maybe in a prefix
+    assert rows[B + 2] == 4 and rows[B + 3] == 2                           # ... inside the shared prefixes
+    seg = buf[n["off_seg"]:n["off_seg"] + 2 * B]
+    assert seg == [0, 4, 7, 4, 0, -1, 0, 1, 0, -1]                        # offsets, then parents
+    # tiles count own tokens: one per sequence here
+    assert n["ntiles"] == 5
 
 
 def test_launch_shapes(host_test):

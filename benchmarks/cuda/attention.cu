@@ -3,37 +3,44 @@
 // versions: 1 = one warp per (query, head), keys one at a time, fp32 (the fallback for any head_dim)
 //           2 = tensor-core flash attention, 64-query tiles, online softmax (shipped for hd 16/32/64/128)
 // usage: ./build/attention [version] [head_dim]
+// The batch mixes plain sequences with continuations of shared prefixes (one
+// of them two levels deep), whose queries read their prefixes' keys (csrc/prefix.h).
 #include "common.h"
 #include "k_attention.cuh"
 
-// Reference: exact softmax per row in double, on the bf16-rounded inputs, for the listed heads.
-static void attention_cpu(float *out, const float *qkv, const int64_t *cu, int B, int nh, int nkv, int hd,
+// Reference: exact softmax per row in double, on the bf16-rounded inputs, for the listed heads;
+// a continuation's keys are its full sequence's (seq_row).
+static void attention_cpu(float *out, const float *qkv, const SeqIndex *ix, int B, int nh, int nkv, int hd,
                           const int *heads, int nheads) {
     const int64_t stride = (int64_t)(nh + 2 * nkv) * hd, QD = (int64_t)nh * hd;
     const double scale = 1.0 / sqrt((double)hd);
     double *p = (double *)malloc(sizeof(double) * 65536);
-    for (int b = 0; b < B; b++)
+    int64_t *row = (int64_t *)malloc(sizeof(int64_t) * 65536);
+    for (int b = 0; b < B; b++) {
+        const int64_t own = ix->cu[b + 1] - ix->cu[b], full = ix->off[b] + own;
+        seq_rows(row, ix, b, 0, full);
         for (int hi = 0; hi < nheads; hi++) {
             const int h = heads[hi], kvh = h / (nh / nkv);
-            for (int64_t i = cu[b]; i < cu[b + 1]; i++) {
-                const float *q = qkv + i * stride + (int64_t)h * hd;
+            for (int64_t pi = ix->off[b]; pi < full; pi++) {  // query position pi, packed row row[pi]
+                const float *q = qkv + row[pi] * stride + (int64_t)h * hd;
                 double mx = -INFINITY, z = 0.0;
-                for (int64_t j = cu[b]; j <= i; j++) {
-                    const float *k = qkv + j * stride + (int64_t)(nh + kvh) * hd;
+                for (int64_t j = 0; j <= pi; j++) {
+                    const float *k = qkv + row[j] * stride + (int64_t)(nh + kvh) * hd;
                     double d = 0.0;
                     for (int c = 0; c < hd; c++) d += (double)q[c] * k[c];
-                    p[j - cu[b]] = d * scale;
-                    if (p[j - cu[b]] > mx) mx = p[j - cu[b]];
+                    p[j] = d * scale;
+                    if (p[j] > mx) mx = p[j];
                 }
-                for (int64_t j = cu[b]; j <= i; j++) z += (p[j - cu[b]] = exp(p[j - cu[b]] - mx));
+                for (int64_t j = 0; j <= pi; j++) z += (p[j] = exp(p[j] - mx));
                 for (int c = 0; c < hd; c++) {
                     double acc = 0.0;
-                    for (int64_t j = cu[b]; j <= i; j++)
-                        acc += p[j - cu[b]] * qkv[j * stride + (int64_t)(nh + nkv + kvh) * hd + c];
-                    out[i * QD + (int64_t)h * hd + c] = (float)(acc / z);
+                    for (int64_t j = 0; j <= pi; j++) acc += p[j] * qkv[row[j] * stride + (int64_t)(nh + nkv + kvh) * hd + c];
+                    out[row[pi] * QD + (int64_t)h * hd + c] = (float)(acc / z);
                 }
             }
         }
+    }
+    free(row);
     free(p);
 }
 
@@ -41,11 +48,15 @@ int main(int argc, char **argv) {
     const int version = kernel_arg(argc, argv, 2);
     const int hd = argc > 2 ? atoi(argv[2]) : 128;
     const int nh = 32, nkv = 8;
-    // a RewardBench-like mix plus the edge cases: 1 token, exactly one tile, one past a tile
-    const int lens[] = {1, 17, 64, 65, 200, 1000, 2048, 333};
+    // a RewardBench-like mix plus the edge cases: 1 token, exactly one tile, one past a tile; then
+    // continuations of sequence 5 (1000 tokens: 1 token, 70, and 130 more continuing the 70)
+    const int lens[] = {1, 17, 64, 65, 200, 1000, 2048, 333, 1, 70, 130};
+    const int32_t parent[] = {-1, -1, -1, -1, -1, -1, -1, -1, 5, 5, 9};
     const int B = (int)(sizeof lens / sizeof lens[0]);
-    int64_t cu[sizeof lens / sizeof lens[0] + 1] = {0};
+    int64_t cu[sizeof lens / sizeof lens[0] + 1] = {0}, off[sizeof lens / sizeof lens[0]];
     for (int b = 0; b < B; b++) cu[b + 1] = cu[b] + lens[b];
+    for (int b = 0; b < B; b++) off[b] = parent[b] < 0 ? 0 : off[parent[b]] + lens[parent[b]];
+    const SeqIndex ix = {cu, off, parent};
     const int64_t T = cu[B], stride = (int64_t)(nh + 2 * nkv) * hd, QD = (int64_t)nh * hd;
     if (version == 2 && !cuda_attn_tc_supported(hd)) {
         printf("head_dim %d has no tensor-core kernel; run version 1\n", hd);
@@ -59,27 +70,31 @@ int main(int argc, char **argv) {
     const int heads[] = {0, 3, 4, 31};  // two query heads of KV group 0, one of group 1, the last
     const int nheads = 4;
     float *ref = (float *)calloc((size_t)(T * QD), sizeof(float)), *got = (float *)malloc(sizeof(float) * T * QD);
-    attention_cpu(ref, qkv, cu, B, nh, nkv, hd, heads, nheads);
+    attention_cpu(ref, qkv, &ix, B, nh, nkv, hd, heads, nheads);
 
-    // host plan, uploaded as the backend does: positions, int32 offsets, tiles
+    // host plan, uploaded as the backend does: positions, int32 offsets, tiles, shared-prefix offsets
     int32_t *pos = (int32_t *)malloc(sizeof(int32_t) * T), cu32[sizeof lens / sizeof lens[0] + 1];
+    int32_t off32[sizeof lens / sizeof lens[0]];
     for (int b = 0; b <= B; b++) cu32[b] = (int32_t)cu[b];
+    for (int b = 0; b < B; b++) off32[b] = (int32_t)off[b];
     for (int b = 0; b < B; b++)
-        for (int64_t i = cu[b]; i < cu[b + 1]; i++) pos[i] = (int32_t)(i - cu[b]);
+        for (int64_t i = cu[b]; i < cu[b + 1]; i++) pos[i] = (int32_t)(off[b] + i - cu[b]);
     const int64_t ntiles = cuda_attn_tile_count(cu, B, CUDA_ATTN_BLOCK_Q);
     CudaAttnTile *tiles = (CudaAttnTile *)malloc(sizeof(CudaAttnTile) * ntiles);
     cuda_attn_plan(cu, B, CUDA_ATTN_BLOCK_Q, tiles, ntiles);
     bf16 *dqkv = to_device(qkvb, T * stride), *dout;
-    int32_t *dpos = to_device(pos, T), *dcu = to_device(cu32, B + 1);
+    int32_t *dpos = to_device(pos, T), *dcu = to_device(cu32, B + 1), *doff = to_device(off32, B);
+    int32_t *dpar = to_device(parent, B);
     CudaAttnTile *dtiles = to_device(tiles, ntiles);
     CHECK(cudaMalloc(&dout, sizeof(bf16) * T * QD));
     const float scale = 1.0f / sqrtf((float)hd);
     auto run = [&](int v) {
         if (v == 1) {
             const dim3 grid((unsigned)T, nh);
-            attention_warp_kernel<<<grid, 32, sizeof(float) * 2 * hd>>>(dout, dqkv, dpos, nh, nkv, hd, scale);
+            attention_warp_kernel<<<grid, 32, sizeof(float) * 2 * hd>>>(dout, dqkv, dpos, dcu, doff, dpar, B, nh, nkv,
+                                                                        hd, scale);
         } else {
-            launch_attention(dout, dqkv, dcu, dpos, dtiles, ntiles, T, nh, nkv, hd, 0);
+            launch_attention(dout, dqkv, dcu, doff, dpar, B, dpos, dtiles, ntiles, T, nh, nkv, hd, 0);
         }
     };
     int bad = 0;
@@ -102,7 +117,10 @@ int main(int argc, char **argv) {
         bad |= validate(name, got, ref, T * QD, 2e-2);  // P rounded to bf16 in v2, output rounded to bf16
     }
     double flops = 0.0;  // QK^T and PV, causal: 4 * hd * nh per (query, visible key)
-    for (int b = 0; b < B; b++) flops += 4.0 * hd * nh * (double)lens[b] * (lens[b] + 1) / 2.0;
+    for (int b = 0; b < B; b++) {
+        const double full = (double)(off[b] + lens[b]), first = (double)off[b];  // queries first+1 .. full keys
+        flops += 4.0 * hd * nh * (full * (full + 1) - first * (first + 1)) / 2.0;
+    }
     const float ms = time_ms([&] { run(version); }, 20);
     printf("version %d: %.3f ms, %.1f TFLOP/s (T = %lld tokens, %lld tiles)\n", version, ms, flops / ms / 1e9,
            (long long)T, (long long)ntiles);

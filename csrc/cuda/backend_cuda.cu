@@ -5,7 +5,8 @@
 // (f32/f16 converted on the GPU), norm vectors, biases and heads as f32.
 //
 // Forward, per packed batch:
-//   one H2D copy: token ids, positions, cu_seqlens, head rows, attention tiles
+//   one H2D copy: token ids, positions, cu_seqlens, head rows, attention tiles,
+//                 shared-prefix offsets and parents (csrc/prefix.h)
 //   x (T,H) f32 = embed[tokens]
 //   per layer:
 //     xn = rmsnorm(x) (bf16);  qkv = xn Wqkv^T (bf16);  rope(q, k)
@@ -325,6 +326,7 @@ extern "C" int cuda_model_reserve(CudaModel *cm, int64_t max_tokens, ArmError *e
 // Device pointers of one batch.
 typedef struct {
     const int32_t *tokens, *pos, *cu, *rows;
+    const int32_t *off, *parent;  // (B) each: shared-prefix offsets and parents
     const CudaAttnTile *tiles;
     float *res;      // results, laid out by CudaBatchLayout
     float *scratch;  // head scratch
@@ -357,7 +359,8 @@ static int layer_forward(CudaModel *cm, int l, const BatchDev *bd, const CudaBat
     }
     launch_rope(qkv, bd->pos, wf(cm, wl->inv_freq), T, nh, nkv, hd, st);
     CU_CHECK_LAUNCH("rope");
-    launch_attention(att, qkv, bd->cu, bd->pos, bd->tiles, bl->ntiles, T, nh, nkv, hd, st);
+    launch_attention(att, qkv, bd->cu, bd->off, bd->parent, (int)bl->B, bd->pos, bd->tiles, bl->ntiles, T, nh, nkv,
+                     hd, st);
     CU_CHECK_LAUNCH("attention");
     if (gemm_bf16(&cm->gemm, st, x, 1, 1, att, wb(cm, L + wl->wo), T, H, QD, e)) return -1;
     if (wl->bo >= 0) {
@@ -471,9 +474,9 @@ static int forward_locked(CudaModel *cm, const Batch *b, Outputs *out, const Wan
     const int64_t up = (bl.n_ints * 4 + CUDA_ALIGN - 1) / CUDA_ALIGN * CUDA_ALIGN;
     const int64_t res = (bl.n_floats * 4 + CUDA_ALIGN - 1) / CUDA_ALIGN * CUDA_ALIGN;
     const int32_t *ints = (const int32_t *)cm->batch_dev;
-    const BatchDev bd = {ints + bl.tokens, ints + bl.pos, ints + bl.cu, ints + bl.rows,
-                         (const CudaAttnTile *)(ints + bl.tiles), (float *)(cm->batch_dev + up),
-                         (float *)(cm->batch_dev + up + res)};
+    const BatchDev bd = {ints + bl.tokens, ints + bl.pos, ints + bl.cu, ints + bl.rows, ints + bl.seg,
+                         ints + bl.seg + bl.B, (const CudaAttnTile *)(ints + bl.tiles),
+                         (float *)(cm->batch_dev + up), (float *)(cm->batch_dev + up + res)};
     // the one host-to-device copy of the batch
     CU_CHECK(cudaMemcpyAsync(cm->batch_dev, cm->batch_host, (size_t)(bl.n_ints * 4), cudaMemcpyHostToDevice, st));
     launch_embedding((float *)(cm->act + cm->al.x), bd.tokens, wb(cm, cm->wl.embed), T, c->hidden_size, st);

@@ -112,6 +112,7 @@ typedef struct {
     int64_t cu;        // (B+1) sequence starts
     int64_t rows;      // (2B) reward rows (absolute), then gating rows (absolute; 0 when absent)
     int64_t tiles;     // (2 * ntiles) attention tiles: (sequence, first query)
+    int64_t seg;       // (2B) each sequence's offset (first own position), then its parent (-1: none); prefix.h
     int64_t n_ints;
     // f32 element offsets in the results buffer
     int64_t hidden;      // (B, H) final-norm state at the reward rows
@@ -162,7 +163,9 @@ int64_t cuda_attn_plan(const int64_t *cu_seqlens, int B, int block_q, CudaAttnTi
 int cuda_batch_layout(const Config *c, int64_t T, int64_t B, int64_t ntiles, int want_all_hidden,
                       CudaBatchLayout *l);
 // Writes the upload buffer for batch b (validated by batch_validate): tokens,
-// positions, offsets, reward/gating rows and attention tiles (block_q).
+// positions (in each full sequence), offsets, reward/gating rows (through a
+// shared prefix's rows where they lie in it), attention tiles (block_q) and
+// each sequence's offset and parent.
 int cuda_batch_pack(const Batch *b, const CudaBatchLayout *l, int block_q, int32_t *buf);
 // Returns 0, or -1 when a size does not fit the int32 indexing of the kernels.
 int cuda_plan_memory(const Config *c, int64_t max_tokens, CudaMemPlan *p);

@@ -2,6 +2,11 @@
 //
 // Input: qkv (T, (nh + 2 nkv) * hd) bf16, RoPE already applied, sequences laid
 // end to end (cu_seqlens, no padding). Output: out (T, nh * hd) bf16.
+// A sequence may continue an earlier one (a shared prefix, csrc/prefix.h):
+// off[b] is the position of its first own token, parent[b] the sequence it
+// continues (-1: none). Keys are indexed by position in the full sequence
+// and read from packed row seq_row32(b, j), so a continuation's queries see
+// the prefix's keys and values first; queries and outputs are its own rows.
 // Query head h reads key/value head h / (nh / nkv). Memory is O(tile), never
 // L x L: scores live in registers and the softmax is the online (running max,
 // running sum) one.
@@ -25,6 +30,7 @@
 
 #include "k_common.cuh"
 #include "backend_cuda.h"
+#include "../prefix.h"
 
 #define ATT_WARPS 4
 #define ATT_BQ (ATT_WARPS * 16)
@@ -54,9 +60,10 @@ struct AttShape {
     static constexpr int VP = BK + 8;    // Vt row pitch
 };
 
-// Grid (ntiles, nh), block 128. tiles[i] = (sequence, first query of the tile).
+// Grid (ntiles, nh), block 128. tiles[i] = (sequence, first query of the tile, counted from its first own token).
 template <int HD>
 __global__ void __launch_bounds__(ATT_WARPS * 32) attention_tc_kernel(bf16 *out, const bf16 *qkv, const int32_t *cu,
+                                                                      const int32_t *off, const int32_t *parent,
                                                                       const CudaAttnTile *tiles, int nh, int nkv,
                                                                       float scale_log2) {
     constexpr int BK = AttShape<HD>::BK, KP = AttShape<HD>::KP, VP = AttShape<HD>::VP;
@@ -66,12 +73,14 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) attention_tc_kernel(bf16 *out,
     const CudaAttnTile tile = tiles[blockIdx.x];
     const int h = blockIdx.y, kvh = h / (nh / nkv);
     const int start = cu[tile.seq], len = cu[tile.seq + 1] - start, q0 = tile.q0;
+    const int first = off[tile.seq], full = first + len;  // positions of the own tokens: first .. full - 1
     const int64_t stride = (int64_t)(nh + 2 * nkv) * HD;
     const bf16 *qb = qkv + (int64_t)start * stride + (int64_t)h * HD;
-    const bf16 *kb_ = qkv + (int64_t)start * stride + (int64_t)(nh + kvh) * HD;
-    const bf16 *vb_ = qkv + (int64_t)start * stride + (int64_t)(nh + nkv + kvh) * HD;
+    const bf16 *kb_ = qkv + (int64_t)(nh + kvh) * HD;        // + seq_row32(j) * stride
+    const bf16 *vb_ = qkv + (int64_t)(nh + nkv + kvh) * HD;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-    const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;  // this thread's two query rows, within the sequence
+    const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;  // this thread's two query rows, within the own tokens
+    const int p0 = first + r0, p1 = first + r1;      // ... and their positions in the full sequence
 
     // Q fragments for this warp's 16 rows, read once from global memory (rows past the end are 0).
     uint32_t qa[HD / 16][4];
@@ -87,8 +96,8 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) attention_tc_kernel(bf16 *out,
 #pragma unroll
     for (int dt = 0; dt < HD / 8; dt++) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
-    const int kend = min(len, q0 + ATT_BQ);      // causal: no query of the tile sees a later key
-    const int wlast = q0 + warp * 16 + 15;       // this warp's last query row
+    const int kend = min(full, first + q0 + ATT_BQ);  // causal: no query of the tile sees a later key
+    const int wlast = first + q0 + warp * 16 + 15;    // this warp's last query position
 
     for (int kb = 0; kb < kend; kb += BK) {
         __syncthreads();  // every warp is done with the previous block's K and V
@@ -98,9 +107,10 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) attention_tc_kernel(bf16 *out,
         for (int idx = threadIdx.x; idx < BK * (HD / 8); idx += ATT_WARPS * 32) {
             const int j = idx % BK, c = (idx / BK) * 8;
             uint4 kv = make_uint4(0u, 0u, 0u, 0u), vv = kv;
-            if (kb + j < len) {
-                kv = *reinterpret_cast<const uint4 *>(kb_ + (int64_t)(kb + j) * stride + c);
-                vv = *reinterpret_cast<const uint4 *>(vb_ + (int64_t)(kb + j) * stride + c);
+            if (kb + j < full) {
+                const int64_t row = seq_row32(cu, off, parent, tile.seq, kb + j);
+                kv = *reinterpret_cast<const uint4 *>(kb_ + row * stride + c);
+                vv = *reinterpret_cast<const uint4 *>(vb_ + row * stride + c);
             }
             *reinterpret_cast<uint4 *>(&Ks[j * KP + c]) = kv;
             const bf16 *ve = reinterpret_cast<const bf16 *>(&vv);
@@ -125,9 +135,9 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) attention_tc_kernel(bf16 *out,
         for (int nt = 0; nt < BK / 8; nt++) {
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                const int key = kb + nt * 8 + tq * 2 + (e & 1), row = e < 2 ? r0 : r1;
+                const int key = kb + nt * 8 + tq * 2 + (e & 1), row = e < 2 ? p0 : p1;
                 float v = s[nt][e] * scale_log2;
-                if (key > row || key >= len) v = -INFINITY;
+                if (key > row || key >= full) v = -INFINITY;
                 s[nt][e] = v;
                 if (e < 2) mx0 = fmaxf(mx0, v);
                 else mx1 = fmaxf(mx1, v);
@@ -193,8 +203,9 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) attention_tc_kernel(bf16 *out,
 }
 
 // Grid (T, nh), block 32, dynamic shared memory 2 * hd floats.
-// pos[t] is t's position in its sequence, so its keys are t - pos[t] .. t.
-static __global__ void attention_warp_kernel(bf16 *out, const bf16 *qkv, const int32_t *pos, int nh, int nkv, int hd,
+// pos[t] is t's position in its full sequence, so its keys are positions 0 .. pos[t].
+static __global__ void attention_warp_kernel(bf16 *out, const bf16 *qkv, const int32_t *pos, const int32_t *cu,
+                                             const int32_t *off, const int32_t *parent, int B, int nh, int nkv, int hd,
                                              float scale) {
     extern __shared__ float att_sm[];
     float *q = att_sm, *acc = att_sm + hd;  // each lane touches only its own dims d = lane + 32i
@@ -205,8 +216,15 @@ static __global__ void attention_warp_kernel(bf16 *out, const bf16 *qkv, const i
         q[d] = bf2f(qkv[t * stride + (int64_t)h * hd + d]);
         acc[d] = 0.0f;
     }
+    int b = 0;  // t's sequence: the last one starting at or before t
+    for (int lo = 0, hi = B - 1; lo <= hi;) {
+        const int mid = (lo + hi) / 2;
+        if (cu[mid] <= t) b = mid, lo = mid + 1;
+        else hi = mid - 1;
+    }
     float m = -INFINITY, l = 0.0f;
-    for (int64_t j = t - pos[t]; j <= t; j++) {
+    for (int jp = 0; jp <= pos[t]; jp++) {
+        const int64_t j = seq_row32(cu, off, parent, b, jp);
         const bf16 *k = qkv + j * stride + (int64_t)(nh + kvh) * hd, *v = k + (int64_t)nkv * hd;
         float dot = 0.0f;
         for (int d = lane; d < hd; d += 32) dot += q[d] * bf2f(k[d]);
@@ -221,19 +239,22 @@ static __global__ void attention_warp_kernel(bf16 *out, const bf16 *qkv, const i
 }
 
 // Launches the kernel cuda_launch_attention picks for head_dim.
-static void launch_attention(bf16 *out, const bf16 *qkv, const int32_t *cu, const int32_t *pos,
-                             const CudaAttnTile *tiles, int64_t ntiles, int64_t T, int nh, int nkv, int hd,
-                             cudaStream_t st) {
+// off, parent: (B) each sequence's offset and parent (int32).
+static void launch_attention(bf16 *out, const bf16 *qkv, const int32_t *cu, const int32_t *off,
+                             const int32_t *parent, int B, const int32_t *pos, const CudaAttnTile *tiles,
+                             int64_t ntiles, int64_t T, int nh, int nkv, int hd, cudaStream_t st) {
     const CudaLaunch l = cuda_launch_attention(ntiles, T, nh, hd);
     const dim3 grid(l.grid_x, l.grid_y, l.grid_z);
     const float scale = 1.0f / sqrtf((float)hd);
     const float scale_log2 = scale * 1.4426950408889634f;  // softmax in base 2: exp(x) = exp2(x log2 e)
     switch (cuda_attn_tc_supported(hd) ? hd : 0) {
-        case 16: attention_tc_kernel<16><<<grid, l.block, 0, st>>>(out, qkv, cu, tiles, nh, nkv, scale_log2); break;
-        case 32: attention_tc_kernel<32><<<grid, l.block, 0, st>>>(out, qkv, cu, tiles, nh, nkv, scale_log2); break;
-        case 64: attention_tc_kernel<64><<<grid, l.block, 0, st>>>(out, qkv, cu, tiles, nh, nkv, scale_log2); break;
-        case 128: attention_tc_kernel<128><<<grid, l.block, 0, st>>>(out, qkv, cu, tiles, nh, nkv, scale_log2); break;
-        default: attention_warp_kernel<<<grid, l.block, l.smem, st>>>(out, qkv, pos, nh, nkv, hd, scale); break;
+        case 16: attention_tc_kernel<16><<<grid, l.block, 0, st>>>(out, qkv, cu, off, parent, tiles, nh, nkv, scale_log2); break;
+        case 32: attention_tc_kernel<32><<<grid, l.block, 0, st>>>(out, qkv, cu, off, parent, tiles, nh, nkv, scale_log2); break;
+        case 64: attention_tc_kernel<64><<<grid, l.block, 0, st>>>(out, qkv, cu, off, parent, tiles, nh, nkv, scale_log2); break;
+        case 128: attention_tc_kernel<128><<<grid, l.block, 0, st>>>(out, qkv, cu, off, parent, tiles, nh, nkv, scale_log2); break;
+        default:
+            attention_warp_kernel<<<grid, l.block, l.smem, st>>>(out, qkv, pos, cu, off, parent, B, nh, nkv, hd, scale);
+            break;
     }
 }
 

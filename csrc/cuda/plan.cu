@@ -5,6 +5,7 @@
 // Pure arithmetic on the host: no CUDA API call here, so all of it runs (and
 // is unit-tested) on machines without a GPU or driver.
 #include "backend_cuda.h"
+#include "../prefix.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -139,6 +140,7 @@ int cuda_batch_layout(const Config *c, int64_t T, int64_t B, int64_t ntiles, int
     l->cu = n; n += B + 1;
     l->rows = n; n += 2 * B;
     l->tiles = n; n += 2 * ntiles;
+    l->seg = n; n += 2 * B;
     l->n_ints = n;
     // results: 64-float (256-byte) aligned sections keep every cudaMemcpy and float4 path aligned
     int64_t f = 0;
@@ -160,15 +162,21 @@ int cuda_batch_layout(const Config *c, int64_t T, int64_t B, int64_t ntiles, int
 int cuda_batch_pack(const Batch *b, const CudaBatchLayout *l, int block_q, int32_t *buf) {
     const int64_t T = b->cu_seqlens[b->B];
     if (T != l->T || b->B != l->B) return -1;
+    int32_t *off = buf + l->seg, *parent = buf + l->seg + b->B;
+    for (int s = 0; s < b->B; s++) {  // offsets as batch_offsets (model.c, not linked into the harnesses)
+        const int p = b->parent ? b->parent[s] : -1;
+        parent[s] = p;
+        off[s] = p < 0 ? 0 : (int32_t)(off[p] + b->cu_seqlens[p + 1] - b->cu_seqlens[p]);
+    }
     for (int64_t t = 0; t < T; t++) buf[l->tokens + t] = b->tokens[t];
+    for (int s = 0; s <= b->B; s++) buf[l->cu + s] = (int32_t)b->cu_seqlens[s];
     for (int s = 0; s < b->B; s++) {
         const int64_t start = b->cu_seqlens[s], len = b->cu_seqlens[s + 1] - start;
-        for (int64_t i = 0; i < len; i++) buf[l->pos + start + i] = (int32_t)i;
-        buf[l->cu + s] = (int32_t)start;
-        buf[l->rows + s] = (int32_t)(start + (b->reward_pos ? b->reward_pos[s] : len - 1));
-        buf[l->rows + b->B + s] = (int32_t)(b->gating_pos ? start + b->gating_pos[s] : 0);
+        for (int64_t i = 0; i < len; i++) buf[l->pos + start + i] = off[s] + (int32_t)i;
+        const int64_t rp = b->reward_pos ? b->reward_pos[s] : off[s] + len - 1;
+        buf[l->rows + s] = seq_row32(buf + l->cu, off, parent, s, rp);
+        buf[l->rows + b->B + s] = b->gating_pos ? seq_row32(buf + l->cu, off, parent, s, b->gating_pos[s]) : 0;
     }
-    buf[l->cu + b->B] = (int32_t)T;
     CudaAttnTile *tiles = (CudaAttnTile *)(buf + l->tiles);  // two int32 per tile, int32-aligned struct
     return cuda_attn_plan(b->cu_seqlens, b->B, block_q, tiles, l->ntiles) == l->ntiles ? 0 : -1;
 }

@@ -4,7 +4,8 @@
 //
 //   host_test plan H I L NH NKV HD V ARCH K D NHID NL ATTB MLPB MAXTOK
 //   host_test tiles BLOCK LEN...          attention tiles for sequences of these lengths
-//   host_test pack LEN...                 batch upload layout + contents (reward = last, gating = 0)
+//   host_test pack LEN[/PARENT]...        batch upload layout + contents (reward = last, gating = half the
+//                                         full length); LEN/P: a sequence continuing sequence P (shared prefix)
 //   host_test launch                      launch shapes for a few sizes
 //   host_test fits NEED FREE              the out-of-memory message
 //   host_test devcount                    cuda_device_count()
@@ -98,13 +99,21 @@ static int cmd_tiles(int argc, char **argv) {
 static int cmd_pack(int argc, char **argv) {
     if (argc < 1) return 2;
     const int B = argc;
-    int64_t *cu = parse_cu(B, argv);
+    int64_t *cu = parse_cu(B, argv), *full = (int64_t *)calloc((size_t)B, sizeof *full);
+    int32_t *parent = (int32_t *)calloc((size_t)B, sizeof *parent);
+    int any_parent = 0;
+    for (int b = 0; b < B; b++) {
+        const char *slash = strchr(argv[b], '/');
+        parent[b] = slash ? atoi(slash + 1) : -1;
+        any_parent |= parent[b] >= 0;
+        full[b] = (parent[b] >= 0 ? full[parent[b]] : 0) + cu[b + 1] - cu[b];
+    }
     const int64_t T = cu[B];
     int32_t *tok = (int32_t *)calloc((size_t)T, sizeof *tok);
     int64_t *gp = (int64_t *)calloc((size_t)B, sizeof *gp);
     for (int64_t t = 0; t < T; t++) tok[t] = (int32_t)(1000 + t);
-    for (int b = 0; b < B; b++) gp[b] = (cu[b + 1] - cu[b]) / 2;
-    Batch bt = {tok, cu, B, NULL, gp, 0};
+    for (int b = 0; b < B; b++) gp[b] = full[b] / 2;
+    Batch bt = {tok, cu, B, NULL, gp, 0, any_parent ? parent : NULL};
     Config c;
     memset(&c, 0, sizeof c);
     c.arch = ARCH_ARMORM;
@@ -120,8 +129,9 @@ static int cmd_pack(int argc, char **argv) {
     int32_t *buf = (int32_t *)calloc((size_t)l.n_ints, sizeof *buf);
     const int rc = cuda_batch_pack(&bt, &l, CUDA_ATTN_BLOCK_Q, buf);
     printf("rc=%d\nn_ints=%lld\nntiles=%lld\n", rc, (long long)l.n_ints, (long long)l.ntiles);
-    printf("off_tokens=%lld\noff_pos=%lld\noff_cu=%lld\noff_rows=%lld\noff_tiles=%lld\n", (long long)l.tokens,
-           (long long)l.pos, (long long)l.cu, (long long)l.rows, (long long)l.tiles);
+    printf("off_tokens=%lld\noff_pos=%lld\noff_cu=%lld\noff_rows=%lld\noff_tiles=%lld\noff_seg=%lld\n",
+           (long long)l.tokens, (long long)l.pos, (long long)l.cu, (long long)l.rows, (long long)l.tiles,
+           (long long)l.seg);
     printf("hidden=%lld\nprompt=%lld\nrewards=%lld\ngating=%lld\nscore=%lld\nlogits=%lld\nall_hidden=%lld\nn_floats=%lld\n"
            "scratch_floats=%lld\ndevice_bytes=%lld\nhost_bytes=%lld\n",
            (long long)l.hidden, (long long)l.prompt, (long long)l.rewards, (long long)l.gating, (long long)l.score,
@@ -133,6 +143,8 @@ static int cmd_pack(int argc, char **argv) {
     free(buf);
     free(gp);
     free(tok);
+    free(parent);
+    free(full);
     free(cu);
     return 0;
 }
