@@ -12,6 +12,8 @@
 #   2. kernels   benchmarks/cuda harnesses: each kernel against its CPU reference, then timed
 #   3. tests     tests/test_cuda_build.py and tests/test_cuda_parity.py (device_map="cuda" vs transformers, same GPU)
 #   4. bench     benchmarks/gpu_bench.py: 8B-shaped bf16 checkpoint, tokens/s and MFU vs transformers
+#   5. bestofn   benchmarks/best_of_n.py on the GPU: 1B-shaped checkpoint, N responses per prompt and pairs,
+#                shared prefixes vs not vs transformers (the parity of shared prefixes is in step 3)
 # A failing step does not stop the later ones (the numbers still come); the exit code is non-zero if any failed.
 # The last lines printed are the step table and the benchmark table.
 #
@@ -54,12 +56,15 @@ step kernels 120 make -C benchmarks/cuda -j "$JOBS" run
 step tests 150 "$PY" -m pytest -q -p no:cacheprovider -rs -k "not harnesses_build and not smoke" \
     tests/test_cuda_build.py tests/test_cuda_parity.py
 step bench 240 "$PY" benchmarks/gpu_bench.py --n "${BENCH_N:-128}" --json "$LOG/gpu_bench.json"
+step bestofn 180 "$PY" benchmarks/best_of_n.py --device cuda --shape 1b --n 2,8,16 --prompts 8 --pairs 256 --reps 3 \
+    --threads "$JOBS" --batch-tokens 16384 --cache-dir "$LOG/ckpt"
 
 echo
 echo "gpu_check summary ($(cat "$LOG/gpu.txt" 2>/dev/null | head -1))"
 printf '%-8s %-22s %6s\n' step status seconds
 for i in "${!NAMES[@]}"; do printf '%-8s %-22s %6s\n' "${NAMES[$i]}" "${STATUS[$i]}" "${SECS[$i]}"; done
 grep -E "passed|failed|error" "$LOG/tests.log" | tail -1 || true
-# the benchmark's own table, last
+# the benchmarks' own tables, last
+awk '/^best-of-N on/{p=1} p' "$LOG/bestofn.log" 2>/dev/null || true
 awk '/^GPU benchmark:/{p=1} p' "$LOG/bench.log" 2>/dev/null || true
 exit $FAILED

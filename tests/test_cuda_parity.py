@@ -150,6 +150,40 @@ def test_cuda_matches_cpu_backend_fp32(ckpts, seqs):
         assert rel_err(b[f], a[f]) <= 1.1 * rel_err(theirs[f], a[f]) + 1e-7, f
 
 
+@pytest.mark.parametrize("name", ["hd16_gqa2_f32", "hd24_portable_bf16", "hd128_gqa2_bf16"])
+def test_cuda_shared_prefixes(ckpts, name):
+    """Best-of-N on the GPU (docs/best_of_n.md): prompts computed once, both attention kernels, two levels."""
+    tiny = ckpts[name]
+    rng = np.random.default_rng(11)
+    system = rng.integers(10, 300, size=70)
+    prompts = []
+    for n in (300, 40):
+        p = np.concatenate([system, rng.integers(10, 300, size=n)])
+        p[-len(PATTERN):] = PATTERN
+        prompts.append(p)
+    # responses cross the 64-query tiles; one plain sequence; a multi-turn continuation (gating row in it)
+    seqs = [np.concatenate([prompts[0], rng.integers(10, 300, size=k)]) for k in (1, 63, 64, 65, 200)]
+    seqs += [np.concatenate([prompts[1], rng.integers(10, 300, size=k)]) for k in (7, 130)]
+    seqs.append(random_conv(rng, 130, 300))
+    turn = np.concatenate([rng.integers(10, 300, size=20), PATTERN, rng.integers(10, 300, size=30)])
+    seqs.append(np.concatenate([prompts[0], turn]))
+    model = armorm.ArmoRM.from_pretrained(tiny.path, device_map="cuda", gating_pattern=PATTERN)
+    try:
+        stats = {}
+        shared = model.score_sequences(seqs, stats=stats)
+        unshared = model.score_sequences(seqs, share_prefixes=False)
+    finally:
+        model.close()
+    assert stats["tokens_computed"] < stats["tokens_in"] // 2 and stats["shared_prefixes"] == 3, stats
+    ref = gpu_reference(tiny, seqs, torch.float32)
+    theirs = gpu_reference(tiny, seqs, torch.bfloat16)
+    for f in FIELDS:
+        e_theirs = rel_err(theirs[f], ref[f])
+        assert rel_err(shared[f], ref[f]) <= 1.1 * e_theirs + 1e-7, f
+        # the same rows by another packing: equal up to the GEMMs' rounding, inside the bf16 error
+        assert rel_err(shared[f], unshared[f]) <= max(e_theirs, 1e-6), f
+
+
 def test_cuda_seqcls_logits(tmp_path, seqs):
     hf = make_seqcls(tmp_path / "seqcls", dtype="bfloat16", num_labels=3)
     model = armorm.ArmoRM.from_pretrained(tmp_path / "seqcls", device_map="cuda")
