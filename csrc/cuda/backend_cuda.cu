@@ -87,7 +87,7 @@ static void uploader_free(Uploader *u) {
 static int upload(Uploader *u, void *dst, int dst_bf16, const void *src, WDType sd, int64_t n, ArmError *e) {
     const int64_t es = sd == WT_F32 ? 4 : 2, ds = dst_bf16 ? 2 : 4;
     const int convert = dst_bf16 ? sd != WT_BF16 : sd != WT_F32;
-    if (convert && !dst_bf16) return cu_fail(e, "internal error: f32 device tensors must be stored as F32");
+    if (convert && !dst_bf16) return arm_fail(e, "internal error: f32 device tensors must be stored as F32");
     const int64_t per = CUDA_UPLOAD_CHUNK / es;
     for (int64_t off = 0; off < n; off += per) {
         const int64_t cnt = n - off < per ? n - off : per;
@@ -112,7 +112,7 @@ static int upload_w(Uploader *u, char *base, int64_t off, const WTensor *w, int6
     if (!w->data || w->rows != rows || w->cols != cols) {
         char where[32] = "";
         if (layer >= 0) snprintf(where, sizeof where, " of layer %d", layer);
-        return cu_fail(e, "cuda upload: %s%s is (%lld, %lld)%s, expected (%lld, %lld)", what, where,
+        return arm_fail(e, "cuda upload: %s%s is (%lld, %lld)%s, expected (%lld, %lld)", what, where,
                        (long long)w->rows, (long long)w->cols, w->data ? "" : " and missing", (long long)rows,
                        (long long)cols);
     }
@@ -151,7 +151,7 @@ static int upload_layer(Uploader *u, const CudaModel *cm, const LayerWeights *lw
 }
 
 static int upload_f32(Uploader *u, char *dst, const float *src, int64_t n, const char *what, ArmError *e) {
-    if (!src) return cu_fail(e, "cuda upload: head tensor %s is missing", what);
+    if (!src) return arm_fail(e, "cuda upload: head tensor %s is missing", what);
     return upload(u, dst, 0, src, WT_F32, n, e);
 }
 
@@ -191,7 +191,7 @@ static int upload_all(CudaModel *cm, const Model *m, ArmError *e) {
     if (rc == 0) {
         cudaError_t err = cudaStreamSynchronize(cm->stream);
         if (err != cudaSuccess)
-            rc = cu_fail(e, "CUDA error: cudaStreamSynchronize after the weight upload failed: %s (%s)",
+            rc = arm_fail(e, "CUDA error: cudaStreamSynchronize after the weight upload failed: %s (%s)",
                          cudaGetErrorString(err), cudaGetErrorName(err));
     }
     uploader_free(&u);
@@ -205,7 +205,7 @@ static int ensure_activations(CudaModel *cm, int64_t T, ArmError *e) {
     if (cm->act && T <= cm->al.max_tokens) return 0;
     const int64_t want = (T + 1023) / 1024 * 1024;  // round up so small growth steps do not reallocate each call
     CudaActLayout al;
-    if (cuda_act_layout(&cm->cfg, want, &al)) return cu_fail(e, "cuda: a batch of %lld tokens is too large", (long long)T);
+    if (cuda_act_layout(&cm->cfg, want, &al)) return arm_fail(e, "cuda: a batch of %lld tokens is too large", (long long)T);
     if (cm->act) CU_CHECK(cudaFree(cm->act));
     cm->act = NULL;
     cm->al.max_tokens = 0;
@@ -215,7 +215,7 @@ static int ensure_activations(CudaModel *cm, int64_t T, ArmError *e) {
         cm->act = NULL;
         size_t fr = 0, tot = 0;
         cudaMemGetInfo(&fr, &tot);
-        return cu_fail(e, "not enough GPU memory on cuda:%d for the activations of a %lld-token batch: %lld bytes "
+        return arm_fail(e, "not enough GPU memory on cuda:%d for the activations of a %lld-token batch: %lld bytes "
                           "needed, %lld free (%s); use smaller batches (max_batch_tokens)",
                        cm->device, (long long)T, (long long)al.total, (long long)fr, cudaGetErrorString(err));
     }
@@ -270,20 +270,20 @@ extern "C" int64_t cuda_model_device_bytes(const CudaModel *cm) {
 // Everything that can fail before the first allocation: device, architecture, memory.
 static int create_checks(const Model *m, int device, CudaMemPlan *plan, ArmError *e) {
     char why[512];
-    if (cuda_device_describe(device, why, sizeof why)) return cu_fail(e, "device_map='cuda:%d': %s", device, why);
+    if (cuda_device_describe(device, why, sizeof why)) return arm_fail(e, "device_map='cuda:%d': %s", device, why);
     if (cuda_plan_memory(&m->cfg, CUDA_DEFAULT_MAX_TOKENS, plan))
-        return cu_fail(e, "cuda: the model's sizes exceed what the CUDA kernels index (int32 rows)");
+        return arm_fail(e, "cuda: the model's sizes exceed what the CUDA kernels index (int32 rows)");
     CU_CHECK(cudaSetDevice(device));
     size_t fr = 0, tot = 0;
     CU_CHECK(cudaMemGetInfo(&fr, &tot));
     char msg[ARM_ERRLEN];
     if (cuda_plan_check_fits(plan, (int64_t)fr, (int64_t)tot, device, msg, sizeof msg))
-        return cu_fail(e, "%s", msg);
+        return arm_fail(e, "%s", msg);
     return 0;
 }
 
 static int create_resources(CudaModel *cm, ArmError *e) {
-    if (pthread_mutex_init(&cm->lock, NULL)) return cu_fail(e, "cuda: pthread_mutex_init failed");
+    if (pthread_mutex_init(&cm->lock, NULL)) return arm_fail(e, "cuda: pthread_mutex_init failed");
     cm->lock_ok = 1;
     CU_CHECK(cudaStreamCreateWithFlags(&cm->stream, cudaStreamNonBlocking));
     CU_CHECK(cudaMalloc((void **)&cm->weights, (size_t)cm->wl.total));
@@ -298,7 +298,7 @@ extern "C" int cuda_model_create(CudaModel **out, const Model *m, int device, Ar
     CudaMemPlan plan;
     if (create_checks(m, device, &plan, e)) return -1;
     CudaModel *cm = (CudaModel *)calloc(1, sizeof *cm);
-    if (!cm) return cu_fail(e, "out of host memory");
+    if (!cm) return arm_fail(e, "out of host memory");
     cm->device = device;
     cm->cfg = m->cfg;
     cm->logit_scale = m->w.logit_scale;
@@ -311,10 +311,10 @@ extern "C" int cuda_model_create(CudaModel **out, const Model *m, int device, Ar
 }
 
 extern "C" int cuda_model_reserve(CudaModel *cm, int64_t max_tokens, ArmError *e) {
-    if (!cm) return cu_fail(e, "cuda: no model");
+    if (!cm) return arm_fail(e, "cuda: no model");
     pthread_mutex_lock(&cm->lock);
     int rc = cudaSetDevice(cm->device) == cudaSuccess ? ensure_activations(cm, max_tokens, e)
-                                                      : cu_fail(e, "CUDA error: cudaSetDevice(%d) failed", cm->device);
+                                                      : arm_fail(e, "CUDA error: cudaSetDevice(%d) failed", cm->device);
     pthread_mutex_unlock(&cm->lock);
     return rc;
 }
@@ -460,14 +460,14 @@ static int forward_locked(CudaModel *cm, const Batch *b, Outputs *out, const Wan
     const cudaStream_t st = cm->stream;
     const int64_t T = b->cu_seqlens[b->B];
     CU_CHECK(cudaSetDevice(cm->device));
-    if (T > INT32_MAX) return cu_fail(e, "cuda: a batch holds at most %d tokens, got %lld", INT32_MAX, (long long)T);
+    if (T > INT32_MAX) return arm_fail(e, "cuda: a batch holds at most %d tokens, got %lld", INT32_MAX, (long long)T);
     const int64_t ntiles = cuda_attn_tile_count(b->cu_seqlens, b->B, CUDA_ATTN_BLOCK_Q);
     CudaBatchLayout bl;
     if (ntiles <= 0 || cuda_batch_layout(c, T, b->B, ntiles, w->all_hidden, &bl))
-        return cu_fail(e, "cuda: cannot lay out a batch of %lld tokens in %d sequences", (long long)T, b->B);
+        return arm_fail(e, "cuda: cannot lay out a batch of %lld tokens in %d sequences", (long long)T, b->B);
     if (ensure_activations(cm, T, e) || ensure_batch(cm, &bl, e)) return -1;
     if (cuda_batch_pack(b, &bl, CUDA_ATTN_BLOCK_Q, (int32_t *)cm->batch_host))
-        return cu_fail(e, "internal error: cuda batch packing failed");
+        return arm_fail(e, "internal error: cuda batch packing failed");
     const int64_t up = (bl.n_ints * 4 + CUDA_ALIGN - 1) / CUDA_ALIGN * CUDA_ALIGN;
     const int64_t res = (bl.n_floats * 4 + CUDA_ALIGN - 1) / CUDA_ALIGN * CUDA_ALIGN;
     const int32_t *ints = (const int32_t *)cm->batch_dev;
@@ -498,9 +498,9 @@ static int same_shape(const Config *a, const Config *b) {
 }
 
 extern "C" int cuda_forward(CudaModel *cm, const Model *m, const Batch *b, Outputs *out, ArmError *e) {
-    if (!cm) return cu_fail(e, "cuda: the model is not on a GPU");
+    if (!cm) return arm_fail(e, "cuda: the model is not on a GPU");
     const Config *c = &cm->cfg;
-    if (!same_shape(c, &m->cfg)) return cu_fail(e, "internal error: cuda_forward called with another model");
+    if (!same_shape(c, &m->cfg)) return arm_fail(e, "internal error: cuda_forward called with another model");
     if (batch_validate(m, b, e)) return -1;
     Want w;
     w.armorm = c->arch == ARCH_ARMORM && m->cfg.compute_head && (out->rewards || out->gating_output || out->score);
@@ -508,7 +508,7 @@ extern "C" int cuda_forward(CudaModel *cm, const Model *m, const Batch *b, Outpu
     w.gating = b->gating_pos != NULL;
     w.all_hidden = out->all_hidden != NULL;
     if ((w.armorm || out->prompt_embedding) && !b->gating_pos)
-        return cu_fail(e, "gating positions are required for the ArmoRM head and prompt_embedding");
+        return arm_fail(e, "gating positions are required for the ArmoRM head and prompt_embedding");
     pthread_mutex_lock(&cm->lock);
     const int rc = forward_locked(cm, b, out, &w, e);
     pthread_mutex_unlock(&cm->lock);

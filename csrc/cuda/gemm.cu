@@ -67,7 +67,7 @@ static int plan_build(Gemm *g, GemmPlan *p, int64_t T, int64_t N, int64_t K, int
     cublasLtMatmulPreferenceDestroy(pref);
     LT_CHECK(st);
     if (nres < 1)
-        return cu_fail(e, "cuBLAS error: cublasLtMatmulAlgoGetHeuristic found no algorithm for a bf16 GEMM "
+        return arm_fail(e, "cuBLAS error: cublasLtMatmulAlgoGetHeuristic found no algorithm for a bf16 GEMM "
                           "(%lld x %lld) @ (%lld x %lld)^T -> %s, alignment %u",
                        (long long)T, (long long)K, (long long)N, (long long)K, y_f32 ? "f32" : "bf16", align);
     p->algo = res.algo;
@@ -97,7 +97,7 @@ static GemmPlan *plan_get(Gemm *g, int64_t T, int64_t N, int64_t K, int y_f32, u
 
 int gemm_bf16(Gemm *g, cudaStream_t st, void *y, int y_f32, int accumulate, const bf16 *x, const bf16 *W, int64_t T,
               int64_t N, int64_t K, ArmError *e) {
-    if (accumulate && !y_f32) return cu_fail(e, "internal error: bf16 GEMM output cannot accumulate");
+    if (accumulate && !y_f32) return arm_fail(e, "internal error: bf16 GEMM output cannot accumulate");
     uint32_t align = ptr_align(y);
     if (ptr_align(x) < align) align = ptr_align(x);
     if (ptr_align(W) < align) align = ptr_align(W);
