@@ -13,6 +13,11 @@ swapped halves, swapped accumulator rows, a shuffle partner error, a grid one
 block short) must fail the same checks; deliberately broken kernels (a barrier
 not every thread reaches, a warp collective with an exited lane) must be refused.
 
+The "gemm" group checks the cuBLASLt call of every projection (transposes,
+leading dimensions, row-major outputs, beta = 1 accumulation): the values
+csrc/cuda/plan.cu's cuda_gemm_call produces, which gemm.cu turns into cuBLASLt
+descriptors, are run by a CPU stand-in of cublasLtMatmul (tests/cuda_emu/lt_standin.h).
+
 Needs only g++ (and make); no nvcc, no GPU.
 """
 from __future__ import annotations
@@ -67,13 +72,16 @@ def checks(stdout: str) -> dict:
 
 
 @pytest.mark.parametrize("group", ["selftest", "attention", "rmsnorm", "rope", "swiglu", "head", "embedding",
-                                   "convert"])
+                                   "convert", "gemm"])
 def test_kernel_matches_reference(build, group):
     res = run(build / "kernels_test", group)
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-6000:]
     got = checks(res.stdout)
-    assert got and set(got.values()) == {"OK"}, res.stdout
-    assert "non-finite" not in res.stdout
+    assert got, res.stdout
+    # the gemm group's deliberately flipped transposes must be refused or mismatch; all else must match
+    for name, verdict in got.items():
+        assert verdict == ("MISMATCH" if "flipped" in name else "OK"), res.stdout
+    assert res.stdout.splitlines()[-1].endswith(" 0 failed"), res.stdout[-2000:]
 
 
 def test_every_kernel_is_covered(build):

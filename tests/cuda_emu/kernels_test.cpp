@@ -2,8 +2,12 @@
 // backend calls it) on the CPU emulation (emu.h), against the kernel's CPU
 // reference in benchmarks/cuda/reference.h, for tests/test_cuda_emulation.py.
 //
-//   kernels_test [GROUP...]    groups: selftest attention rmsnorm rope swiglu head embedding convert
+//   kernels_test [GROUP...]    groups: selftest attention rmsnorm rope swiglu head embedding convert gemm
 //                              (default: all); "quick" is a small subset for the mutation builds
+//
+// "gemm" checks the cuBLASLt call the backend makes for every projection: the
+// values cuda_gemm_call plans (transposes, leading dimensions, row-major
+// outputs, beta = 1 accumulation), run by a CPU stand-in of cublasLtMatmul.
 //
 // Device buffers are heap blocks of exactly the bytes the kernel may touch (the
 // last sequence ends at the last byte), outputs start as NaN, so an access past
@@ -27,6 +31,7 @@
 #include "k_rmsnorm.cuh"
 #include "k_rope.cuh"
 #include "k_swiglu.cuh"
+#include "lt_standin.h"
 
 namespace {
 
@@ -382,6 +387,52 @@ void test_convert(bool quick) {
     add_bias_case(false, 3, 300, 5);
 }
 
+// ---- the projections' cuBLASLt calls ----------------------------------------------------------
+
+// y (T, N) [+]= x (T, K) W^T through cuda_gemm_call and the stand-in, against head_linear_ref.
+// `flip` plants a transposition error: it must be refused or give a mismatch.
+int gemm_case(int64_t T, int64_t N, int64_t K, bool y_f32, bool accumulate, bool flip, uint64_t seed) {
+    std::vector<float> x = uniform(T * K, 2.0f, seed), W = uniform(N * K, 0.5f, seed + 1), y0 = uniform(T * N, 3.0f, seed + 2);
+    bf16 *dx = dev_bf16(x.data(), T * K), *dW = dev_bf16(W.data(), N * K);
+    void *dy = y_f32 ? (void *)dev_copy(y0.data(), T * N) : (void *)dev_bf16(y0.data(), T * N);
+    if (!accumulate && !y_f32) memset(dy, 0xff, sizeof(bf16) * (size_t)(T * N));  // beta = 0: C is never read
+    CudaGemmCall c;
+    if (cuda_gemm_call(&c, dy, y_f32, accumulate, dx, dW, T, N, K)) abort();
+    if (flip) c.transa ^= 1;
+    char why[256] = "", name[96];
+    snprintf(name, sizeof name, "gemm%s T %lld N %lld K %lld %s%s", flip ? " flipped" : "", (long long)T, (long long)N,
+             (long long)K, y_f32 ? "f32" : "bf16", accumulate ? " +=" : "");
+    int bad = 1;
+    if (lt_standin_run(&c, why, sizeof why) == 0) {
+        std::vector<float> ref((size_t)(T * N)), got((size_t)(T * N));
+        head_linear_ref(ref.data(), x.data(), W.data(), nullptr, (int)T, (int)N, (int)K, 0);
+        for (int64_t i = 0; i < T * N; i++) {
+            if (accumulate) ref[(size_t)i] += y0[(size_t)i];
+            got[(size_t)i] = y_f32 ? ((float *)dy)[i] : (float)((bf16 *)dy)[i];
+        }
+        bad = validate(name, got.data(), ref.data(), T * N, y_f32 ? 1e-6 : 8e-3);
+    } else {
+        printf("%-36s refused: %s  MISMATCH\n", name, why);
+    }
+    free(dx);
+    free(dW);
+    free(dy);
+    return bad;
+}
+
+void test_gemm(bool quick) {
+    count(gemm_case(5, 7, 3, false, false, false, 1));
+    if (quick) return;
+    count(gemm_case(1, 1, 1, false, false, false, 2));
+    count(gemm_case(33, 48, 64, false, false, false, 3));  // the fused q|k|v projection shape of a small model
+    count(gemm_case(33, 64, 40, true, true, false, 4));    // o_proj / down_proj: the residual add (beta = 1)
+    count(gemm_case(9, 17, 130, true, false, false, 5));   // f32 output without accumulation
+    // a transposition error must not pass: refused (shapes do not chain) or wrong values
+    printf("(the two flipped calls below must be refused or mismatch)\n");
+    count(!gemm_case(6, 8, 5, true, true, true, 6));
+    count(!gemm_case(6, 8, 8, false, false, true, 7));
+}
+
 // ---- the emulator's own instructions, checked against each other --------------------------------
 
 // ldmatrix .x4 of a row-major 16x16 A and .x2.trans of a row-major 16x8 B feed mma exactly (the
@@ -474,7 +525,7 @@ struct Group {
 };
 const Group GROUPS[] = {{"selftest", test_selftest}, {"attention", test_attention}, {"rmsnorm", test_rmsnorm},
                         {"rope", test_rope},         {"swiglu", test_swiglu},       {"head", test_head},
-                        {"embedding", test_embedding}, {"convert", test_convert}};
+                        {"embedding", test_embedding}, {"convert", test_convert},   {"gemm", test_gemm}};
 
 }  // namespace
 
