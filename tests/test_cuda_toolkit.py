@@ -228,3 +228,18 @@ def test_preflight_command(tmp_path):
     assert res.returncode == 3
     assert "no toolkit here runs with this driver" in res.stdout
     assert env_file.read_text() == ""
+
+
+def test_gpu_check_prints_its_table_when_every_step_fails(tmp_path):
+    """benchmarks/gpu_check.sh with a Python that fails at once: every step fails, the step table
+    still comes (after the preflight, build, emulation, kernels, tests and bench steps) and the exit
+    code says so."""
+    env = dict(os.environ, PYTHON="false", GPU_CHECK_OUT=str(tmp_path))
+    env.pop("NVCC", None)
+    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert res.returncode != 0
+    table = res.stdout[res.stdout.index("gpu_check summary"):]
+    for name in ("preflight", "build", "emulation", "kernels", "tests", "bench"):
+        line = next((ln for ln in table.splitlines() if ln.startswith(name + " ")), None)
+        assert line is not None and "FAILED" in line, table
