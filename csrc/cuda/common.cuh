@@ -26,9 +26,9 @@ static inline const char *cu_basename(const char *p) {
     do {                                                                                                   \
         cudaError_t cu_err_ = (call);                                                                      \
         if (cu_err_ != cudaSuccess) {                                                                      \
-            cudaGetLastError(); /* clear a non-sticky error so the next call is not blamed for it */      \
-            return arm_fail(e, "CUDA error: %s failed at %s:%d: %s (%s)", #call, cu_basename(__FILE__),     \
-                           __LINE__, cudaGetErrorString(cu_err_), cudaGetErrorName(cu_err_));              \
+            cudaGetLastError(); /* clear a non-sticky error so the next call is not blamed for it */       \
+            return arm_fail(e, "CUDA error: %s failed at %s:%d: %s (%s)", #call, cu_basename(__FILE__),    \
+                            __LINE__, cudaGetErrorString(cu_err_), cudaGetErrorName(cu_err_));             \
         }                                                                                                  \
     } while (0)
 
@@ -36,8 +36,8 @@ static inline const char *cu_basename(const char *p) {
     do {                                                                                                   \
         cublasStatus_t lt_st_ = (call);                                                                    \
         if (lt_st_ != CUBLAS_STATUS_SUCCESS)                                                               \
-            return arm_fail(e, "cuBLAS error: %s failed at %s:%d: %s (%s)", #call, cu_basename(__FILE__),   \
-                           __LINE__, cublasLtGetStatusString(lt_st_), cublasLtGetStatusName(lt_st_));          \
+            return arm_fail(e, "cuBLAS error: %s failed at %s:%d: %s (%s)", #call, cu_basename(__FILE__),  \
+                            __LINE__, cublasLtGetStatusString(lt_st_), cublasLtGetStatusName(lt_st_));     \
     } while (0)
 
 // After a kernel launch: launch-configuration errors surface here, faults
@@ -46,9 +46,9 @@ static inline const char *cu_basename(const char *p) {
     do {                                                                                                   \
         cudaError_t cu_err_ = cudaGetLastError();                                                          \
         if (cu_err_ != cudaSuccess)                                                                        \
-            return arm_fail(e, "CUDA error: launch of kernel %s failed at %s:%d: %s (%s)", name,            \
-                           cu_basename(__FILE__), __LINE__, cudaGetErrorString(cu_err_),                   \
-                           cudaGetErrorName(cu_err_));                                                     \
+            return arm_fail(e, "CUDA error: launch of kernel %s failed at %s:%d: %s (%s)", name,           \
+                            cu_basename(__FILE__), __LINE__, cudaGetErrorString(cu_err_),                  \
+                            cudaGetErrorName(cu_err_));                                                    \
     } while (0)
 
 static inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -71,7 +71,7 @@ static int plan_build(Gemm *g, GemmPlan *p, const CudaGemmCall *c, int64_t T, in
     if (nres < 1)
         return arm_fail(e, "cuBLAS error: cublasLtMatmulAlgoGetHeuristic found no algorithm for a bf16 GEMM "
                           "(%lld x %lld) @ (%lld x %lld)^T -> %s, alignment %u",
-                       (long long)T, (long long)K, (long long)N, (long long)K, y_f32 ? "f32" : "bf16", align);
+                        (long long)T, (long long)K, (long long)N, (long long)K, y_f32 ? "f32" : "bf16", align);
     p->algo = res.algo;
     p->valid = 1;
     return 0;

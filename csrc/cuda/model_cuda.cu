@@ -76,8 +76,8 @@ static int upload_w(Uploader *u, char *base, int64_t off, const WTensor *w, int6
         char where[32] = "";
         if (layer >= 0) snprintf(where, sizeof where, " of layer %d", layer);
         return arm_fail(e, "cuda upload: %s%s is (%lld, %lld)%s, expected (%lld, %lld)", what, where,
-                       (long long)w->rows, (long long)w->cols, w->data ? "" : " and missing", (long long)rows,
-                       (long long)cols);
+                        (long long)w->rows, (long long)w->cols, w->data ? "" : " and missing", (long long)rows,
+                        (long long)cols);
     }
     return upload(u, base + off, bf, w->data, w->dtype, rows * cols, e);
 }
@@ -155,7 +155,7 @@ static int upload_all(CudaModel *cm, const Model *m, ArmError *e) {
         cudaError_t err = cudaStreamSynchronize(cm->stream);
         if (err != cudaSuccess)
             rc = arm_fail(e, "CUDA error: cudaStreamSynchronize after the weight upload failed: %s (%s)",
-                         cudaGetErrorString(err), cudaGetErrorName(err));
+                          cudaGetErrorString(err), cudaGetErrorName(err));
     }
     uploader_free(&u);
     return rc;
@@ -180,7 +180,7 @@ int cuda_ensure_activations(CudaModel *cm, int64_t T, ArmError *e) {
         cudaMemGetInfo(&fr, &tot);
         return arm_fail(e, "not enough GPU memory on cuda:%d for the activations of a %lld-token batch: %lld bytes "
                           "needed, %lld free (%s); use smaller batches (max_batch_tokens)",
-                       cm->device, (long long)T, (long long)al.total, (long long)fr, cudaGetErrorString(err));
+                        cm->device, (long long)T, (long long)al.total, (long long)fr, cudaGetErrorString(err));
     }
     cm->al = al;
     return 0;
