@@ -263,22 +263,28 @@ static void batch_arrays_clear(BatchArrays *a) {
 static int parse_batch(PyObject *tok_o, PyObject *cu_o, PyObject *rp_o, PyObject *gp_o, long long base,
                        BatchArrays *a, Batch *b) {
     memset(a, 0, sizeof *a);
-    // Tokens are read as int64 with numpy's safe casting (floats are refused) and range-checked
-    // before narrowing: a forced cast to int32 would silently wrap 2**32 to the valid id 0.
-    PyArrayObject *t64 = as_i64_1d(tok_o, "tokens");
-    if (!t64) return -1;
-    npy_intp nt = PyArray_DIM(t64, 0);
-    const int64_t *src = PyArray_DATA(t64);
-    for (npy_intp i = 0; i < nt; i++)
-        if (src[i] < INT32_MIN || src[i] > INT32_MAX) {  // smaller ones: batch_validate names sequence and position
-            PyErr_Format(PyExc_ValueError, "tokens[%lld]: token id %lld is outside the embedding",
-                         (long long)i, (long long)src[i]);
-            Py_DECREF(t64);
-            return -1;
-        }
-    a->tok = (PyArrayObject *)PyArray_FROMANY((PyObject *)t64, NPY_INT32, 1, 1,
-                                              NPY_ARRAY_CARRAY_RO | NPY_ARRAY_FORCECAST);
-    Py_DECREF(t64);
+    if (PyArray_Check(tok_o) && PyArray_TYPE((PyArrayObject *)tok_o) == NPY_INT32) {
+        // int32 ids, as armorm.model hands them: taken as they are (no copy when contiguous)
+        a->tok = (PyArrayObject *)PyArray_FROMANY(tok_o, NPY_INT32, 1, 1, NPY_ARRAY_CARRAY_RO);
+        if (!a->tok) PyErr_Format(PyExc_TypeError, "tokens must be a 1-D integer array");
+    } else {
+        // Other ids are read as int64 with numpy's safe casting (floats are refused) and range-checked
+        // before narrowing: a forced cast to int32 would silently wrap 2**32 to the valid id 0.
+        PyArrayObject *t64 = as_i64_1d(tok_o, "tokens");
+        if (!t64) return -1;
+        npy_intp nt = PyArray_DIM(t64, 0);
+        const int64_t *src = PyArray_DATA(t64);
+        for (npy_intp i = 0; i < nt; i++)
+            if (src[i] < INT32_MIN || src[i] > INT32_MAX) {  // smaller ones: batch_validate names sequence and position
+                PyErr_Format(PyExc_ValueError, "tokens[%lld]: token id %lld is outside the embedding",
+                             (long long)i, (long long)src[i]);
+                Py_DECREF(t64);
+                return -1;
+            }
+        a->tok = (PyArrayObject *)PyArray_FROMANY((PyObject *)t64, NPY_INT32, 1, 1,
+                                                  NPY_ARRAY_CARRAY_RO | NPY_ARRAY_FORCECAST);
+        Py_DECREF(t64);
+    }
     if (!a->tok) return -1;
     if (!(a->cu = as_i64_1d(cu_o, "cu_seqlens"))) return -1;
     const npy_intp T = PyArray_DIM(a->tok, 0), nb = PyArray_DIM(a->cu, 0) - 1;
@@ -331,63 +337,142 @@ static PyObject *PyModel_validate(PyModel *self, PyObject *args, PyObject *kw) {
     return res;
 }
 
-static PyObject *PyModel_forward(PyModel *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"tokens", "cu_seqlens", "reward_pos", "gating_pos", "fields", "index_base", NULL};
-    PyObject *tok_o, *cu_o, *rp_o = Py_None, *gp_o = Py_None, *fields = NULL;
-    long long base = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOOL", kwlist, &tok_o, &cu_o, &rp_o, &gp_o, &fields, &base))
-        return NULL;
+// A field list (None: the model's default for a batch with or without gating
+// positions) as FIELD_BIT()s; a name the model does not produce is a ValueError
+// listing those it does.
+static int parse_fields(const Config *c, PyObject *fields, int have_gating_pos, unsigned *bits) {
+    if (!fields || fields == Py_None) {
+        *bits = model_default_fields(c, have_gating_pos);
+        return 0;
+    }
+    PyObject *seq = PyUnicode_Check(fields) ? NULL : PySequence_Fast(fields, "fields must be a sequence of str");
+    if (!seq) {
+        if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_TypeError, "fields must be a sequence of str");
+        }
+        return -1;
+    }
+    *bits = 0;
+    int rc = 0;
+    for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(seq) && rc == 0; j++) {
+        PyObject *o = PySequence_Fast_GET_ITEM(seq, j);
+        const char *name = PyUnicode_Check(o) ? PyUnicode_AsUTF8(o) : NULL;
+        if (!name) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_TypeError, "fields must be a sequence of str");
+            rc = -1;
+            break;
+        }
+        const int f = field_from_name(name);
+        if (f < 0) {
+            ArmError e = {{0}};
+            field_unavailable(c, name, &e);
+            raise_arm(&e);
+            rc = -1;
+        } else {
+            *bits |= FIELD_BIT(f);
+        }
+    }
+    Py_DECREF(seq);
+    return rc;
+}
+
+static PyObject *PyModel_plan(PyModel *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"fields", NULL};
+    PyObject *fields = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O", kwlist, &fields)) return NULL;
     if (check_loaded(self)) return NULL;
     const Config *c = &self->model.cfg;
-    BatchArrays ba;
-    Batch b;
-    PyObject *result = NULL, *arrays[7] = {0};
-    static const char *names[7] = {"hidden_state", "prompt_embedding", "rewards", "gating_output",
-                                   "score", "logits", "all_hidden"};
-    if (parse_batch(tok_o, cu_o, rp_o, gp_o, base, &ba, &b)) goto done;
-    const npy_intp T = PyArray_DIM(ba.tok, 0), nb = b.B;
-    PyArrayObject *gp = ba.gp;
-    const npy_intp H = c->hidden_size, K = c->num_objectives, NL = c->num_labels;
-    npy_intp shapes[7][2] = {{nb, H}, {nb, H}, {nb, K}, {nb, K}, {nb, 0}, {nb, NL}, {T, H}};
-    int ndims[7] = {2, 2, 2, 2, 1, 2, 2};
-    int allowed[7] = {1, gp != NULL, c->arch == ARCH_ARMORM, c->arch == ARCH_ARMORM,
-                      c->arch == ARCH_ARMORM || c->arch == ARCH_SEQCLS, c->arch == ARCH_SEQCLS, 1};
-    float *ptr[7] = {0};
-    PyObject *fseq = fields ? PySequence_Fast(fields, "fields must be a sequence of str") : NULL;
-    if (fields && !fseq) goto done;
-    for (int i = 0; i < 7; i++) {
-        int want = 0;
-        if (!fseq) {
-            want = allowed[i] && i != 6;
-        } else {
-            for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(fseq); j++) {
-                PyObject *s = PySequence_Fast_GET_ITEM(fseq, j);
-                if (PyUnicode_Check(s) && PyUnicode_CompareWithASCIIString(s, names[i]) == 0) want = 1;
-            }
-            if (want && !allowed[i]) {
-                Py_DECREF(fseq);
-                PyErr_Format(PyExc_ValueError, "field '%s' is not available for this model or batch", names[i]);
-                goto done;
-            }
-        }
-        if (!want) continue;
-        arrays[i] = PyArray_ZEROS(ndims[i], shapes[i], NPY_FLOAT32, 0);
-        if (!arrays[i]) { Py_XDECREF(fseq); goto done; }
-        ptr[i] = PyArray_DATA((PyArrayObject *)arrays[i]);
-    }
-    Py_XDECREF(fseq);
-    Outputs out = {ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], ptr[5], ptr[6]};
+    unsigned bits;
+    OutputPlan p;
     ArmError e = {{0}};
+    if (parse_fields(c, fields, 1, &bits)) return NULL;
+    if (output_plan(c, bits, &p, &e)) return raise_arm(&e);
+    PyObject *names = PyTuple_New(__builtin_popcount(p.fields));
+    if (!names) return NULL;
+    for (int f = 0, i = 0; f < N_FIELDS; f++)
+        if (p.fields & FIELD_BIT(f)) {
+            PyObject *n = PyUnicode_FromString(field_names[f]);
+            if (!n) { Py_DECREF(names); return NULL; }
+            PyTuple_SET_ITEM(names, i++, n);
+        }
+    return Py_BuildValue("(NO)", names, p.gating ? Py_True : Py_False);
+}
+
+// One packed group of the call on the model's backend, with the GIL released.
+static int run_backend(PyModel *self, const Batch *b, const OutputPlan *p, Outputs *o, ArmError *e) {
     int r;
-    self->busy++;
     Py_BEGIN_ALLOW_THREADS
 #ifdef ARMORM_WITH_CUDA
     if (self->cuda)
-        r = cuda_forward(self->cuda, &self->model, &b, &out, &e);
+        r = cuda_forward(self->cuda, &self->model, b, p, o, e);
     else
 #endif
-        r = forward_cpu(&self->model, &b, &out, cancel_check, NULL, &e);
+        r = forward_cpu(&self->model, b, p, o, cancel_check, NULL, e);
     Py_END_ALLOW_THREADS
+    return r;
+}
+
+static PyObject *PyModel_forward(PyModel *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"tokens", "cu_seqlens", "reward_pos", "gating_pos", "fields", "index_base",
+                             "batch_tokens", "progress", NULL};
+    PyObject *tok_o, *cu_o, *rp_o = Py_None, *gp_o = Py_None, *fields = Py_None, *progress = Py_None;
+    long long base = 0, budget = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOOL$LO", kwlist, &tok_o, &cu_o, &rp_o, &gp_o, &fields, &base,
+                                     &budget, &progress))
+        return NULL;
+    if (check_loaded(self)) return NULL;
+    if (progress != Py_None && !PyCallable_Check(progress))
+        return PyErr_Format(PyExc_TypeError, "progress must be callable or None");
+    const Config *c = &self->model.cfg;
+    BatchArrays ba;
+    Batch b;
+    OutputPlan plan;
+    ArmError e = {{0}};
+    PyObject *result = NULL, *arrays[N_FIELDS] = {0};
+    int64_t *cu = NULL;
+    unsigned bits;
+    if (parse_batch(tok_o, cu_o, rp_o, gp_o, base, &ba, &b)) goto done;
+    if (parse_fields(c, fields, b.gating_pos != NULL, &bits)) goto done;
+    // every check, on the whole call, before any compute
+    if (output_plan(c, bits, &plan, &e) || batch_check(&self->model, &b, &plan, &e)) {
+        raise_arm(&e);
+        goto done;
+    }
+    const int64_t T = b.cu_seqlens[b.B];
+    int64_t row[N_FIELDS];  // floats per sequence (per token for all_hidden)
+    for (int f = 0; f < N_FIELDS; f++) {
+        if (!(plan.fields & FIELD_BIT(f))) continue;
+        int64_t shape[2];
+        const int nd = output_shape(c, (Field)f, b.B, T, shape);
+        npy_intp dims[2] = {(npy_intp)shape[0], nd > 1 ? (npy_intp)shape[1] : 0};
+        row[f] = nd > 1 ? shape[1] : 1;
+        if (!(arrays[f] = PyArray_ZEROS(nd, dims, NPY_FLOAT32, 0))) goto done;
+    }
+    cu = PyMem_Malloc(sizeof *cu * (size_t)(b.B + 1));
+    if (!cu) { PyErr_NoMemory(); goto done; }
+    // packed groups of at most batch_tokens tokens (0: the whole call at once), each run on the backend
+    self->busy++;
+    int r = 0;
+    for (int first = 0, end; first < b.B && r == 0; first = end) {
+        end = budget > 0 ? batch_next_group(b.cu_seqlens, b.B, first, budget) : b.B;
+        const int64_t t0 = b.cu_seqlens[first];
+        for (int i = first; i <= end; i++) cu[i - first] = b.cu_seqlens[i] - t0;
+        const Batch g = {b.tokens + t0, cu, end - first, b.reward_pos ? b.reward_pos + first : NULL,
+                         b.gating_pos ? b.gating_pos + first : NULL, b.index_base + first};
+        Outputs o = {0};
+        for (int f = 0; f < N_FIELDS; f++)
+            if (arrays[f])
+                *outputs_slot(&o, (Field)f) = (float *)PyArray_DATA((PyArrayObject *)arrays[f]) +
+                                              (f == FIELD_ALL_HIDDEN ? t0 : first) * row[f];
+        r = run_backend(self, &g, &plan, &o, &e);
+        if (r == 0 && progress != Py_None) {
+            PyObject *pr = PyObject_CallFunction(progress, "ii", end, b.B);
+            if (pr) Py_DECREF(pr);
+            else r = -4;  // the callback raised
+        }
+    }
     self->busy--;
 #ifdef ARMORM_WITH_CUDA
     if (r == CUDA_ERR_DEVICE) {
@@ -399,15 +484,32 @@ static PyObject *PyModel_forward(PyModel *self, PyObject *args, PyObject *kw) {
         if (!PyErr_Occurred()) PyErr_SetNone(PyExc_KeyboardInterrupt);
         goto done;
     }
+    if (r == -4) goto done;
     if (r) { raise_arm(&e); goto done; }
     result = PyDict_New();
     if (!result) goto done;
-    for (int i = 0; i < 7; i++)
-        if (arrays[i] && PyDict_SetItemString(result, names[i], arrays[i])) { Py_CLEAR(result); goto done; }
+    for (int f = 0; f < N_FIELDS; f++)
+        if (arrays[f] && PyDict_SetItemString(result, field_names[f], arrays[f])) { Py_CLEAR(result); goto done; }
 done:
-    for (int i = 0; i < 7; i++) Py_XDECREF(arrays[i]);
+    for (int f = 0; f < N_FIELDS; f++) Py_XDECREF(arrays[f]);
+    PyMem_Free(cu);
     batch_arrays_clear(&ba);
     return result;
+}
+
+static PyObject *PyModel_get_fields(PyModel *self, void *unused) {
+    (void)unused;
+    if (check_loaded(self)) return NULL;
+    const unsigned bits = model_fields(&self->model.cfg);
+    PyObject *names = PyTuple_New(__builtin_popcount(bits));
+    if (!names) return NULL;
+    for (int f = 0, i = 0; f < N_FIELDS; f++)
+        if (bits & FIELD_BIT(f)) {
+            PyObject *n = PyUnicode_FromString(field_names[f]);
+            if (!n) { Py_DECREF(names); return NULL; }
+            PyTuple_SET_ITEM(names, i++, n);
+        }
+    return names;
 }
 
 static PyObject *tensor_to_array(const StTensor *t) {
@@ -471,7 +573,13 @@ static PyObject *PyModel_get_device(PyModel *self, void *c) {
 
 static PyMethodDef PyModel_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))PyModel_forward, METH_VARARGS | METH_KEYWORDS,
-     "forward(tokens, cu_seqlens, reward_pos=None, gating_pos=None, fields=None, index_base=0) -> dict of arrays"},
+     "forward(tokens, cu_seqlens, reward_pos=None, gating_pos=None, fields=None, index_base=0, *, batch_tokens=0,\n"
+     "progress=None) -> dict of arrays, one row per sequence. Checks the whole call, then runs it in packed\n"
+     "groups of consecutive sequences of at most batch_tokens tokens (0: one group; a longer sequence runs\n"
+     "alone), calling progress(sequences_done, sequences_total) after each."},
+    {"plan", (PyCFunction)(void (*)(void))PyModel_plan, METH_VARARGS | METH_KEYWORDS,
+     "plan(fields=None) -> (fields, needs_gating_positions): what forward computes for `fields` (None: the\n"
+     "model's default) and whether it reads the gating positions; ValueError for a field the model lacks"},
     {"validate", (PyCFunction)(void (*)(void))PyModel_validate, METH_VARARGS | METH_KEYWORDS,
      "validate(tokens, cu_seqlens, reward_pos=None, gating_pos=None, index_base=0): the checks forward makes, "
      "without computing"},
@@ -485,6 +593,9 @@ static PyGetSetDef PyModel_getset[] = {{"closed", (getter)PyModel_get_closed, NU
                                         "matmul path chosen at load: portable, avx2, avx512 or avx512bf16 "
                                         "(ARMORM_KERNEL forces one)", NULL},
                                        {"device", (getter)PyModel_get_device, NULL, "'cpu' or 'cuda:N'", NULL},
+                                       {"fields", (getter)PyModel_get_fields, NULL,
+                                        "the output fields this model produces, in the order forward returns them",
+                                        NULL},
                                        {NULL, NULL, NULL, NULL, NULL}};
 
 static PyTypeObject PyModelType = {
