@@ -392,7 +392,7 @@ def test_create_fails_cleanly_before_allocating(host_test):
 
 
 def test_python_sees_no_device_without_a_gpu():
-    """Once module.c exposes it (integration), _core.cuda_device_count() is 0 here, not a crash."""
+    """The binding (csrc/python/module.c) exposes it:, _core.cuda_device_count() is 0 here, not a crash."""
     code = "from armorm import _core; f = getattr(_core, 'cuda_device_count', None); print(-1 if f is None else f())"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     if res.returncode != 0:
