@@ -15,7 +15,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -29,7 +29,6 @@ from .tokenizer import gating_pattern as derive_gating_pattern
 #: "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n".
 LLAMA3_GATING_PATTERN: List[int] = [128009, 128006, 78191, 128007, 271]
 
-FIELDS = ("rewards", "gating_output", "score", "logits", "hidden_state", "prompt_embedding")
 _HF_IGNORED_KWARGS = {"trust_remote_code", "low_cpu_mem_usage", "attn_implementation", "use_safetensors",
                       "local_files_only", "use_cache", "revision", "cache_dir", "token", "force_download",
                       "offload_folder", "max_memory"}
@@ -417,10 +416,11 @@ class ArmoRM:
         """Scores token-id sequences of any lengths, packed without padding.
 
         `reward_pos[i]` is where sequence i's reward is read (default: its last
-        token). `fields` limits the outputs (default: all the architecture
-        has). `batch_tokens` caps the tokens per core call (default
+        token). `fields` limits the outputs (default: every field the model
+        produces but `all_hidden`; the core decides which: `_core.fields`).
+        `batch_tokens` caps the tokens per packed group (default
         `max_batch_tokens`; a longer sequence runs alone). `progress(done,
-        total)` is called after each core call with sequence counts. Errors
+        total)` is called after each packed group with sequence counts. Errors
         about one sequence name it `names[i]` (e.g. "file.jsonl:7") when given.
         """
         if names is not None and len(names) != len(sequences):
@@ -437,47 +437,26 @@ class ArmoRM:
             rpos = np.asarray(reward_pos, dtype=np.int64)
             if rpos.shape != (len(seqs),):
                 raise ValueError("reward_pos must have one entry per sequence")
-        # every check the core makes, on the whole input, before hours of compute
+        # which fields, and whether they read the gating position: the model description decides (model.c)
+        wanted, gated = self._core.plan(None if fields is None else list(fields))
         try:
-            self._core.validate(np.concatenate(seqs), cu_all, rpos)
+            if gated:
+                try:
+                    gpos = self.gating_positions(seqs, names=names)
+                except GatingPatternError:
+                    # a sequence the core refuses (empty, too long, an id outside the vocabulary) is named first
+                    self._core.validate(np.concatenate(seqs), cu_all, rpos)
+                    raise
+            else:
+                gpos = None
+            # the core checks the whole call once, then runs it in packed groups of at most `budget` tokens
+            budget = int(batch_tokens or self.max_batch_tokens)
+            return RewardOutput(**self._core.forward(np.concatenate(seqs), cu_all, rpos, gpos, wanted,
+                                                     batch_tokens=budget, progress=progress))
+        except GatingPatternError:
+            raise
         except ValueError as e:
             raise ValueError(_rename_sequence(str(e), names)) from None
-        arch = self.config.architecture
-        available = {"LlamaForRewardModelWithGating": FIELDS,
-                     "LlamaForSequenceClassification": ("score", "logits", "hidden_state"),
-                     }.get(arch, ("hidden_state", "prompt_embedding"))
-        if not self.config.core["compute_head"]:
-            available = ("hidden_state", "prompt_embedding")
-        wanted = list(available) if fields is None else list(fields)
-        for f in wanted:
-            if f not in available:
-                raise ValueError(f"field {f!r} is not available for {arch}; available: {', '.join(available)}")
-        # the ArmoRM head reads the prompt embedding too (head fields are only available when it is computed)
-        gated = {"prompt_embedding"} | ({"rewards", "gating_output", "score", "logits"}
-                                        if arch == "LlamaForRewardModelWithGating" else set())
-        gpos = self.gating_positions(seqs, names=names) if gated & set(wanted) else None
-        core_fields = [f for f in wanted if f != "logits" or arch == "LlamaForSequenceClassification"]
-        if arch == "LlamaForRewardModelWithGating" and "logits" in wanted and "score" not in core_fields:
-            core_fields.append("score")
-        budget = int(batch_tokens or self.max_batch_tokens)
-        parts: Dict[str, List[np.ndarray]] = {f: [] for f in core_fields}
-        done = 0
-        for group in _pack(lengths, budget):
-            toks = np.concatenate([seqs[i] for i in group])
-            cu = cu_all[group[0]:group[-1] + 2] - cu_all[group[0]]
-            res = self._core.forward(toks, cu, None if rpos is None else rpos[group],
-                                     None if gpos is None else gpos[group], core_fields, group[0])
-            for f in core_fields:
-                parts[f].append(res[f])
-            done += len(group)
-            if progress is not None:
-                progress(done, len(seqs))
-        out = {f: np.concatenate(v, axis=0) for f, v in parts.items()}
-        if arch == "LlamaForRewardModelWithGating" and "logits" in wanted:
-            out["logits"] = out["score"]
-            if "score" not in wanted:
-                del out["score"]
-        return RewardOutput(**{f: out[f] for f in FIELDS if f in out})
 
     # ---- interpretation --------------------------------------------------
 
@@ -522,19 +501,3 @@ def _rename_sequence(message: str, names: Optional[Sequence[str]]) -> str:
     if names is None or not m or int(m.group(1)) >= len(names):
         return message
     return names[int(m.group(1))] + message[m.end():]
-
-
-def _pack(lengths: Sequence[int], budget: int) -> List[List[int]]:
-    """Groups consecutive sequences so each group's tokens fit `budget`."""
-    groups: List[List[int]] = []
-    cur: List[int] = []
-    used = 0
-    for i, n in enumerate(lengths):
-        if cur and used + n > budget:
-            groups.append(cur)
-            cur, used = [], 0
-        cur.append(i)
-        used += n
-    if cur:
-        groups.append(cur)
-    return groups
