@@ -255,6 +255,30 @@ def cmd_eval_rewardbench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_rewardbench2(args: argparse.Namespace) -> int:
+    from .train import rewardbench2 as rb2
+    try:
+        if args.scores:
+            prompts = rb2.read_scores_file(args.scores)
+        else:
+            if not args.dataset:
+                raise ValueError("--model needs --dataset PATH (the allenai/reward-bench-2 parquet or JSONL)")
+            prompts = rb2.scores_from_model(args.model, args.dataset, split=args.split,
+                                            harness_tokenization=args.harness_tokenization,
+                                            max_length=args.max_length, truncation=not args.no_truncation,
+                                            batch_tokens=args.batch_tokens, num_threads=args.threads,
+                                            torch_dtype=args.dtype, progress=_show_progress(args))
+    except ImportError as e:
+        print(f"armorm: error: {e}", file=sys.stderr)
+        return 2
+    res = rb2.evaluate(prompts)
+    print(rb2.format_table(res))
+    if args.output:
+        rb2.write_json(args.output, res)
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
 def cmd_assemble(args: argparse.Namespace) -> int:
     from .train.assemble import assemble
     out = assemble(args.backbone, args.regression, args.gating, args.output, tokenizer_dir=args.tokenizer,
@@ -422,6 +446,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--progress", action="store_true")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_eval_rewardbench)
+
+    s = sub.add_parser("eval-rewardbench2", help="RewardBench 2: best-of-4 subsets, Ties and the final score",
+                       description="Scores every completion on its own, then applies the official rules: a "
+                                   "prompt outside Ties counts 1/n when its correct completion has the top score "
+                                   "shared by n completions, Ties by its weighted accuracy-and-margin formula; "
+                                   "the score is the unweighted mean of the subsets (docs/rewardbench2.md).")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--scores", metavar="FILE", help="JSONL, one prompt per line: id, subset, num_correct, scores")
+    g.add_argument("--model", metavar="DIR", help="an ArmoRM checkpoint (with --dataset)")
+    s.add_argument("--dataset", metavar="PATH", help="allenai/reward-bench-2 (Parquet file or directory, JSONL)")
+    s.add_argument("--split", default="test", help="dataset split (default test)")
+    s.add_argument("--harness-tokenization", action="store_true",
+                   help="tokenize as the official harness: the chat template rendered to text, then tokenized "
+                        "again with the tokenizer's special tokens (two BOS tokens for Llama 3); default: the "
+                        "model card's single BOS")
+    s.add_argument("--max-length", type=_int_at_least(1), default=2048,
+                   help="cut longer sequences on the right (default 2048, as the harness)")
+    s.add_argument("--no-truncation", action="store_true", help="score whole sequences")
+    s.add_argument("--output", metavar="FILE", help="write the subsets, the score and every prompt's result as JSON")
+    s.add_argument("--batch-tokens", type=_int_at_least(1), default=8192)
+    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16", "auto"])
+    s.add_argument("--threads", type=_int_at_least(1), default=None)
+    s.add_argument("--progress", action="store_true", help="show a progress bar even when not on a terminal")
+    s.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    s.set_defaults(func=cmd_eval_rewardbench2)
 
     s = sub.add_parser("assemble", help="write an ArmoRM checkpoint from a backbone and the trained heads")
     s.add_argument("--backbone", metavar="DIR", required=True)

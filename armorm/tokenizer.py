@@ -945,6 +945,8 @@ def format_conversations(
     conversations: Sequence[Conversation | Mapping[str, Any]],
     max_length: int | None = None,
     truncation: bool = False,
+    *,
+    retokenize_text: bool = False,
 ) -> list[list[int]]:
     """Chat-template and tokenize each conversation, with either tokenizer kind.
 
@@ -955,6 +957,12 @@ def format_conversations(
             (see :func:`conversation_from_record`).
         max_length: Truncation length (with ``truncation=True``).
         truncation: Truncate on the right to ``max_length``.
+        retokenize_text: Render the template to text, then tokenize that text again
+            with the tokenizer's special tokens, as evaluation harnesses that format a
+            string first do (allenai/reward-bench for classifier reward models). The
+            post-processor then adds its special tokens to the template's: a Llama-3
+            sequence starts with two BOS tokens. The default is the model card's
+            tokenization (the template's BOS only).
 
     Returns:
         One list of token ids per conversation.
@@ -972,6 +980,11 @@ def format_conversations(
             conv = conversation_from_record(conv)
         if isinstance(tokenizer, ChatTokenizer):
             _validate_conversation(conv, f"conversation {i}: ")
+        if retokenize_text:
+            text = _render_text(tokenizer, conv, add_generation_prompt=False)
+            ids = [int(t) for t in _to_id_list(tokenizer.encode(text, add_special_tokens=True))]
+            out.append(ids[:max_length] if truncation and max_length is not None else ids)
+            continue
         kwargs: dict[str, Any] = {}
         if truncation:
             kwargs["truncation"] = True
