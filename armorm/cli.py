@@ -260,6 +260,10 @@ def cmd_eval_rewardbench2(args: argparse.Namespace) -> int:
     try:
         if args.scores:
             prompts = rb2.read_scores_file(args.scores)
+        elif args.embeddings:
+            if not args.regression or not args.gating:
+                raise ValueError("--embeddings needs --regression FILE and --gating FILE")
+            prompts = rb2.scores_from_embeddings(args.embeddings, args.regression, args.gating)
         else:
             if not args.dataset:
                 raise ValueError("--model needs --dataset PATH (the allenai/reward-bench-2 parquet or JSONL)")
@@ -276,6 +280,21 @@ def cmd_eval_rewardbench2(args: argparse.Namespace) -> int:
     if args.output:
         rb2.write_json(args.output, res)
         print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_prepare_rewardbench2(args: argparse.Namespace) -> int:
+    from .train import rewardbench2 as rb2
+    try:
+        path = rb2.prepare(args.model, args.dataset, args.output, split=args.split, name=args.name,
+                           harness_tokenization=args.harness_tokenization, max_length=args.max_length,
+                           truncation=not args.no_truncation, embeddings_dtype=args.embeddings_dtype,
+                           torch_dtype=args.dtype, batch_tokens=args.batch_tokens, num_threads=args.threads,
+                           progress=_show_progress(args), overwrite=args.overwrite)
+    except ImportError as e:
+        print(f"armorm: error: {e}", file=sys.stderr)
+        return 2
+    print(path)
     return 0
 
 
@@ -314,6 +333,27 @@ def _add_prepare_arguments(s: argparse.ArgumentParser, chunk_rows: int) -> None:
                    help="CPU threads (default: ARMORM_NUM_THREADS or all)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output made with other settings")
     s.add_argument("--restart", action="store_true", help="discard the partial work of an interrupted run")
+    s.add_argument("--progress", action="store_true", help="show a progress bar even when not on a terminal")
+    s.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+
+
+def _add_rewardbench2_model_arguments(s: argparse.ArgumentParser, required: bool = False) -> None:
+    """The options eval-rewardbench2 --model and prepare-rewardbench2 share: dataset, tokenization, batching."""
+    if required:
+        s.add_argument("--model", metavar="DIR", required=True, help="backbone or reward model directory")
+    s.add_argument("--dataset", metavar="PATH", required=required,
+                   help="allenai/reward-bench-2 (Parquet file or directory, JSONL)")
+    s.add_argument("--split", default="test", help="dataset split (default test)")
+    s.add_argument("--harness-tokenization", action="store_true",
+                   help="tokenize as the official harness: the chat template rendered to text, then tokenized "
+                        "again with the tokenizer's special tokens (two BOS tokens for Llama 3); default: the "
+                        "model card's single BOS")
+    s.add_argument("--max-length", type=_int_at_least(1), default=2048,
+                   help="cut longer sequences on the right (default 2048, as the harness)")
+    s.add_argument("--no-truncation", action="store_true", help="score whole sequences")
+    s.add_argument("--batch-tokens", type=_int_at_least(1), default=8192)
+    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16", "auto"])
+    s.add_argument("--threads", type=_int_at_least(1), default=None)
     s.add_argument("--progress", action="store_true", help="show a progress bar even when not on a terminal")
     s.add_argument("--no-progress", action="store_true", help="never show a progress bar")
 
@@ -455,22 +495,27 @@ def build_parser() -> argparse.ArgumentParser:
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--scores", metavar="FILE", help="JSONL, one prompt per line: id, subset, num_correct, scores")
     g.add_argument("--model", metavar="DIR", help="an ArmoRM checkpoint (with --dataset)")
-    s.add_argument("--dataset", metavar="PATH", help="allenai/reward-bench-2 (Parquet file or directory, JSONL)")
-    s.add_argument("--split", default="test", help="dataset split (default test)")
-    s.add_argument("--harness-tokenization", action="store_true",
-                   help="tokenize as the official harness: the chat template rendered to text, then tokenized "
-                        "again with the tokenizer's special tokens (two BOS tokens for Llama 3); default: the "
-                        "model card's single BOS")
-    s.add_argument("--max-length", type=_int_at_least(1), default=2048,
-                   help="cut longer sequences on the right (default 2048, as the harness)")
-    s.add_argument("--no-truncation", action="store_true", help="score whole sequences")
+    g.add_argument("--embeddings", nargs="+", metavar="GLOB", help="prepare-rewardbench2 files (with --regression "
+                   "and --gating)")
+    s.add_argument("--regression", metavar="FILE", help="train-stage1 output")
+    s.add_argument("--gating", metavar="FILE", help="train-stage2 output")
     s.add_argument("--output", metavar="FILE", help="write the subsets, the score and every prompt's result as JSON")
-    s.add_argument("--batch-tokens", type=_int_at_least(1), default=8192)
-    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16", "auto"])
-    s.add_argument("--threads", type=_int_at_least(1), default=None)
-    s.add_argument("--progress", action="store_true", help="show a progress bar even when not on a terminal")
-    s.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    _add_rewardbench2_model_arguments(s)
     s.set_defaults(func=cmd_eval_rewardbench2)
+
+    s = sub.add_parser("prepare-rewardbench2", help="RewardBench 2: embed every completion with a backbone",
+                       description="Runs every completion through the backbone once and writes the last-token "
+                                   "embeddings [M,H], one gating-position embedding per prompt [P,H], the "
+                                   "completion counts, num_correct, ids and subsets to "
+                                   "OUTPUT/<name>-00001-of-00001.safetensors, for eval-rewardbench2 --embeddings "
+                                   "with any regression and gating files.")
+    s.add_argument("--output", metavar="DIR", required=True, help="directory for the embeddings file")
+    s.add_argument("--name", help="file name stem (default: the dataset's last path component)")
+    s.add_argument("--embeddings-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="stored embedding dtype (default bfloat16)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    _add_rewardbench2_model_arguments(s, required=True)
+    s.set_defaults(func=cmd_prepare_rewardbench2)
 
     s = sub.add_parser("assemble", help="write an ArmoRM checkpoint from a backbone and the trained heads")
     s.add_argument("--backbone", metavar="DIR", required=True)

@@ -460,3 +460,64 @@ def test_parquet_dataset_and_missing_columns(tmp_path, tiny_rm):
                    tmp_path / "nocol.parquet")
     with pytest.raises(DatasetError, match=r"nocol.parquet: no column\(s\) total_completions"):
         rb2.read_dataset(str(tmp_path / "nocol.parquet"))
+
+
+# ----------------------------------------------------------------------------- prepared embeddings
+
+
+@pytest.fixture(scope="module")
+def head_files(tiny_rm, tmp_path_factory):
+    """The tiny ArmoRM's head as training writes it: regression and gating files."""
+    from armorm.safetensors_io import load_file, save_file
+    from armorm.train.stage2 import GatingConfig, save_gating
+    t = load_file(tiny_rm / "model.safetensors", as_float32=True)
+    d = tmp_path_factory.mktemp("rb2head")
+    save_file({"regression_layer.weight": t["regression_layer.weight"]}, d / "regression.safetensors")
+    params = {k: v for k, v in t.items() if k.startswith("gating.")}
+    save_gating(d / "gating.safetensors", params, t["reward_transform_matrix"],
+                GatingConfig(hidden_dim=16, n_hidden=3, temperature=10.0))
+    return d / "regression.safetensors", d / "gating.safetensors"
+
+
+def test_embeddings_entry_point_matches_the_model(tiny_rm, dataset, head_files, tmp_path, capsys):
+    from armorm.safetensors_io import SafetensorsFile
+    reg, gate = head_files
+    out = tmp_path / "emb"
+    assert cli.main(["prepare-rewardbench2", "--model", str(tiny_rm), "--dataset", str(dataset), "--output", str(out),
+                     "--embeddings-dtype", "float32", "--dtype", "float32", "--threads", "1", "--no-progress"]) == 0
+    path = capsys.readouterr().out.strip()
+    assert path == str(out / "rb2-00001-of-00001.safetensors")
+    recs = rb2_records()
+    f = SafetensorsFile(path)
+    n = sum(len(r["chosen"]) + len(r["rejected"]) for r in recs)
+    assert f.info("embeddings").shape == (n, 24) and f.info("prompt_embeddings").shape == (len(recs), 24)
+    assert f.read("completions").tolist() == [r["total_completions"] for r in recs]
+    assert f.read("num_correct").tolist() == [r["num_correct"] for r in recs]
+    assert json.loads(f.metadata["ids"]) == [r["id"] for r in recs]
+    assert json.loads(f.metadata["subsets"]) == [r["subset"] for r in recs]
+    assert float(f.metadata["prompt_mismatch"]) < 1e-5       # every completion of a prompt: the same prefix
+    # the parts give the model's scores, and the same evaluation
+    emb = rb2.scores_from_embeddings(str(out / "*.safetensors"), reg, gate)
+    model = rb2.scores_from_model(str(tiny_rm), str(dataset), torch_dtype="float32", num_threads=1)
+    assert emb.ids == model.ids and emb.subsets == model.subsets and emb.num_correct == model.num_correct
+    np.testing.assert_allclose(np.concatenate(emb.scores), np.concatenate(model.scores), rtol=1e-4, atol=1e-5)
+    assert cli.main(["eval-rewardbench2", "--embeddings", str(out), "--regression", str(reg), "--gating", str(gate),
+                     "--output", str(tmp_path / "e.json")]) == 0
+    a = json.loads((tmp_path / "e.json").read_text())
+    b = rb2.evaluate(model)
+    assert [p["result"] for p in a["prompts"]] == [p["result"] for p in b["prompts"]]
+    assert [p.get("accurate") for p in a["prompts"]] == [p.get("accurate") for p in b["prompts"]]
+    for k in b["subsets"]:
+        assert a["subsets"][k] == pytest.approx(b["subsets"][k], abs=1e-6)
+    assert a["score"] == pytest.approx(b["score"], abs=1e-6)
+    # an existing output is kept unless --overwrite
+    args = ["prepare-rewardbench2", "--model", str(tiny_rm), "--dataset", str(dataset), "--output", str(out),
+            "--dtype", "float32", "--threads", "1", "--no-progress"]
+    assert cli.main(args) == 2
+    assert "exists" in capsys.readouterr().err
+    assert cli.main(args + ["--overwrite"]) == 0
+    assert SafetensorsFile(path).info("embeddings").dtype == "BF16"
+    # wrong files are named
+    with pytest.raises(ValueError, match="not a prepare-rewardbench2 file"):
+        rb2.scores_from_embeddings(str(reg), reg, gate)
+    assert cli.main(["eval-rewardbench2", "--embeddings", str(out), "--regression", str(reg)]) == 2

@@ -432,6 +432,10 @@ def _row(rec: Dict[str, Any], where: str) -> Row:
 
 def read_dataset(dataset: Any, split: str = "test") -> List[Row]:
     """The dataset's rows, validated (DatasetError naming the row and its id; nothing is scored before)."""
+    return _read_rows(dataset, split)[1]
+
+
+def _read_rows(dataset: Any, split: str) -> Tuple[Any, List[Row]]:
     src = open_dataset(dataset, split=split, columns=list(COLUMNS))
     cols = src.columns()
     if cols is not None:
@@ -452,7 +456,7 @@ def read_dataset(dataset: Any, split: str = "test") -> List[Row]:
             rows.append(r)
     if not rows:
         raise DatasetError(f"{src.location}: no rows")
-    return rows
+    return src, rows
 
 
 # =========================================================================== scoring with the model
@@ -498,6 +502,25 @@ def _prompt_groups(seqs: Sequence[Sequence[np.ndarray]], budget: int) -> List[Tu
     return groups
 
 
+def _run_by_prompt(rm: Any, seqs: Sequence[Sequence[np.ndarray]], fields: List[str], batch_tokens: int,
+                   progress: ProgressArg, desc: str) -> Dict[str, List[np.ndarray]]:
+    """`fields` of every completion, split by prompt ([n_completions, ...] float32 arrays). All completions
+    of a prompt go to the model in one `score_sequences` call, several prompts per call."""
+    out: Dict[str, List[np.ndarray]] = {f: [] for f in fields}
+    cb = _progress(progress, len(seqs), desc)
+    for a, b in _prompt_groups(seqs, 4 * batch_tokens):
+        res = rm.score_sequences([s for p in seqs[a:b] for s in p], fields=fields, batch_tokens=batch_tokens)
+        for f in fields:
+            x = np.asarray(res[f], dtype=np.float32)
+            at = 0
+            for p in seqs[a:b]:
+                out[f].append(x[at:at + len(p)])
+                at += len(p)
+        if cb is not None:
+            cb(b, len(seqs))
+    return out
+
+
 def _progress(progress: ProgressArg, total: int, desc: str) -> Optional[Callable[[int, int], None]]:
     if callable(progress):
         return progress
@@ -538,20 +561,128 @@ def scores_from_model(model: Any, dataset: Any, *, split: str = "test", harness_
             raise ValueError(f"{rm.name_or_path} is a {rm.architecture}, not an ArmoRM checkpoint")
         pipe = _pipeline(rm, harness_tokenization, max_length, truncation, batch_tokens)
         seqs = _encode(pipe, rows, rm.config.max_position_embeddings)
-        scores: List[np.ndarray] = []
-        cb = _progress(progress, len(rows), "RewardBench 2")
-        for a, b in _prompt_groups(seqs, 4 * batch_tokens):
-            flat = [s for p in seqs[a:b] for s in p]
-            s = np.asarray(rm.score_sequences(flat, fields=["score"], batch_tokens=batch_tokens)["score"],
-                           dtype=np.float64)
-            at = 0
-            for p in seqs[a:b]:
-                scores.append(s[at:at + len(p)])
-                at += len(p)
-            if cb is not None:
-                cb(b, len(rows))
+        run = _run_by_prompt(rm, seqs, ["score"], batch_tokens, progress, "RewardBench 2")
     finally:
         if own:
             rm.close()
-    return ScoredPrompts([r.id for r in rows], [r.subset for r in rows], [r.num_correct for r in rows], scores,
-                         [r.where for r in rows])
+    return ScoredPrompts([r.id for r in rows], [r.subset for r in rows], [r.num_correct for r in rows],
+                         [s.astype(np.float64) for s in run["score"]], [r.where for r in rows])
+
+
+# =========================================================================== prepared embeddings
+
+_META_KEY = "armorm_rewardbench2"
+FORMAT_VERSION = 1
+
+
+def prepare(model: Any, dataset: Any, output: Union[str, os.PathLike], *, split: str = "test",
+            name: Optional[str] = None, harness_tokenization: bool = False, max_length: int = MAX_LENGTH,
+            truncation: bool = True, embeddings_dtype: str = "bfloat16", torch_dtype: str = "bfloat16",
+            batch_tokens: int = 8192, num_threads: Optional[int] = None, progress: ProgressArg = False,
+            overwrite: bool = False) -> str:
+    """Embeds every completion of the dataset with a backbone, for `scores_from_embeddings`.
+
+    For an ArmoRM being trained: the backbone runs once here, and any
+    regression and gating files can then be evaluated without it. Tokenized
+    as `scores_from_model`. Writes `<output>/<name>-00001-of-00001.safetensors`
+    (`name`: the dataset's) holding, prompts in dataset order:
+
+    - `embeddings` [M, H]: final hidden state of the last token of each of the
+      M completions, a prompt's completions consecutive, chosen first;
+    - `prompt_embeddings` [P, H]: final hidden state at the gating position
+      (the header opening the assistant turn), one per prompt: its completions
+      share that prefix, so it is taken from the first;
+    - `completions` [P] and `num_correct` [P] (int64);
+    - metadata `ids` and `subsets` (JSON lists of P strings), the settings, and
+      `prompt_mismatch`: the largest difference between a prompt's gating
+      embedding as computed with its first and with any other completion.
+
+    The file appears complete or not at all; an existing one is kept unless
+    `overwrite`. Returns its path.
+    """
+    from ..model import ArmoRM
+    from ..safetensors_io import save_file
+    from .stage1 import EMBEDDING_DTYPES, shard_file_name
+    st_dtype = EMBEDDING_DTYPES.get(str(embeddings_dtype).lower())
+    if st_dtype is None:
+        raise ValueError(f"embeddings_dtype must be 'bfloat16' or 'float32', got {embeddings_dtype!r}")
+    src, rows = _read_rows(dataset, split)
+    output = os.fspath(output)
+    final = os.path.join(output, shard_file_name(name or src.name, 1, 1))
+    if os.path.exists(final) and not overwrite:
+        raise ValueError(f"{final} exists; pass overwrite=True (--overwrite) to replace it")
+    os.makedirs(output, exist_ok=True)
+    own = not isinstance(model, ArmoRM)
+    rm = ArmoRM.from_pretrained(model, architecture="LlamaModel", torch_dtype=torch_dtype,
+                                num_threads=num_threads, max_batch_tokens=batch_tokens) if own else model
+    try:
+        pipe = _pipeline(rm, harness_tokenization, max_length, truncation, batch_tokens)
+        seqs = _encode(pipe, rows, rm.config.max_position_embeddings)
+        run = _run_by_prompt(rm, seqs, ["hidden_state", "prompt_embedding"], batch_tokens, progress,
+                             "RewardBench 2 embeddings")
+    finally:
+        if own:
+            rm.close()
+    prompt = [pe[0] for pe in run["prompt_embedding"]]
+    mismatch = max(float(np.abs(pe - pe[0]).max()) for pe in run["prompt_embedding"])
+    settings = {"version": FORMAT_VERSION, "model": str(getattr(rm, "name_or_path", model)),
+                "dataset": src.location, "split": split, "harness_tokenization": bool(harness_tokenization),
+                "max_length": int(max_length), "truncation": bool(truncation), "torch_dtype": str(torch_dtype)}
+    meta = {"format": "pt", _META_KEY: json.dumps(settings), "ids": json.dumps([r.id for r in rows]),
+            "subsets": json.dumps([r.subset for r in rows]), "prompt_mismatch": repr(mismatch)}
+    save_file({"embeddings": np.concatenate(run["hidden_state"], axis=0), "prompt_embeddings": np.stack(prompt),
+               "completions": np.asarray([len(r.completions) for r in rows], dtype=np.int64),
+               "num_correct": np.asarray([r.num_correct for r in rows], dtype=np.int64)},
+              final, metadata=meta, dtypes={"embeddings": st_dtype, "prompt_embeddings": st_dtype})
+    return final
+
+
+def scores_from_embeddings(embeddings: Any, regression: Union[str, os.PathLike],
+                           gating: Union[str, os.PathLike]) -> ScoredPrompts:
+    """Scores from `prepare` files (a glob, directory, file or list; prompts in sorted-path order) with the
+    head computed from the regression and gating files of training, as the assembled model computes it."""
+    from ..safetensors_io import SafetensorsFile, to_float
+    from .rewardbench import load_head
+    from .stage1 import resolve_embedding_files
+    from .stage2 import head_scores
+    W, params, T, hc = load_head(os.fspath(regression), os.fspath(gating))
+    H = W.shape[1]
+    out = ScoredPrompts([], [], [], [], [])
+    for path in resolve_embedding_files(embeddings):
+        f = SafetensorsFile(path)
+        missing = [t for t in ("embeddings", "prompt_embeddings", "completions", "num_correct") if t not in f]
+        if missing or "ids" not in f.metadata or "subsets" not in f.metadata:
+            raise ValueError(f"{path}: not a prepare-rewardbench2 file (no {', '.join(missing) or 'ids/subsets'})")
+        try:
+            ids, subsets = json.loads(f.metadata["ids"]), json.loads(f.metadata["subsets"])
+        except ValueError:
+            raise ValueError(f"{path}: the 'ids' / 'subsets' metadata is not JSON") from None
+        counts = f.read("completions").astype(np.int64)
+        nc = f.read("num_correct").astype(np.int64)
+        e, pe = f.info("embeddings"), f.info("prompt_embeddings")
+        P = counts.size
+        if not (len(ids) == len(subsets) == nc.size == P == pe.shape[0]) or len(e.shape) != 2 or \
+                len(pe.shape) != 2 or e.shape[0] != int(counts.sum()) or (P and counts.min() < 1):
+            raise ValueError(f"{path}: inconsistent shapes: {P} prompts with {int(counts.sum())} completions, "
+                             f"embeddings {list(e.shape)}, prompt_embeddings {list(pe.shape)}, {len(ids)} ids")
+        if e.shape[1] != H or pe.shape[1] != H:
+            raise ValueError(f"{path}: hidden size {e.shape[1]}, but the regression weight is {list(W.shape)}; "
+                             "were they made with the same backbone?")
+        E = to_float(f.read("embeddings"), e.dtype, np.float32)
+        Pm = to_float(f.read("prompt_embeddings"), pe.dtype, np.float32)
+        for what, x in (("embeddings", E), ("prompt_embeddings", Pm)):
+            if not np.isfinite(x).all():
+                raise ValueError(f"{path}: {what} has NaN or infinite values")
+        owner = np.repeat(np.arange(P), counts)
+        s = head_scores((E @ W.T)[:, None, :], Pm[owner], params, T, hc["temperature"], hc["n_hidden"])[:, 0]
+        at = 0
+        for i in range(P):
+            where = f"{path} prompt {i} (id {ids[i]!r})"
+            out.ids.append(str(ids[i]))
+            out.subsets.append(str(subsets[i]))
+            out.num_correct.append(int(nc[i]))
+            out.scores.append(s[at:at + counts[i]].astype(np.float64))
+            out.wheres.append(where)
+            at += int(counts[i])
+    check_prompts(out)
+    return out
