@@ -239,8 +239,13 @@ def test_scores_file_errors(tmp_path, capsys, line, match):
 
 
 def test_scores_file_duplicate_id(tmp_path):
+    # outside Ties an id is a label (the harness scores both rows); a Ties id is the key of its prompt
     path = write_scores(tmp_path / "d.jsonl", [{"id": "3", "subset": "Math", "num_correct": 1, "scores": [1, 0]}] * 2)
-    with pytest.raises(ValueError, match=r"d.jsonl:2 \(id '3'\): id '3' appears twice \(also .*d.jsonl:1"):
+    assert len(rb2.read_scores_file(path)) == 2
+    path = write_scores(tmp_path / "t.jsonl", [{"id": "tied:3", "subset": "Ties", "num_correct": 1,
+                                                "scores": [1, 0]}] * 2)
+    with pytest.raises(ValueError, match=r"t.jsonl:2 \(id 'tied:3'\): Ties prompt tied:3 appears twice "
+                                         r"\(also .*t.jsonl:1"):
         rb2.read_scores_file(path)
 
 
@@ -429,7 +434,7 @@ def _mutate(i, **kw):
     (_mutate(4, total_completions=5), r"\(id '4'\): total_completions is 5 but the row has 1 chosen \+ 3 rejected"),
     (_mutate(4, prompt=["a"]), r"\(id '4'\): 'prompt' must be a string"),
     (_mutate(4, id=None), r"line 5\): id must be a non-empty string"),
-    (_mutate(4, id="3"), r"line 5\) \(id '3'\): id '3' appears twice \(also row 3"),
+    (_mutate(16, id="ref:1"), r"line 18\) \(id 'ref:1'\): Ties prompt ref:1 appears twice \(also row 16"),
     (_mutate(16, id="ref-0"), r"line 17\) \(id 'ref-0'\): a Ties prompt's id must be 'ref:<k>'"),
 ])
 def test_malformed_dataset_rows(tmp_path, capsys, recs, match):

@@ -164,14 +164,15 @@ def ties_score(ids: Sequence[str], num_correct: Sequence[int], scores: Sequence[
 
 
 def check_prompts(prompts: ScoredPrompts) -> None:
-    """ValueError naming the first malformed prompt: too few completions, num_correct out of range, a
-    duplicated id, a Ties id not of the form ref:<k> / tied:<k>."""
+    """ValueError naming the first malformed prompt: too few completions, num_correct out of range, a Ties
+    id not of the form ref:<k> / tied:<k> or given twice (outside Ties an id is only a label, as in the
+    harness)."""
     n = len(prompts.ids)
     if not n:
         raise ValueError("no prompts to evaluate")
     if not (len(prompts.subsets) == len(prompts.num_correct) == len(prompts.scores) == len(prompts.wheres) == n):
         raise ValueError("ScoredPrompts: ids, subsets, num_correct, scores and wheres must have one entry per prompt")
-    seen: Dict[str, str] = {}
+    seen: Dict[Tuple[str, str, int], str] = {}
     for pid, sub, nc, s, w in zip(prompts.ids, prompts.subsets, prompts.num_correct, prompts.scores,
                                   prompts.wheres):
         m = len(s)
@@ -180,11 +181,11 @@ def check_prompts(prompts: ScoredPrompts) -> None:
         if not 1 <= nc <= m - 1:
             raise ValueError(f"{w}: num_correct {nc} is out of range: with {m} completions it must be 1..{m - 1} "
                              "(at least one correct and one incorrect)")
-        if pid in seen:
-            raise ValueError(f"{w}: id {pid!r} appears twice (also {seen[pid]})")
-        seen[pid] = w
         if is_ties(sub):
-            ties_key(pid, w)
+            key = (sub, *ties_key(pid, w))
+            if key in seen:
+                raise ValueError(f"{w}: Ties prompt {key[1]}:{key[2]} appears twice (also {seen[key]})")
+            seen[key] = w
 
 
 def _subset_order(names: Sequence[str]) -> List[str]:
@@ -444,18 +445,17 @@ def _read_rows(dataset: Any, split: str) -> Tuple[Any, List[Row]]:
             raise DatasetError(f"{src.location}: no column(s) {', '.join(missing)} (it has {', '.join(cols)}); "
                                f"RewardBench 2 rows need {', '.join(COLUMNS)}")
     rows: List[Row] = []
-    seen: Dict[str, str] = {}
     step = 512
     for a in range(0, len(src), step):
         idx = list(range(a, min(len(src), a + step)))
-        for i, rec in zip(idx, src.take(idx)):
-            r = _row(rec, src.where(i))
-            if r.id in seen:
-                raise DatasetError(f"{r.where}: id {r.id!r} appears twice (also {seen[r.id]})")
-            seen[r.id] = r.where
-            rows.append(r)
+        rows += [_row(rec, src.where(i)) for i, rec in zip(idx, src.take(idx))]
     if not rows:
         raise DatasetError(f"{src.location}: no rows")
+    try:
+        check_prompts(ScoredPrompts([r.id for r in rows], [r.subset for r in rows], [r.num_correct for r in rows],
+                                    [np.zeros(len(r.completions)) for r in rows], [r.where for r in rows]))
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
     return src, rows
 
 
