@@ -389,10 +389,12 @@ class ArmoRM:
 
     # ---- the packed-batch engine ---------------------------------------
 
-    def gating_positions(self, seqs: Sequence[np.ndarray], what: str = "sequence") -> np.ndarray:
+    def gating_positions(self, seqs: Sequence[np.ndarray], what: str = "sequence",
+                         names: Optional[Sequence[str]] = None) -> np.ndarray:
         """Start of the last gating-pattern occurrence in each sequence.
 
-        Raises GatingPatternError naming the first sequence (`what` i) without one.
+        Raises GatingPatternError naming the first sequence without one
+        (`names[i]` when given, else "`what` i").
         """
         if not self.gating_pattern:
             raise GatingPatternError(self._pattern_error or "no gating pattern: pass gating_pattern=[...]")
@@ -401,7 +403,7 @@ class ArmoRM:
             p = find_gating_position(s, self.gating_pattern)
             if p < 0:
                 raise GatingPatternError(
-                    f"{what} {i}: the gating pattern {self.gating_pattern} (the header that opens the final "
+                    f"{names[i] if names is not None else f'{what} {i}'}: the gating pattern {self.gating_pattern} (the header that opens the final "
                     "assistant turn) was not found; a conversation to score must end with an assistant message "
                     "in the model's chat format (pass gating_pattern= to override the pattern)")
             pos[i] = p
@@ -409,15 +411,19 @@ class ArmoRM:
 
     def score_sequences(self, sequences: Sequence[Any], reward_pos: Optional[Sequence[int]] = None,
                         fields: Optional[Iterable[str]] = None, batch_tokens: Optional[int] = None,
-                        progress: Optional[Callable[[int, int], None]] = None) -> RewardOutput:
+                        progress: Optional[Callable[[int, int], None]] = None,
+                        names: Optional[Sequence[str]] = None) -> RewardOutput:
         """Scores token-id sequences of any lengths, packed without padding.
 
         `reward_pos[i]` is where sequence i's reward is read (default: its last
         token). `fields` limits the outputs (default: all the architecture
         has). `batch_tokens` caps the tokens per core call (default
         `max_batch_tokens`; a longer sequence runs alone). `progress(done,
-        total)` is called after each core call with sequence counts.
+        total)` is called after each core call with sequence counts. Errors
+        about one sequence name it `names[i]` (e.g. "file.jsonl:7") when given.
         """
+        if names is not None and len(names) != len(sequences):
+            raise ValueError("names must have one entry per sequence")
         seqs = [s if isinstance(s, np.ndarray) and s.dtype == np.int32 and s.ndim == 1
                 else _as_sequence(s, f"sequence {i}") for i, s in enumerate(sequences)]
         if not seqs:
@@ -431,7 +437,10 @@ class ArmoRM:
             if rpos.shape != (len(seqs),):
                 raise ValueError("reward_pos must have one entry per sequence")
         # every check the core makes, on the whole input, before hours of compute
-        self._core.validate(np.concatenate(seqs), cu_all, rpos)
+        try:
+            self._core.validate(np.concatenate(seqs), cu_all, rpos)
+        except ValueError as e:
+            raise ValueError(_rename_sequence(str(e), names)) from None
         arch = self.config.architecture
         available = {"LlamaForRewardModelWithGating": FIELDS,
                      "LlamaForSequenceClassification": ("score", "logits", "hidden_state"),
@@ -445,7 +454,7 @@ class ArmoRM:
         # the ArmoRM head reads the prompt embedding too (head fields are only available when it is computed)
         gated = {"prompt_embedding"} | ({"rewards", "gating_output", "score", "logits"}
                                         if arch == "LlamaForRewardModelWithGating" else set())
-        gpos = self.gating_positions(seqs) if gated & set(wanted) else None
+        gpos = self.gating_positions(seqs, names=names) if gated & set(wanted) else None
         core_fields = [f for f in wanted if f != "logits" or arch == "LlamaForSequenceClassification"]
         if arch == "LlamaForRewardModelWithGating" and "logits" in wanted and "score" not in core_fields:
             core_fields.append("score")
@@ -472,10 +481,24 @@ class ArmoRM:
     # ---- interpretation --------------------------------------------------
 
     def coefficients(self, gating_output: Any) -> np.ndarray:
-        """coeffs = gating_output @ T^T, so that score == sum(rewards * coeffs)."""
+        """coeffs = gating_output @ T^T, so that score == sum(rewards * coeffs).
+
+        Row by row in a fixed order (elementwise products and sums over the
+        objectives, k = 0..K-1), so a row's coefficients are bit-identical
+        whatever else is in the batch; a BLAS product's summation order
+        depends on the matrix shape.
+        """
         g = np.asarray(gating_output.detach().cpu().numpy() if _is_torch(gating_output) else gating_output,
                        dtype=np.float32)
-        return g @ self._core.tensor("reward_transform_matrix").T
+        if g.ndim != 2:
+            raise ValueError(f"gating_output must be [rows, objectives], got shape {g.shape}")
+        T = self._core.tensor("reward_transform_matrix")
+        if g.shape[1] != T.shape[1]:
+            raise ValueError(f"gating_output has {g.shape[1]} objectives, the model {T.shape[1]}")
+        out = np.zeros((g.shape[0], T.shape[0]), dtype=np.float32)
+        for k in range(T.shape[1]):
+            out += g[:, k:k + 1] * T[:, k]
+        return out
 
     def explain(self, output: Mapping, k: int = 3) -> List[List[Tuple[str, float]]]:
         """Top-`k` objectives by |coefficient| for each row, as the model card prints them."""
@@ -490,6 +513,14 @@ class ArmoRM:
 
     def __repr__(self) -> str:
         return f"ArmoRM({self.name_or_path!r}, architecture={self.architecture}, dtype={self.dtype})"
+
+
+def _rename_sequence(message: str, names: Optional[Sequence[str]]) -> str:
+    """The core names a bad sequence "sequence N"; with `names`, say names[N] instead."""
+    m = re.match(r"sequence (\d+)", message)
+    if names is None or not m or int(m.group(1)) >= len(names):
+        return message
+    return names[int(m.group(1))] + message[m.end():]
 
 
 def _pack(lengths: Sequence[int], budget: int) -> List[List[int]]:

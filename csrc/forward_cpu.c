@@ -69,7 +69,7 @@ static int threads_for(const Model *m, int64_t T) {
     return flops < m->parallel_min_flops ? 1 : m->num_threads;
 }
 
-// Returns 0, -1 on error, -2 when `cancel` asked to stop (checked between MLP chunks).
+// Returns 0, -1 on error, -2 when `cancel` asked to stop (polled between attention slices and MLP chunks).
 static int layer_forward(const Model *m, const LayerWeights *lw, RunState *s, const Batch *b, int64_t T, int nt,
                          CancelFn cancel, void *cancel_ctx, ArmError *e) {
     const Config *c = &m->cfg;
@@ -84,9 +84,9 @@ static int layer_forward(const Model *m, const LayerWeights *lw, RunState *s, co
         return arm_fail(e, "out of memory in matmul scratch");
     rope(s->q, s->pos, m->inv_freq, T, c->num_heads, c->head_dim, nt);
     rope(s->k, s->pos, m->inv_freq, T, c->num_kv_heads, c->head_dim, nt);
-    if (attention(s->att, s->q, s->k, s->v, b->cu_seqlens, b->B, c->num_heads, c->num_kv_heads, c->head_dim, nt,
-                  kern))
-        return arm_fail(e, "out of memory in attention scratch");
+    const int ra = attention(s->att, s->q, s->k, s->v, b->cu_seqlens, b->B, c->num_heads, c->num_kv_heads,
+                             c->head_dim, nt, kern, cancel, cancel_ctx);
+    if (ra) return ra == -2 ? -2 : arm_fail(e, "out of memory in attention scratch");
     if (matmul(s->x, s->att, &lw->o, &lw->o_b, T, 1, nt, kern))
         return arm_fail(e, "out of memory in matmul scratch");
     // MLP block, in token chunks so the (tokens, I) buffers stay small

@@ -464,26 +464,19 @@ def _read_rows(dataset: Any, split: str) -> Tuple[Any, List[Row]]:
 
 def _encode(pipe: Any, rows: Sequence[Row], max_positions: int) -> List[List[np.ndarray]]:
     """Token ids of every completion, grouped by prompt; DatasetError naming the row and completion."""
-    from ..model import GatingPatternError
     out = []
     for r in rows:
         convs = [[{"role": "user", "content": r.prompt}, {"role": "assistant", "content": c}]
                  for c in r.completions]
+        names = [f"{r.where}, {r.label(j)}" for j in range(len(convs))]
         try:
-            seqs = pipe.encode(convs)
-        except (ValueError, TypeError, GatingPatternError):
-            for j, conv in enumerate(convs):  # name the completion
-                try:
-                    pipe.encode([conv])
-                except (ValueError, TypeError, GatingPatternError) as e:
-                    msg = str(e)
-                    msg = msg[len("conversation 0: "):] if msg.startswith("conversation 0: ") else msg
-                    raise DatasetError(f"{r.where}, {r.label(j)}: {msg}") from None
-            raise
-        for j, s in enumerate(seqs):
+            seqs = pipe.encode(convs, names=names)
+        except (ValueError, TypeError) as e:  # a cut final header, a template refusing the text
+            raise DatasetError(str(e)) from None
+        for name, s in zip(names, seqs):
             if s.size > max_positions:
-                raise DatasetError(f"{r.where}, {r.label(j)}: {s.size} tokens; the model allows at most "
-                                   f"{max_positions} (max_position_embeddings): keep truncation on")
+                raise DatasetError(f"{name}: {s.size} tokens; the model allows at most {max_positions} "
+                                   "(max_position_embeddings): keep truncation on")
         out.append(seqs)
     return out
 
@@ -540,7 +533,7 @@ def _pipeline(rm: Any, harness_tokenization: bool, max_length: int, truncation: 
 def scores_from_model(model: Any, dataset: Any, *, split: str = "test", harness_tokenization: bool = False,
                       max_length: int = MAX_LENGTH, truncation: bool = True, batch_tokens: int = 8192,
                       num_threads: Optional[int] = None, torch_dtype: str = "bfloat16",
-                      progress: ProgressArg = False) -> ScoredPrompts:
+                      progress: ProgressArg = False, check_finite: bool = True) -> ScoredPrompts:
     """Scores every completion of the dataset with an ArmoRM checkpoint (a directory, hub id or `ArmoRM`).
 
     Tokenization: the model card's (the chat template's single BOS) by
@@ -555,7 +548,7 @@ def scores_from_model(model: Any, dataset: Any, *, split: str = "test", harness_
     rows = read_dataset(dataset, split)
     own = not isinstance(model, ArmoRM)
     rm = ArmoRM.from_pretrained(model, torch_dtype=torch_dtype, num_threads=num_threads,
-                                max_batch_tokens=batch_tokens) if own else model
+                                max_batch_tokens=batch_tokens, check_finite=check_finite) if own else model
     try:
         if rm.architecture != "LlamaForRewardModelWithGating":
             raise ValueError(f"{rm.name_or_path} is a {rm.architecture}, not an ArmoRM checkpoint")
@@ -579,7 +572,7 @@ def prepare(model: Any, dataset: Any, output: Union[str, os.PathLike], *, split:
             name: Optional[str] = None, harness_tokenization: bool = False, max_length: int = MAX_LENGTH,
             truncation: bool = True, embeddings_dtype: str = "bfloat16", torch_dtype: str = "bfloat16",
             batch_tokens: int = 8192, num_threads: Optional[int] = None, progress: ProgressArg = False,
-            overwrite: bool = False) -> str:
+            overwrite: bool = False, check_finite: bool = True) -> str:
     """Embeds every completion of the dataset with a backbone, for `scores_from_embeddings`.
 
     For an ArmoRM being trained: the backbone runs once here, and any
@@ -614,7 +607,8 @@ def prepare(model: Any, dataset: Any, output: Union[str, os.PathLike], *, split:
     os.makedirs(output, exist_ok=True)
     own = not isinstance(model, ArmoRM)
     rm = ArmoRM.from_pretrained(model, architecture="LlamaModel", torch_dtype=torch_dtype,
-                                num_threads=num_threads, max_batch_tokens=batch_tokens) if own else model
+                                num_threads=num_threads, max_batch_tokens=batch_tokens,
+                                check_finite=check_finite) if own else model
     try:
         pipe = _pipeline(rm, harness_tokenization, max_length, truncation, batch_tokens)
         seqs = _encode(pipe, rows, rm.config.max_position_embeddings)

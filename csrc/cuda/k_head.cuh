@@ -1,4 +1,4 @@
-// k_head.cuh: the reward heads on the final-norm states (spec section 1, steps 5-8).
+// k_head.cuh: the reward heads on the final-norm states (docs/model.md, 'ArmoRM head').
 //
 // The heads are tiny (K = 19 objectives, a 3 x 1024 gating MLP) next to the
 // backbone, so these kernels aim at exactness, not speed: fp32 weights and
