@@ -248,57 +248,45 @@ def cmd_train_stage2(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval_rewardbench(args: argparse.Namespace) -> int:
-    from .train import rewardbench as rb
-    if args.scores:
-        subsets, c, r = rb.read_scores_file(args.scores)
-    elif args.embeddings:
-        if not args.regression or not args.gating:
-            raise ValueError("--embeddings needs --regression FILE and --gating FILE")
-        subsets, c, r = rb.scores_from_embeddings(args.embeddings, args.regression, args.gating)
-    else:
-        if not args.model or not args.dataset:
-            raise ValueError("give --scores FILE, or --embeddings GLOB --regression FILE --gating FILE, "
-                             "or --model DIR --dataset FILE")
-        subsets, c, r = rb.scores_from_model(args.model, args.dataset, split=args.split,
-                                             batch_tokens=args.batch_tokens, num_threads=args.threads,
-                                             torch_dtype=args.dtype, progress=_show_progress(args),
-                                             check_finite=not args.no_check_finite)
-    res = rb.evaluate_scores(subsets, c, r, rb.load_prior(args.prior_sets))
-    print(rb.format_table(res))
+def _eval_input(args: argparse.Namespace, module: Any, **model_kwargs: Any) -> Any:
+    """The scores of a RewardBench evaluation from the input given: `module` (train.rewardbench or
+    train.rewardbench2) reads a scores file, computes the head on prepared embeddings, or runs the model."""
+    try:
+        if args.scores:
+            return module.read_scores_file(args.scores)
+        if args.embeddings:
+            if not args.regression or not args.gating:
+                raise ValueError("--embeddings needs --regression FILE and --gating FILE")
+            return module.scores_from_embeddings(args.embeddings, args.regression, args.gating)
+        if not args.dataset:
+            raise ValueError("--model needs --dataset PATH")
+        return module.scores_from_model(args.model, args.dataset, split=args.split, batch_tokens=args.batch_tokens,
+                                        num_threads=args.threads, torch_dtype=args.dtype,
+                                        progress=_show_progress(args), check_finite=not args.no_check_finite,
+                                        **model_kwargs)
+    except ImportError as e:  # an optional reader (pyarrow, datasets) is missing: the message says which
+        raise InputError(str(e)) from None
+
+
+def _eval_report(args: argparse.Namespace, module: Any, res: Any) -> int:
+    print(module.format_table(res))
     if args.output:
-        rb.write_json(args.output, res)
+        module.write_json(args.output, res)
         print(f"wrote {args.output}", file=sys.stderr)
     return 0
+
+
+def cmd_eval_rewardbench(args: argparse.Namespace) -> int:
+    from .train import rewardbench as rb
+    subsets, c, r = _eval_input(args, rb)
+    return _eval_report(args, rb, rb.evaluate_scores(subsets, c, r, rb.load_prior(args.prior_sets)))
 
 
 def cmd_eval_rewardbench2(args: argparse.Namespace) -> int:
     from .train import rewardbench2 as rb2
-    try:
-        if args.scores:
-            prompts = rb2.read_scores_file(args.scores)
-        elif args.embeddings:
-            if not args.regression or not args.gating:
-                raise ValueError("--embeddings needs --regression FILE and --gating FILE")
-            prompts = rb2.scores_from_embeddings(args.embeddings, args.regression, args.gating)
-        else:
-            if not args.dataset:
-                raise ValueError("--model needs --dataset PATH (the allenai/reward-bench-2 parquet or JSONL)")
-            prompts = rb2.scores_from_model(args.model, args.dataset, split=args.split,
-                                            harness_tokenization=args.harness_tokenization,
-                                            max_length=args.max_length, truncation=not args.no_truncation,
-                                            batch_tokens=args.batch_tokens, num_threads=args.threads,
-                                            torch_dtype=args.dtype, progress=_show_progress(args),
-                                            check_finite=not args.no_check_finite)
-    except ImportError as e:
-        print(f"armorm: error: {e}", file=sys.stderr)
-        return 2
-    res = rb2.evaluate(prompts)
-    print(rb2.format_table(res))
-    if args.output:
-        rb2.write_json(args.output, res)
-        print(f"wrote {args.output}", file=sys.stderr)
-    return 0
+    prompts = _eval_input(args, rb2, harness_tokenization=args.harness_tokenization, max_length=args.max_length,
+                          truncation=not args.no_truncation)
+    return _eval_report(args, rb2, rb2.evaluate(prompts))
 
 
 def cmd_prepare_rewardbench2(args: argparse.Namespace) -> int:
@@ -396,6 +384,18 @@ def _add_prepare_arguments(s: argparse.ArgumentParser, chunk_rows: int) -> None:
     s.add_argument("--restart", action="store_true", help="discard the partial work of an interrupted run")
     _add_check_finite(s)
     _add_common(s)
+
+
+def _add_eval_inputs(s: argparse.ArgumentParser, scores_help: str, embeddings_what: str) -> None:
+    """The three inputs of the RewardBench evaluations: a scores file, prepared embeddings with training's
+    regression and gating files, or a model (its dataset option is the command's)."""
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--scores", metavar="FILE", help=scores_help)
+    g.add_argument("--embeddings", nargs="+", metavar="GLOB", help=f"{embeddings_what} (with --regression and "
+                   "--gating)")
+    g.add_argument("--model", metavar="DIR", help="an ArmoRM checkpoint (with --dataset)")
+    s.add_argument("--regression", metavar="FILE", help="train-stage1 output (with --embeddings)")
+    s.add_argument("--gating", metavar="FILE", help="train-stage2 output (with --embeddings)")
 
 
 def _add_rewardbench2_model_arguments(s: argparse.ArgumentParser, required: bool = False) -> None:
@@ -565,13 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "four-section mean and, with --prior-sets, the leaderboard score. Three inputs: a scores file, "
                 "prepare-stage2 embeddings of RewardBench with the regression and gating files, or a model and "
                 "the dataset end to end.")
-    g = s.add_mutually_exclusive_group(required=True)
-    g.add_argument("--scores", metavar="FILE", help="JSONL rows: subset, chosen_score, rejected_score")
-    g.add_argument("--embeddings", nargs="+", metavar="GLOB", help="prepare-stage2 files of RewardBench "
-                   "(with --regression and --gating)")
-    g.add_argument("--model", metavar="DIR", help="an ArmoRM checkpoint (with --dataset)")
-    s.add_argument("--regression", metavar="FILE", help="train-stage1 output (with --embeddings)")
-    s.add_argument("--gating", metavar="FILE", help="train-stage2 output (with --embeddings)")
+    _add_eval_inputs(s, "JSONL rows: subset, chosen_score, rejected_score", "prepare-stage2 files of RewardBench")
     s.add_argument("--dataset", metavar="PATH", help="RewardBench's filtered split, Parquet or JSONL (with --model)")
     s.add_argument("--split", default="filtered", help="dataset split (with --model)")
     s.add_argument("--prior-sets", metavar="NUM|FILE", help="Prior Sets percentage, or JSON of the four accuracies")
@@ -590,13 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "its weighted accuracy-and-margin formula over ref:k / tied:k pairs; the score is the unweighted "
                 "mean of the subsets (docs/rewardbench2.md). Three inputs: a scores file, prepare-rewardbench2 "
                 "embeddings with the regression and gating files, or a model and the dataset end to end.")
-    g = s.add_mutually_exclusive_group(required=True)
-    g.add_argument("--scores", metavar="FILE", help="JSONL, one prompt per line: id, subset, num_correct, scores")
-    g.add_argument("--embeddings", nargs="+", metavar="GLOB", help="prepare-rewardbench2 files (with --regression "
-                   "and --gating)")
-    g.add_argument("--model", metavar="DIR", help="an ArmoRM checkpoint (with --dataset)")
-    s.add_argument("--regression", metavar="FILE", help="train-stage1 output (with --embeddings)")
-    s.add_argument("--gating", metavar="FILE", help="train-stage2 output (with --embeddings)")
+    _add_eval_inputs(s, "JSONL, one prompt per line: id, subset, num_correct, scores", "prepare-rewardbench2 files")
     s.add_argument("--output", metavar="FILE", help="write the subsets, the score and every prompt's result as JSON "
                    "(atomically)")
     _add_rewardbench2_model_arguments(s)
