@@ -161,9 +161,10 @@ def read_scores_file(path: str) -> Tuple[List[str], np.ndarray, np.ndarray]:
     return subsets, np.asarray(c), np.asarray(r)
 
 
-def scores_from_embeddings(embeddings: Any, regression: str, gating: str) -> Tuple[List[str], np.ndarray, np.ndarray]:
-    """Scores of prepare-stage2 files of RewardBench with the head computed from the parts."""
-    from .stage2 import head_scores, load_gating, load_regression, read_pairs
+def load_head(regression: str, gating: str) -> Tuple[np.ndarray, Dict[str, np.ndarray], np.ndarray, Dict[str, Any]]:
+    """(regression weight [K, H], gating params, reward_transform_matrix, head config) of training's two
+    output files, checked against each other."""
+    from .stage2 import load_gating, load_regression
     W, _ = load_regression(regression)
     params, T, hc = load_gating(gating)
     if W.shape[0] != T.shape[0]:
@@ -171,6 +172,13 @@ def scores_from_embeddings(embeddings: Any, regression: str, gating: str) -> Tup
     if hc["input_dim"] != W.shape[1]:
         raise ValueError(f"the gating network takes {hc['input_dim']} inputs but the regression hidden size is "
                          f"{W.shape[1]}")
+    return W, params, T, hc
+
+
+def scores_from_embeddings(embeddings: Any, regression: str, gating: str) -> Tuple[List[str], np.ndarray, np.ndarray]:
+    """Scores of prepare-stage2 files of RewardBench with the head computed from the parts."""
+    from .stage2 import head_scores, read_pairs
+    W, params, T, hc = load_head(regression, gating)
     data = read_pairs(embeddings, W)
     if data.subsets is None:
         raise ValueError("the embedding files have no 'subset' column; prepare them from RewardBench's filtered split")
