@@ -248,8 +248,27 @@ def cmd_train_stage2(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_plot(args: argparse.Namespace) -> None:
+    """--plot FILE: matplotlib present, a format it writes, an existing directory; checked before the work."""
+    if getattr(args, "plot", None):
+        try:
+            from . import plot
+        except ImportError as e:
+            raise InputError(f"--plot: {e}") from None
+        plot.check_target(args.plot)
+
+
+def _write_plot(args: argparse.Namespace, report: Any) -> None:
+    """--plot FILE: the report's per-subset bars (armorm.plot.rewardbench), written whole or not at all."""
+    if getattr(args, "plot", None):
+        from . import plot
+        plot.save(plot.rewardbench(report), args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+
+
 def cmd_eval_rewardbench(args: argparse.Namespace) -> int:
     from .train import rewardbench as rb
+    _check_plot(args)
     if args.scores:
         subsets, c, r = rb.read_scores_file(args.scores)
     elif args.embeddings:
@@ -269,6 +288,7 @@ def cmd_eval_rewardbench(args: argparse.Namespace) -> int:
     if args.output:
         rb.write_json(args.output, res)
         print(f"wrote {args.output}", file=sys.stderr)
+    _write_plot(args, res)
     return 0
 
 
@@ -325,6 +345,12 @@ def _add_check_finite(s: argparse.ArgumentParser) -> None:
     s.add_argument("--no-check-finite", action="store_true",
                    help="load a checkpoint even if a weight holds NaN/inf (by default it is refused, naming "
                         "the tensor) and skip that scan of the weights")
+
+
+def _add_plot(s: argparse.ArgumentParser) -> None:
+    """--plot for the evaluation commands (each calls _check_plot first and _write_plot with its report)."""
+    s.add_argument("--plot", metavar="FILE.png", help="also draw the per-subset scores as bars to FILE "
+                   "(.png, .svg, .pdf; needs matplotlib: pip install 'armorm[plot]')")
 
 
 def _add_prepare_arguments(s: argparse.ArgumentParser, chunk_rows: int) -> None:
@@ -510,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="filtered", help="dataset split (with --model)")
     s.add_argument("--prior-sets", metavar="NUM|FILE", help="Prior Sets percentage, or JSON of the four accuracies")
     s.add_argument("--output", metavar="FILE", help="write the results as JSON")
+    _add_plot(s)
     s.add_argument("--batch-tokens", type=_int_at_least(1), default=8192, help="tokens per packed batch "
                    "(with --model)")
     s.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES,
