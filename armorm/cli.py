@@ -348,7 +348,8 @@ def _add_check_finite(s: argparse.ArgumentParser) -> None:
 
 
 def _add_plot(s: argparse.ArgumentParser) -> None:
-    """--plot for the evaluation commands (each calls _check_plot first and _write_plot with its report)."""
+    """--plot for the evaluation commands: each calls _check_plot(args) first and _write_plot(args, report)
+    last (eval-rewardbench2 too: armorm.plot.rewardbench reads its result as it reads RewardBench 1's)."""
     s.add_argument("--plot", metavar="FILE.png", help="also draw the per-subset scores as bars to FILE "
                    "(.png, .svg, .pdf; needs matplotlib: pip install 'armorm[plot]')")
 
