@@ -523,4 +523,4 @@ def as_report(obj: Any) -> Report:
     if "sections" in obj:
         from .train.rewardbench import RewardBenchReport
         return RewardBenchReport(obj)
-    return Report(obj)
+    return Report(obj, title="RewardBench 2" if "ties" in obj else None)  # RewardBench 2 reports its Ties parts

@@ -227,9 +227,10 @@ def test_rewardbench_report_is_a_dict_with_a_table():
 
 def test_generic_report_reads_rewardbench2_shaped_results():
     res = {"subsets": {"Factuality": 61.5, "Ties": None, "Math": 70.0}, "score": 65.75,
-           "counts": {"Factuality": 475, "Ties": 102, "Math": 183}, "notes": ["<only three>"]}
+           "counts": {"Factuality": 475, "Ties": 102, "Math": 183}, "notes": ["<only three>"], "ties": None}
     rep = as_report(res)
     v = rep.view()
+    assert v.title == "RewardBench 2" and repr(rep).startswith("RewardBench 2: Score 65.8 (3 subsets)")
     assert v.headline == [("Score", 65.75)] and [s for _, s, _ in v.subsets()] == ["Factuality", "Ties", "Math"]
     page = rep._repr_html_()
     well_formed(page)
