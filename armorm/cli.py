@@ -248,6 +248,24 @@ def cmd_train_stage2(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_plot(args: argparse.Namespace) -> None:
+    """--plot FILE: matplotlib present, a format it writes, an existing directory; checked before the work."""
+    if getattr(args, "plot", None):
+        try:
+            from . import plot
+        except ImportError as e:
+            raise InputError(f"--plot: {e}") from None
+        plot.check_target(args.plot)
+
+
+def _write_plot(args: argparse.Namespace, report: Any) -> None:
+    """--plot FILE: the report's per-subset bars (armorm.plot.rewardbench), written whole or not at all."""
+    if getattr(args, "plot", None):
+        from . import plot
+        plot.save(plot.rewardbench(report), args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+
+
 def _eval_input(args: argparse.Namespace, module: Any, **model_kwargs: Any) -> Any:
     """The scores of a RewardBench evaluation from the input given: `module` (train.rewardbench or
     train.rewardbench2) reads a scores file, computes the head on prepared embeddings, or runs the model."""
@@ -273,17 +291,20 @@ def _eval_report(args: argparse.Namespace, module: Any, res: Any) -> int:
     if args.output:
         module.write_json(args.output, res)
         print(f"wrote {args.output}", file=sys.stderr)
+    _write_plot(args, res)
     return 0
 
 
 def cmd_eval_rewardbench(args: argparse.Namespace) -> int:
     from .train import rewardbench as rb
+    _check_plot(args)
     subsets, c, r = _eval_input(args, rb)
     return _eval_report(args, rb, rb.evaluate_scores(subsets, c, r, rb.load_prior(args.prior_sets)))
 
 
 def cmd_eval_rewardbench2(args: argparse.Namespace) -> int:
     from .train import rewardbench2 as rb2
+    _check_plot(args)
     prompts = _eval_input(args, rb2, harness_tokenization=args.harness_tokenization, max_length=args.max_length,
                           truncation=not args.no_truncation)
     return _eval_report(args, rb2, rb2.evaluate(prompts))
@@ -358,6 +379,13 @@ def _add_check_finite(s: argparse.ArgumentParser) -> None:
     s.add_argument("--no-check-finite", action="store_true",
                    help="load a checkpoint even if a weight holds NaN/inf (by default it is refused, naming "
                         "the tensor) and skip that scan of the weights")
+
+
+def _add_plot(s: argparse.ArgumentParser) -> None:
+    """--plot for the evaluation commands: each calls _check_plot(args) first and _write_plot(args, report)
+    last (eval-rewardbench2 too: armorm.plot.rewardbench reads its result as it reads RewardBench 1's)."""
+    s.add_argument("--plot", metavar="FILE.png", help="also draw the per-subset scores as bars to FILE "
+                   "(.png, .svg, .pdf; needs matplotlib: pip install 'armorm[plot]')")
 
 
 def _add_prepare_arguments(s: argparse.ArgumentParser, chunk_rows: int) -> None:
@@ -570,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="filtered", help="dataset split (with --model)")
     s.add_argument("--prior-sets", metavar="NUM|FILE", help="Prior Sets percentage, or JSON of the four accuracies")
     s.add_argument("--output", metavar="FILE", help="write the results as JSON")
+    _add_plot(s)
     s.add_argument("--batch-tokens", type=_int_at_least(1), default=8192, help="tokens per packed batch "
                    "(with --model)")
     s.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES,
@@ -587,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_inputs(s, "JSONL, one prompt per line: id, subset, num_correct, scores", "prepare-rewardbench2 files")
     s.add_argument("--output", metavar="FILE", help="write the subsets, the score and every prompt's result as JSON "
                    "(atomically)")
+    _add_plot(s)
     _add_rewardbench2_model_arguments(s)
     s.set_defaults(func=cmd_eval_rewardbench2)
 

@@ -108,14 +108,20 @@ class ArmoRMPipeline:
                     batch_tokens: Optional[int] = None, progress: bool = False) -> RewardOutput:
         """Scores many conversations in packed batches of at most `batch_tokens` tokens.
 
-        Returns every field as NumPy arrays (row i = conversation i).
+        Returns every field as NumPy arrays (row i = conversation i); in
+        Jupyter the result shows as a table of scores and top objectives.
         """
         seqs = self.encode(conversations)
         cb = make_progress(len(seqs), progress)
-        return self.model.score_sequences(seqs, batch_tokens=batch_tokens or self.batch_tokens, progress=cb)
+        out = self.model.score_sequences(seqs, batch_tokens=batch_tokens or self.batch_tokens, progress=cb)
+        out._display["conversations"] = list(conversations)  # for the notebook display (no copy of the text)
+        return out
 
     def explain(self, conversation_or_output: Union[Conversation, Mapping], k: int = 3) -> List[Tuple[str, float]]:
-        """Top-`k` objectives by |coefficient| for one conversation (or row 0 of an output)."""
+        """Top-`k` objectives by |coefficient| for one conversation (or row 0 of an output).
+
+        A list of (objective, coefficient) that shows as a table in Jupyter.
+        """
         out = conversation_or_output
         if not isinstance(out, Mapping):
             out = self.score_batch([conversation_or_output])
