@@ -207,6 +207,14 @@ def test_scores_file_and_cli(tmp_path, capsys):
     ties = 0.3 + 0.3
     assert res["subsets"]["Ties"] == pytest.approx(100 * ties)
     assert res["score"] == pytest.approx((25.0 + 100 * ties) / 2)
+    # the report shows itself as a table in Jupyter, and --plot draws its subsets
+    report = rb2.evaluate(rb2.read_scores_file(path))
+    assert "RewardBench 2" in report._repr_html_() and "<table" in report._repr_html_()
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "rb2.png"
+    assert cli.main(["eval-rewardbench2", "--scores", str(path), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
     # the harness's own saved scores: one JSON object of columns, [score] lists for some models
     cols = {"id": ["0", "1"], "subset": ["Math", "Math"], "num_correct": [1, 1],
             "scores": [[[2.0], [1.0]], [1.0, 3.0]], "text": [["a", "b"], ["c", "d"]], "results": [1, 0]}

@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..data import DatasetError, open_dataset
+from ..display import Report
 
 #: The official subsets in the leaderboard's order, with their prompt counts in the test split.
 OFFICIAL_COUNTS: Dict[str, int] = {"Factuality": 475, "Precise IF": 160, "Math": 183, "Safety": 450,
@@ -197,7 +198,7 @@ def _pct(x: float) -> Optional[float]:
     return None if x is None or math.isnan(x) else 100.0 * x
 
 
-def evaluate(prompts: ScoredPrompts) -> Dict[str, Any]:
+def evaluate(prompts: ScoredPrompts) -> Report:
     """Applies the rules (module docstring) to every prompt.
 
     Returns {"subsets": {name: percent}, "score": percent (the unweighted
@@ -205,7 +206,8 @@ def evaluate(prompts: ScoredPrompts) -> Dict[str, Any]:
     in [0, 1] (when the subset is present), "notes": [...], "prompts": one
     dict per prompt (id, subset, num_correct, scores, result: the best-of-N
     result, or None for Ties prompts, which get accurate and the two margins
-    instead)}. NaN figures are None.
+    instead)}. NaN figures are None. A dict (what the JSON file holds) that
+    shows itself as a table in Jupyter.
     """
     check_prompts(prompts)
     groups: Dict[str, List[int]] = {}
@@ -242,11 +244,11 @@ def evaluate(prompts: ScoredPrompts) -> Dict[str, Any]:
     if set(fractions) != set(OFFICIAL_COUNTS):
         notes.append(f"score: the mean of the {len(fractions)} subset(s) present; the official score is the mean "
                      f"of the six ({', '.join(OFFICIAL_COUNTS)})")
-    return {"subsets": {k: _pct(v) for k, v in fractions.items()}, "score": _pct(score),
-            "counts": {k: len(groups[k]) for k in fractions},
-            "ties": None if ties is None else {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                                               for k, v in ties.items()},
-            "notes": notes, "prompts": rows}
+    return Report({"subsets": {k: _pct(v) for k, v in fractions.items()}, "score": _pct(score),
+                   "counts": {k: len(groups[k]) for k in fractions},
+                   "ties": None if ties is None else {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                                      for k, v in ties.items()},
+                   "notes": notes, "prompts": rows}, title="RewardBench 2")
 
 
 def format_table(res: Mapping[str, Any]) -> str:
