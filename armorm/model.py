@@ -22,7 +22,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import numpy as np
 
 from . import _core
-from .config import ATTRIBUTES, CheckpointError, ModelConfig, load_config, weight_files
+from .config import ATTRIBUTES, CheckpointError, ModelConfig, load_config, objective_names, weight_files
+from .display import Explanation, Explanations
 from .hub import resolve_model_path
 from .prefix import DEFAULT_MIN_SHARED, plan_batches
 from .tokenizer import ChatTokenizer, find_gating_position
@@ -32,7 +33,6 @@ from .tokenizer import gating_pattern as derive_gating_pattern
 #: "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n".
 LLAMA3_GATING_PATTERN: List[int] = [128009, 128006, 78191, 128007, 271]
 
-FIELDS = ("rewards", "gating_output", "score", "logits", "hidden_state", "prompt_embedding")
 _HF_IGNORED_KWARGS = {"trust_remote_code", "low_cpu_mem_usage", "attn_implementation", "use_safetensors",
                       "local_files_only", "use_cache", "revision", "cache_dir", "token", "force_download",
                       "offload_folder", "max_memory"}
@@ -53,6 +53,9 @@ class RewardOutput(Mapping):
 
     def __init__(self, **fields: Any) -> None:
         self._fields = {k: v for k, v in fields.items() if v is not None}
+        #: what displays need beside the arrays ("objectives": names, "transform": the reward transform
+        #: matrix, "conversations": the scored inputs); filled by the model and the pipeline
+        self._display: Dict[str, Any] = {}
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -76,9 +79,25 @@ class RewardOutput(Mapping):
     def to_tuple(self) -> Tuple[Any, ...]:
         return tuple(self._fields.values())
 
+    def row(self, i: int) -> "RewardOutput":
+        """Row `i` as a one-row output (arrays keep their leading axis); in Jupyter it shows in detail."""
+        n = len(next(iter(self._fields.values()))) if self._fields else 0
+        if not -n <= i < n:
+            raise IndexError(f"row {i} of an output with {n} rows")
+        i %= n
+        out = RewardOutput(**{k: v[i:i + 1] for k, v in self._fields.items()})
+        out._display = dict(self._display)
+        if self._display.get("conversations") is not None:
+            out._display["conversations"] = [self._display["conversations"][i]]
+        return out
+
+    def _repr_html_(self) -> str:
+        from .display import reward_output_html
+        return reward_output_html(self)
+
     def __repr__(self) -> str:
-        parts = [f"{k}={getattr(v, 'shape', v)}" for k, v in self._fields.items()]
-        return f"RewardOutput({', '.join(parts)})"
+        from .display import reward_output_text
+        return reward_output_text(self)
 
 
 def _is_torch(x: Any) -> bool:
@@ -116,8 +135,9 @@ def _device_name(device_map: Any) -> str:
     m = re.fullmatch(r"cuda(?::(\d+))?", s)
     if m:
         if not _core.CUDA_BUILT:
-            raise RuntimeError(f"device_map={s!r}: this armorm build has no CUDA backend (nvcc was not found when it "
-                               "was built); use device_map='cpu'")
+            reason = getattr(_core, "CUDA_BUILD_REASON", "") or "its build recorded no reason"
+            raise RuntimeError(f"device_map={s!r}: this armorm build has no CUDA backend ({reason}); "
+                               "use device_map='cpu'")
         n = _core.cuda_device_count()
         idx = int(m.group(1) or 0)
         if idx >= n:
@@ -329,7 +349,9 @@ class ArmoRM:
         out = self.score_sequences(self._rows(input_ids, attention_mask))
         if as_torch:
             import torch
-            return RewardOutput(**{k: torch.from_numpy(v) for k, v in out.items()})
+            res = RewardOutput(**{k: torch.from_numpy(v) for k, v in out.items()})
+            res._display = out._display
+            return res
         return out
 
     forward = __call__
@@ -422,12 +444,13 @@ class ArmoRM:
         """Scores token-id sequences of any lengths, packed without padding.
 
         `reward_pos[i]` is where sequence i's reward is read (default: its last
-        token). `fields` limits the outputs (default: all the architecture
-        has). `batch_tokens` caps the tokens per core call (default
+        token). `fields` limits the outputs (default: every field the model
+        produces but `all_hidden`; the core decides which: `_core.fields`).
+        `batch_tokens` caps the tokens per packed group (default
         `max_batch_tokens`; a longer sequence runs alone; a shared prefix
-        counts once). `progress(done, total)` is called after each core call
-        with sequence counts. Errors about one sequence name it `names[i]`
-        (e.g. "file.jsonl:7") when given.
+        counts once). `progress(done, total)` is called after each packed
+        group with sequence counts. Errors about one sequence name it
+        `names[i]` (e.g. "file.jsonl:7") when given.
 
         Sequences that start with the same tokens (responses to one prompt)
         compute their common prefix once; results are bit-identical to
@@ -435,7 +458,8 @@ class ArmoRM:
         shares prefixes of at least `min_shared_prefix` tokens, an integer n
         those of at least n tokens, False nothing. `stats`, when given, is
         filled with `tokens_in` (the sequences' tokens), `tokens_computed`
-        (the rows the backbone computed), `core_calls` and `shared_prefixes`.
+        (the rows the backbone computed) and `shared_prefixes` (the prefix
+        segments computed).
         """
         if names is not None and len(names) != len(sequences):
             raise ValueError("names must have one entry per sequence")
@@ -451,50 +475,53 @@ class ArmoRM:
             rpos = np.asarray(reward_pos, dtype=np.int64)
             if rpos.shape != (len(seqs),):
                 raise ValueError("reward_pos must have one entry per sequence")
-        # every check the core makes, on the whole input, before hours of compute
+        # which fields, and whether they read the gating position: the model description decides (model.c)
+        wanted, gated = self._core.plan(None if fields is None else list(fields))
         try:
-            self._core.validate(np.concatenate(seqs), cu_all, rpos)
+            if gated:
+                try:
+                    gpos = self.gating_positions(seqs, names=names)
+                except GatingPatternError:
+                    # a sequence the core refuses (empty, too long, an id outside the vocabulary) is named first
+                    self._core.validate(np.concatenate(seqs), cu_all, rpos)
+                    raise
+            else:
+                gpos = None
+            budget = int(batch_tokens or self.max_batch_tokens)
+            min_shared = _min_shared(share_prefixes, self.min_shared_prefix)
+            # all_hidden has a row per packed token: a call asking for it is packed as given
+            share = min_shared and len(seqs) > 1 and "all_hidden" not in wanted
+            plan = plan_batches(seqs, budget, min_shared, rpos, gpos) if share else None
+            if plan is None or plan.shared_segments == 0:
+                # the core checks the whole call once, then runs it in packed groups of at most `budget` tokens
+                res = RewardOutput(**self._core.forward(np.concatenate(seqs), cu_all, rpos, gpos, wanted,
+                                                        batch_tokens=budget, progress=progress))
+                computed, shared = int(cu_all[-1]), 0
+            else:
+                res = self._forward_shared(seqs, cu_all, rpos, plan, wanted, progress)
+                computed, shared = plan.tokens_computed, plan.shared_segments
+        except GatingPatternError:
+            raise
         except ValueError as e:
             raise ValueError(_rename_sequence(str(e), names)) from None
-        arch = self.config.architecture
-        available = {"LlamaForRewardModelWithGating": FIELDS,
-                     "LlamaForSequenceClassification": ("score", "logits", "hidden_state"),
-                     }.get(arch, ("hidden_state", "prompt_embedding"))
-        if not self.config.core["compute_head"]:
-            available = ("hidden_state", "prompt_embedding")
-        wanted = list(available) if fields is None else list(fields)
-        for f in wanted:
-            if f not in available:
-                raise ValueError(f"field {f!r} is not available for {arch}; available: {', '.join(available)}")
-        # the ArmoRM head reads the prompt embedding too (head fields are only available when it is computed)
-        gated = {"prompt_embedding"} | ({"rewards", "gating_output", "score", "logits"}
-                                        if arch == "LlamaForRewardModelWithGating" else set())
-        gpos = self.gating_positions(seqs, names=names) if gated & set(wanted) else None
-        core_fields = [f for f in wanted if f != "logits" or arch == "LlamaForSequenceClassification"]
-        if arch == "LlamaForRewardModelWithGating" and "logits" in wanted and "score" not in core_fields:
-            core_fields.append("score")
-        budget = int(batch_tokens or self.max_batch_tokens)
-        plan = plan_batches(seqs, budget, _min_shared(share_prefixes, self.min_shared_prefix), rpos, gpos)
-        out: Dict[str, np.ndarray] = {}
-        done = 0
-        for b in plan.batches:
-            # the whole input passed validate() above: the core has nothing left to name by index
-            res = self._core.forward(b.tokens, b.cu_seqlens, b.reward_pos, b.gating_pos, core_fields, 0, b.parent)
-            for f in core_fields:
-                if f not in out:
-                    out[f] = np.empty((len(seqs),) + res[f].shape[1:], dtype=res[f].dtype)
-                out[f][b.sequences] = res[f][b.rows]
-            done += b.sequences.size
-            if progress is not None:
-                progress(done, len(seqs))
         if stats is not None:
-            stats.update(tokens_in=plan.tokens_in, tokens_computed=plan.tokens_computed,
-                         core_calls=len(plan.batches), shared_prefixes=plan.shared_segments)
-        if arch == "LlamaForRewardModelWithGating" and "logits" in wanted:
-            out["logits"] = out["score"]
-            if "score" not in wanted:
-                del out["score"]
-        return RewardOutput(**{f: out[f] for f in FIELDS if f in out})
+            stats.update(tokens_in=int(cu_all[-1]), tokens_computed=computed, shared_prefixes=shared)
+        if "gating_output" in res:  # what the rich display names and multiplies (armorm/display.py)
+            res._display.update(objectives=self.objective_names(res["gating_output"].shape[1]),
+                                transform=self._core.tensor("reward_transform_matrix"))
+        return res
+
+    def _forward_shared(self, seqs: List[np.ndarray], cu_all: np.ndarray, rpos: Optional[np.ndarray], plan: Any,
+                        wanted: Sequence[str], progress: Optional[Callable[[int, int], None]]) -> RewardOutput:
+        """One core call of the plan's segments (prefixes once, docs/best_of_n.md); rows in the caller's order."""
+        # the core names segments; the caller's sequences are checked (and named) here first
+        self._core.validate(np.concatenate(seqs), cu_all, rpos)
+        call = plan.call()
+        n = len(seqs)
+        on_group = None if progress is None else (lambda done, _total: progress(int(call.scored[done]), n))
+        out = self._core.forward(call.tokens, call.cu_seqlens, call.reward_pos, call.gating_pos, wanted,
+                                 progress=on_group, parent=call.parent, groups=call.groups)
+        return RewardOutput(**{f: v[call.rows] for f, v in out.items()})
 
     def score_responses(self, prompt_ids: Any, responses: Sequence[Any], fields: Optional[Iterable[str]] = None,
                         batch_tokens: Optional[int] = None,
@@ -531,31 +558,63 @@ class ArmoRM:
         whatever else is in the batch; a BLAS product's summation order
         depends on the matrix shape.
         """
-        g = np.asarray(gating_output.detach().cpu().numpy() if _is_torch(gating_output) else gating_output,
-                       dtype=np.float32)
-        if g.ndim != 2:
-            raise ValueError(f"gating_output must be [rows, objectives], got shape {g.shape}")
-        T = self._core.tensor("reward_transform_matrix")
-        if g.shape[1] != T.shape[1]:
-            raise ValueError(f"gating_output has {g.shape[1]} objectives, the model {T.shape[1]}")
-        out = np.zeros((g.shape[0], T.shape[0]), dtype=np.float32)
-        for k in range(T.shape[1]):
-            out += g[:, k:k + 1] * T[:, k]
-        return out
+        return objective_coefficients(gating_output, self._core.tensor("reward_transform_matrix"))
+
+    def objective_names(self, k: int) -> List[str]:
+        """The names of `k` objectives: `attributes` when there are k of them, else objective-i."""
+        return objective_names(k, self.attributes)
 
     def explain(self, output: Mapping, k: int = 3) -> List[List[Tuple[str, float]]]:
-        """Top-`k` objectives by |coefficient| for each row, as the model card prints them."""
+        """Top-`k` objectives by |coefficient| for each row, as the model card prints them.
+
+        A list (one Explanation per row) of lists of (objective, coefficient);
+        in Jupyter each shows as a table with the rewards when `output` has them.
+        """
         coeffs = self.coefficients(output["gating_output"])
-        names = self.attributes if coeffs.shape[1] == len(self.attributes) else \
-            [f"objective-{i}" for i in range(coeffs.shape[1])]
-        result = []
-        for row in coeffs:
-            order = np.argsort(-np.abs(row), kind="stable")[:k]
-            result.append([(names[j], float(row[j])) for j in order])
+        names = self.objective_names(coeffs.shape[1])
+        rewards = output.get("rewards")
+        rewards = None if rewards is None else np.asarray(rewards.detach().cpu() if _is_torch(rewards) else rewards)
+        scores = output.get("score")
+        scores = None if scores is None else np.asarray(scores.detach().cpu() if _is_torch(scores) else scores)
+        convs = getattr(output, "_display", {}).get("conversations")
+        result = Explanations()
+        for i, row in enumerate(coeffs):
+            order = top_objectives(row, k)
+            result.append(Explanation(
+                [(names[j], float(row[j])) for j in order],
+                score=None if scores is None else float(scores[i]),
+                rewards=None if rewards is None else [float(rewards[i][j]) for j in order],
+                conversation=None if convs is None or len(convs) != len(coeffs) else convs[i]))
         return result
 
     def __repr__(self) -> str:
         return f"ArmoRM({self.name_or_path!r}, architecture={self.architecture}, dtype={self.dtype})"
+
+
+def objective_coefficients(gating_output: Any, transform: Any) -> np.ndarray:
+    """coeffs = gating_output @ T^T for a [rows, K] gating output and the [K, K] reward transform matrix.
+
+    Row by row in a fixed order (elementwise products and sums over the
+    objectives, k = 0..K-1), so a row's coefficients are bit-identical
+    whatever else is in the batch; a BLAS product's summation order depends
+    on the matrix shape.
+    """
+    g = np.asarray(gating_output.detach().cpu().numpy() if _is_torch(gating_output) else gating_output,
+                   dtype=np.float32)
+    if g.ndim != 2:
+        raise ValueError(f"gating_output must be [rows, objectives], got shape {g.shape}")
+    T = np.asarray(transform, dtype=np.float32)
+    if g.shape[1] != T.shape[1]:
+        raise ValueError(f"gating_output has {g.shape[1]} objectives, the model {T.shape[1]}")
+    out = np.zeros((g.shape[0], T.shape[0]), dtype=np.float32)
+    for k in range(T.shape[1]):
+        out += g[:, k:k + 1] * T[:, k]
+    return out
+
+
+def top_objectives(weights: Any, k: int) -> List[int]:
+    """Indexes of the `k` largest |weights|, largest first (ties: the lower index first)."""
+    return [int(j) for j in np.argsort(-np.abs(np.asarray(weights)), kind="stable")[:k]]
 
 
 def _rename_sequence(message: str, names: Optional[Sequence[str]]) -> str:

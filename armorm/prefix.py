@@ -49,6 +49,20 @@ class CoreBatch:
 
 
 @dataclass
+class CoreCall:
+    """Every batch of a plan as one core call: its packed groups end at `groups` (segment counts)."""
+
+    tokens: np.ndarray
+    cu_seqlens: np.ndarray
+    parent: Optional[np.ndarray]
+    reward_pos: Optional[np.ndarray]
+    gating_pos: Optional[np.ndarray]
+    groups: np.ndarray   # (G,) int64: the segment count at the end of each group
+    rows: np.ndarray     # (n,) int64: sequence i's output row
+    scored: np.ndarray   # (S+1,) int64: sequences whose rows are among the first k segments (for progress)
+
+
+@dataclass
 class Plan:
     """The batches of one call and what sharing saved (token counts, deterministic)."""
 
@@ -56,6 +70,32 @@ class Plan:
     tokens_in: int        # sum of the sequences' lengths
     tokens_computed: int  # rows the core computes: sum of the batches' token counts
     shared_segments: int  # prefix segments over all batches
+
+    def call(self) -> CoreCall:
+        """The batches laid end to end, for one `_core.Model.forward(..., parent=, groups=)`."""
+        bs = self.batches
+        first = np.cumsum([0] + [b.cu_seqlens.size - 1 for b in bs])  # first segment of each batch
+        tok_first = np.cumsum([0] + [b.tokens.size for b in bs])
+        n = sum(b.sequences.size for b in bs)
+        rows = np.empty(n, dtype=np.int64)
+        scored = np.zeros(first[-1] + 1, dtype=np.int64)
+        for b, f in zip(bs, first):
+            rows[b.sequences] = b.rows + f
+            scored[b.rows + f + 1] = 1
+        parents = []
+        for b, f in zip(bs, first):
+            p = np.full(b.cu_seqlens.size - 1, -1, dtype=np.int64) if b.parent is None else b.parent.copy()
+            p[p >= 0] += f
+            parents.append(p)
+
+        def cat(name: str) -> Optional[np.ndarray]:
+            parts = [getattr(b, name) for b in bs]
+            return None if parts[0] is None else np.concatenate(parts)
+
+        cu = np.concatenate([[0]] + [b.cu_seqlens[1:] + t for b, t in zip(bs, tok_first)]).astype(np.int64)
+        par = np.concatenate(parents)
+        return CoreCall(np.concatenate([b.tokens for b in bs]), cu, par if (par >= 0).any() else None,
+                        cat("reward_pos"), cat("gating_pos"), first[1:].astype(np.int64), rows, np.cumsum(scored))
 
 
 @dataclass

@@ -110,14 +110,11 @@ static int layer_forward(const Model *m, const LayerWeights *lw, RunState *s, co
     return 0;
 }
 
-int forward_cpu(const Model *m, const Batch *b, Outputs *out, CancelFn cancel, void *cancel_ctx, ArmError *e) {
+int forward_cpu(const Model *m, const Batch *b, const OutputPlan *p, Outputs *out, CancelFn cancel,
+                void *cancel_ctx, ArmError *e) {
     const Config *c = &m->cfg;
-    if (batch_validate(m, b, e)) return -1;
     const int64_t T = b->cu_seqlens[b->B], H = c->hidden_size;
-    const int want_armorm = c->arch == ARCH_ARMORM && c->compute_head && (out->rewards || out->gating_output || out->score);
-    const int want_seqcls = c->arch == ARCH_SEQCLS && c->compute_head && (out->logits || out->score);
-    if ((want_armorm || out->prompt_embedding) && !b->gating_pos)
-        return arm_fail(e, "gating positions are required for the ArmoRM head and prompt_embedding");
+    const int want_armorm = p->head == ARCH_ARMORM, want_seqcls = p->head == ARCH_SEQCLS;
     RunState s;
     if (runstate_alloc(&s, c, T, b->B, e)) return -1;
     batch_offsets(b, s.off);
@@ -154,20 +151,21 @@ int forward_cpu(const Model *m, const Batch *b, Outputs *out, CancelFn cancel, v
     for (int bi = 0; bi < b->B; bi++) {
         const int64_t full = s.off[bi] + b->cu_seqlens[bi + 1] - b->cu_seqlens[bi];
         const int64_t pr = seq_row(&ix, bi, b->reward_pos ? b->reward_pos[bi] : full - 1);
-        const int64_t pg = b->gating_pos ? seq_row(&ix, bi, b->gating_pos[bi]) : -1;
-        float *h = hs, *p = hs + H;
+        const int64_t pg = p->gating ? seq_row(&ix, bi, b->gating_pos[bi]) : -1;
+        float *h = hs, *pe = hs + H;
         rmsnorm_row(h, s.x + pr * H, fn, H, c->rms_norm_eps);
-        if (pg >= 0) rmsnorm_row(p, s.x + pg * H, fn, H, c->rms_norm_eps);
+        if (pg >= 0) rmsnorm_row(pe, s.x + pg * H, fn, H, c->rms_norm_eps);
         if (out->hidden_state) memcpy(out->hidden_state + bi * H, h, sizeof(float) * (size_t)H);
-        if (out->prompt_embedding) memcpy(out->prompt_embedding + bi * H, p, sizeof(float) * (size_t)H);
+        if (out->prompt_embedding) memcpy(out->prompt_embedding + bi * H, pe, sizeof(float) * (size_t)H);
         if (want_armorm) {
             float *rw = scratch + 2 * (D > K ? D : K), *gt = rw + K, sc;
-            if (pg != gated_row) armorm_gating(m, p, gt, scratch);  // else gt already holds this row's output
+            if (pg != gated_row) armorm_gating(m, pe, gt, scratch);  // else gt already holds this row's output
             gated_row = pg;
             armorm_rewards_score(m, h, gt, rw, &sc);
             if (out->rewards) memcpy(out->rewards + bi * K, rw, sizeof(float) * (size_t)K);
             if (out->gating_output) memcpy(out->gating_output + bi * K, gt, sizeof(float) * (size_t)K);
             if (out->score) out->score[bi] = sc;
+            if (out->logits) out->logits[bi] = sc;  // the reference's ArmoRM returns logits = score
         } else if (want_seqcls) {
             seqcls_head(m, h, logits);
             if (out->logits) memcpy(out->logits + bi * c->num_labels, logits, sizeof(float) * (size_t)c->num_labels);

@@ -43,15 +43,19 @@ static inline void seq_rows(int64_t *rows, const SeqIndex *ix, int b, int64_t j0
     }
 }
 
-#ifdef __CUDACC__
 // The same walk over the CUDA backend's int32 arrays (its batch upload): the
 // host packs head rows with it (plan.cu), the attention kernels address keys
 // with it (k_attention.cuh).
-static __host__ __device__ __forceinline__ int32_t seq_row32(const int32_t *cu, const int32_t *off,
-                                                             const int32_t *parent, int b, int64_t j) {
+#ifdef __CUDACC__
+#define PREFIX_HD __host__ __device__
+#else
+#define PREFIX_HD
+#endif
+static inline PREFIX_HD int32_t seq_row32(const int32_t *cu, const int32_t *off, const int32_t *parent, int b,
+                                          int64_t j) {
     while (j < off[b]) b = parent[b];
     return (int32_t)(cu[b] + j - off[b]);
 }
-#endif
+#undef PREFIX_HD
 
 #endif

@@ -208,22 +208,30 @@ def test_core_parent_checks(ckpts):
     cu = np.array([0, 4, 10], dtype=np.int64)
     for parent in ([0, -1], [-1, 1], [-1, 5], [-2, -1]):
         with pytest.raises(ValueError, match="parent .* must be -1 or an earlier sequence"):
-            core.forward(toks, cu, None, None, ["hidden_state"], 0, np.array(parent))
+            core.forward(toks, cu, None, None, ["hidden_state"], parent=np.array(parent))
     with pytest.raises(ValueError, match="parent must have B entries"):
-        core.forward(toks, cu, None, None, ["hidden_state"], 0, np.array([-1]))
+        core.forward(toks, cu, None, None, ["hidden_state"], parent=np.array([-1]))
     # positions are checked against the full sequence: 4 + 6 tokens
-    core.forward(toks, cu, np.array([3, 9]), np.array([0, 2]), ["hidden_state"], 0, np.array([-1, 0]))
+    core.forward(toks, cu, np.array([3, 9]), np.array([0, 2]), ["hidden_state"], parent=np.array([-1, 0]))
     with pytest.raises(ValueError, match="sequence 1: reward position 10 outside its 10 tokens"):
-        core.forward(toks, cu, np.array([3, 10]), None, ["hidden_state"], 0, np.array([-1, 0]))
+        core.forward(toks, cu, np.array([3, 10]), None, ["hidden_state"], parent=np.array([-1, 0]))
     # the full length counts against max_position_embeddings
     long = np.full(4096, 11, dtype=np.int32)
     with pytest.raises(ValueError, match="sequence 1 has 4097 tokens; the model allows at most 4096"):
         core.forward(np.concatenate([long, [12]]).astype(np.int32), np.array([0, 4096, 4097]), None, None,
-                     ["hidden_state"], 0, np.array([-1, 0]))
+                     ["hidden_state"], parent=np.array([-1, 0]))
     with pytest.raises(ValueError, match=r"sequence 1, position 8: token id 999 is outside the embedding"):
         bad = toks.copy()
         bad[8] = 999
-        core.forward(bad, cu, None, None, ["hidden_state"], 0, np.array([-1, 0]))
+        core.forward(bad, cu, None, None, ["hidden_state"], parent=np.array([-1, 0]))
+    # groups: a prefix must be in the group of its continuations; budgets never split one from them
+    with pytest.raises(ValueError, match="sequence 1 continues sequence 0 of an earlier group"):
+        core.forward(toks, cu, None, None, ["hidden_state"], parent=np.array([-1, 0]), groups=np.array([1, 2]))
+    with pytest.raises(ValueError, match="groups must end at the batch's 2 sequences"):
+        core.forward(toks, cu, None, None, ["hidden_state"], groups=np.array([1]))
+    whole = core.forward(toks, cu, None, None, ["hidden_state"], parent=np.array([-1, 0]))
+    split = core.forward(toks, cu, None, None, ["hidden_state"], parent=np.array([-1, 0]), batch_tokens=4)
+    assert np.array_equal(whole["hidden_state"], split["hidden_state"])
 
 
 def test_core_parent_is_the_full_sequence(ckpts):
@@ -233,7 +241,7 @@ def test_core_parent_is_the_full_sequence(ckpts):
     a, b, c = ids(rng, 70), ids(rng, 20), ids(rng, 9)
     toks = np.concatenate([a, b, c])
     cu = np.array([0, 70, 90, 99], dtype=np.int64)
-    got = model._core.forward(toks, cu, None, None, ["hidden_state", "all_hidden"], 0, np.array([-1, 0, 1]))
+    got = model._core.forward(toks, cu, None, None, ["hidden_state", "all_hidden"], parent=np.array([-1, 0, 1]))
     full = np.concatenate([a, b, c])
     ref = model._core.forward(full, np.array([0, 99]), None, None, ["hidden_state", "all_hidden"])
     assert np.array_equal(got["all_hidden"], ref["all_hidden"])  # rows 0..98 are positions 0..98 here

@@ -8,42 +8,6 @@
 #include "common.h"
 #include "k_attention.cuh"
 
-// Reference: exact softmax per row in double, on the bf16-rounded inputs, for the listed heads;
-// a continuation's keys are its full sequence's (seq_row).
-static void attention_cpu(float *out, const float *qkv, const SeqIndex *ix, int B, int nh, int nkv, int hd,
-                          const int *heads, int nheads) {
-    const int64_t stride = (int64_t)(nh + 2 * nkv) * hd, QD = (int64_t)nh * hd;
-    const double scale = 1.0 / sqrt((double)hd);
-    double *p = (double *)malloc(sizeof(double) * 65536);
-    int64_t *row = (int64_t *)malloc(sizeof(int64_t) * 65536);
-    for (int b = 0; b < B; b++) {
-        const int64_t own = ix->cu[b + 1] - ix->cu[b], full = ix->off[b] + own;
-        seq_rows(row, ix, b, 0, full);
-        for (int hi = 0; hi < nheads; hi++) {
-            const int h = heads[hi], kvh = h / (nh / nkv);
-            for (int64_t pi = ix->off[b]; pi < full; pi++) {  // query position pi, packed row row[pi]
-                const float *q = qkv + row[pi] * stride + (int64_t)h * hd;
-                double mx = -INFINITY, z = 0.0;
-                for (int64_t j = 0; j <= pi; j++) {
-                    const float *k = qkv + row[j] * stride + (int64_t)(nh + kvh) * hd;
-                    double d = 0.0;
-                    for (int c = 0; c < hd; c++) d += (double)q[c] * k[c];
-                    p[j] = d * scale;
-                    if (p[j] > mx) mx = p[j];
-                }
-                for (int64_t j = 0; j <= pi; j++) z += (p[j] = exp(p[j] - mx));
-                for (int c = 0; c < hd; c++) {
-                    double acc = 0.0;
-                    for (int64_t j = 0; j <= pi; j++) acc += p[j] * qkv[row[j] * stride + (int64_t)(nh + nkv + kvh) * hd + c];
-                    out[row[pi] * QD + (int64_t)h * hd + c] = (float)(acc / z);
-                }
-            }
-        }
-    }
-    free(row);
-    free(p);
-}
-
 int main(int argc, char **argv) {
     const int version = kernel_arg(argc, argv, 2);
     const int hd = argc > 2 ? atoi(argv[2]) : 128;
@@ -56,7 +20,6 @@ int main(int argc, char **argv) {
     int64_t cu[sizeof lens / sizeof lens[0] + 1] = {0}, off[sizeof lens / sizeof lens[0]];
     for (int b = 0; b < B; b++) cu[b + 1] = cu[b] + lens[b];
     for (int b = 0; b < B; b++) off[b] = parent[b] < 0 ? 0 : off[parent[b]] + lens[parent[b]];
-    const SeqIndex ix = {cu, off, parent};
     const int64_t T = cu[B], stride = (int64_t)(nh + 2 * nkv) * hd, QD = (int64_t)nh * hd;
     if (version == 2 && !cuda_attn_tc_supported(hd)) {
         printf("head_dim %d has no tensor-core kernel; run version 1\n", hd);
@@ -70,7 +33,7 @@ int main(int argc, char **argv) {
     const int heads[] = {0, 3, 4, 31};  // two query heads of KV group 0, one of group 1, the last
     const int nheads = 4;
     float *ref = (float *)calloc((size_t)(T * QD), sizeof(float)), *got = (float *)malloc(sizeof(float) * T * QD);
-    attention_cpu(ref, qkv, &ix, B, nh, nkv, hd, heads, nheads);
+    attention_ref(ref, qkv, cu, off, parent, B, nh, nkv, hd, heads, nheads);
 
     // host plan, uploaded as the backend does: positions, int32 offsets, tiles, shared-prefix offsets
     int32_t *pos = (int32_t *)malloc(sizeof(int32_t) * T), cu32[sizeof lens / sizeof lens[0] + 1];
