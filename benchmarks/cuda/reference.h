@@ -29,7 +29,7 @@ static void attention_ref(float *out, const float *qkv, const int64_t *cu, const
         const int64_t full = (off ? off[b] : 0) + cu[b + 1] - cu[b];
         if (full > maxlen) maxlen = full;
     }
-    int64_t *zeros = (int64_t *)calloc((size_t)B, sizeof(int64_t));
+    int64_t *zeros = (int64_t *)calloc(B > 0 ? (size_t)B : 1, sizeof(int64_t));  // offsets when off is NULL
     const SeqIndex ix = {cu, off ? off : zeros, off ? parent : NULL};
     double *p = (double *)malloc(sizeof(double) * (size_t)maxlen);
     int64_t *row = (int64_t *)malloc(sizeof(int64_t) * (size_t)maxlen);  // packed row of each key position
