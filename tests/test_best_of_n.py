@@ -397,3 +397,21 @@ def test_rewardbench_and_prepare_stage2_share(toy, tmp_path):
     a, b = SafetensorsFile(files[16]), SafetensorsFile(files[0])
     for name in ("embeddings", "prompt_embeddings", "row_index"):
         assert np.array_equal(a.read(name), b.read(name)), name
+
+
+def test_benchmark_script_runs(tmp_path):
+    """benchmarks/best_of_n.py end to end on a tiny shape (no transformers), so the real run does not find its bugs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, str(root / "benchmarks" / "best_of_n.py"), "--shape", "tiny",
+                          "--prompt-len", "40", "--response-len", "8", "--n", "2,4", "--pairs", "3", "--threads", "1",
+                          "--skip-hf", "--cache-dir", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| best-of-") or line.startswith("| pairs")]
+    assert len(rows) == 3, res.stdout
+    works = [float(r.split("|")[4].strip().rstrip("x")) for r in rows]
+    # prompt 40 + N x 8 computed for N x 48 tokens
+    assert works[0] == pytest.approx(96 / 56, abs=0.01) and works[1] == pytest.approx(192 / 72, abs=0.01), rows
