@@ -33,18 +33,17 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from cpu_prefill import timeit  # noqa: E402
 from make_checkpoint import SHAPES, make_checkpoint  # noqa: E402
 
 #: Llama-3's "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n": ends every prompt
@@ -107,15 +106,6 @@ def rewardbench_pairs(rng: np.random.Generator, path: str, tokenizer_dir: str, p
     return groups
 
 
-def median_time(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
@@ -174,9 +164,9 @@ def main() -> int:
         if args.device == "cpu":
             for f in a:
                 assert np.array_equal(a[f], b[f]), f"{name}: {f} differs with sharing on and off"
-        r["shared"] = median_time(lambda: model.score_sequences(seqs, fields=["score"]), args.reps)
-        r["unshared"] = median_time(lambda: model.score_sequences(seqs, fields=["score"], share_prefixes=False),
-                                    args.reps)
+        r["shared"] = timeit(lambda: model.score_sequences(seqs, fields=["score"]), args.reps, warmup=False)
+        r["unshared"] = timeit(lambda: model.score_sequences(seqs, fields=["score"], share_prefixes=False),
+                               args.reps, warmup=False)
         print(f"  {name}: shared {r['tokens'] / r['shared']:.1f} tok/s, unshared {r['tokens'] / r['unshared']:.1f} "
               f"tok/s", flush=True)
     model.close()
@@ -209,7 +199,7 @@ def main() -> int:
 
         run_padded([[g[0][:64]] for _, w in workloads for g in w[:1]])
         for name, groups in workloads:
-            results[name]["hf"] = median_time(lambda: run_padded(groups), args.reps)
+            results[name]["hf"] = timeit(lambda: run_padded(groups), args.reps, warmup=False)
             print(f"  {name}: transformers {results[name]['tokens'] / results[name]['hf']:.1f} tok/s", flush=True)
         hf = None
 

@@ -82,8 +82,10 @@ def make_checkpoint(root: Path, shape: dict, dtype: str) -> Path:
     return d
 
 
-def timeit(fn, reps: int) -> float:
-    fn()  # warm-up
+def timeit(fn, reps: int, warmup: bool = True) -> float:
+    """Median seconds of `reps` calls of fn, after one untimed call when `warmup`."""
+    if warmup:
+        fn()
     times = []
     for _ in range(reps):
         t = time.perf_counter()
