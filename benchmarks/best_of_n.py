@@ -1,7 +1,7 @@
 """Best-of-N throughput: N responses to one prompt, the prompt computed once (docs/best_of_n.md).
 
     python benchmarks/best_of_n.py [--shape 1b] [--dtype bfloat16] [--threads 2] [--n 2,4,8,16]
-                                   [--prompt-len 1024] [--response-len 256] [--prompts 1] [--pairs 64]
+                                   [--prompt-len 1024] [--response-len 256] [--prompts 1] [--pairs 32]
                                    [--reps 1] [--skip-hf] [--device cpu|cuda] [--rewardbench FILE --tokenizer DIR]
 
 Workloads, each scored as one call:
@@ -116,7 +116,7 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--response-len", type=int, default=256)
     ap.add_argument("--prompts", type=int, default=1, help="prompts per best-of-N workload")
-    ap.add_argument("--pairs", type=int, default=64, help="pairs in the RewardBench-like workload (0: none)")
+    ap.add_argument("--pairs", type=int, default=32, help="pairs in the RewardBench-like workload (0: none)")
     ap.add_argument("--rewardbench", default=None, help="a RewardBench file: take the pairs' token lengths from it")
     ap.add_argument("--tokenizer", default=None, help="a model directory whose chat template formats --rewardbench")
     ap.add_argument("--reps", type=int, default=1)
