@@ -101,7 +101,10 @@ def rewardbench_pairs(rng: np.random.Generator, path: str, tokenizer_dir: str, p
         a, b = (np.asarray(x) for x in format_conversations(tok, [ch, rj]))
         n = min(a.size, b.size)
         common = int(np.argmax(a[:n] != b[:n])) if (a[:n] != b[:n]).any() else n
-        p = random_ids(rng, common)
+        if common < len(HEADER) + 1 or common == n:
+            continue  # no shared prompt with its header, or one side a prefix of the other: not a pair here
+        # random ids of the real lengths; the shared part ends with the final assistant header, as formatted
+        p = np.concatenate([random_ids(rng, common - len(HEADER)), HEADER]).astype(np.int32)
         groups.append([np.concatenate([p, random_ids(rng, a.size - common)]),
                        np.concatenate([p, random_ids(rng, b.size - common)])])
     return groups
