@@ -1,9 +1,10 @@
 """The drop-in model: `ArmoRM.from_pretrained(path)(input_ids)`.
 
-`ArmoRM` loads a Hugging Face Llama reward-model directory (ArmoRM's
-`LlamaForRewardModelWithGating`, a plain `LlamaForSequenceClassification`, or
-a bare `LlamaModel` / `LlamaForCausalLM` backbone) into the C core and returns
-the reference's output fields. Input can be NumPy, lists or torch tensors;
+`ArmoRM` loads a Hugging Face reward-model directory of a supported family
+(Llama, Qwen2, Qwen3, Gemma-2: config.FAMILIES) with an ArmoRM head
+(`<Family>ForRewardModelWithGating`, RLHFlow's `LlamaForRewardModelWithGating`),
+a `*ForSequenceClassification` head, or a bare `*Model` / `*ForCausalLM`
+backbone into the C core and returns the reference's output fields. Input can be NumPy, lists or torch tensors;
 torch input gives torch output, anything else NumPy.
 
 Batching never pads: sequences are packed end to end and each one's result is
@@ -167,7 +168,7 @@ def _as_sequence(x: Any, what: str) -> np.ndarray:
 
 
 class ArmoRM:
-    """A Llama reward model on armorm's C core; a stand-in for the HF class.
+    """A reward model on armorm's C core; a stand-in for the HF class.
 
     Use `ArmoRM.from_pretrained(path, ...)`. Calling the model takes the
     reference's inputs (`input_ids`, optional `attention_mask`) and returns a
@@ -208,7 +209,8 @@ class ArmoRM:
         keeps the stored dtype. `gating_pattern` overrides the token ids that
         open the final assistant turn; by default they are derived from the
         directory's tokenizer (or `tokenizer`), else Llama-3's.
-        `architecture="LlamaModel"` loads only the backbone of any checkpoint.
+        `architecture="LlamaModel"` (or any family's `*Model`) loads only the backbone of
+        any checkpoint.
         `check_finite` (default True) refuses checkpoints holding NaN/inf
         weights, naming the tensor; False skips that scan of the weights.
         """
@@ -284,7 +286,7 @@ class ArmoRM:
         return self
 
     def _head_tensor(self, name: str) -> Any:
-        if self.config.architecture != "LlamaForRewardModelWithGating":
+        if self.config.kind != "armorm":
             raise AttributeError(f"{name} exists only on ArmoRM checkpoints (this is {self.config.architecture})")
         a = self._core.tensor(name)
         if "torch" in sys.modules:  # the model card calls .data.cpu().float() on it
@@ -377,7 +379,7 @@ class ArmoRM:
             is_pad = s == pad
             if not is_pad.any():
                 out.append(s)
-            elif self.config.architecture == "LlamaForSequenceClassification":
+            elif self.config.pad_rule == "last_non_pad":
                 # reference: the last token that is not padding
                 nonpad = np.flatnonzero(~is_pad)
                 out.append(s[: nonpad[-1] + 1] if nonpad.size else s[:1])
@@ -441,10 +443,9 @@ class ArmoRM:
             self._core.validate(np.concatenate(seqs), cu_all, rpos)
         except ValueError as e:
             raise ValueError(_rename_sequence(str(e), names)) from None
-        arch = self.config.architecture
-        available = {"LlamaForRewardModelWithGating": FIELDS,
-                     "LlamaForSequenceClassification": ("score", "logits", "hidden_state"),
-                     }.get(arch, ("hidden_state", "prompt_embedding"))
+        arch, kind = self.config.architecture, self.config.kind
+        available = {"armorm": FIELDS, "seqcls": ("score", "logits", "hidden_state"),
+                     }.get(kind, ("hidden_state", "prompt_embedding"))
         if not self.config.core["compute_head"]:
             available = ("hidden_state", "prompt_embedding")
         wanted = list(available) if fields is None else list(fields)
@@ -453,10 +454,10 @@ class ArmoRM:
                 raise ValueError(f"field {f!r} is not available for {arch}; available: {', '.join(available)}")
         # the ArmoRM head reads the prompt embedding too (head fields are only available when it is computed)
         gated = {"prompt_embedding"} | ({"rewards", "gating_output", "score", "logits"}
-                                        if arch == "LlamaForRewardModelWithGating" else set())
+                                        if kind == "armorm" else set())
         gpos = self.gating_positions(seqs, names=names) if gated & set(wanted) else None
-        core_fields = [f for f in wanted if f != "logits" or arch == "LlamaForSequenceClassification"]
-        if arch == "LlamaForRewardModelWithGating" and "logits" in wanted and "score" not in core_fields:
+        core_fields = [f for f in wanted if f != "logits" or kind == "seqcls"]
+        if kind == "armorm" and "logits" in wanted and "score" not in core_fields:
             core_fields.append("score")
         budget = int(batch_tokens or self.max_batch_tokens)
         parts: Dict[str, List[np.ndarray]] = {f: [] for f in core_fields}
@@ -472,7 +473,7 @@ class ArmoRM:
             if progress is not None:
                 progress(done, len(seqs))
         out = {f: np.concatenate(v, axis=0) for f, v in parts.items()}
-        if arch == "LlamaForRewardModelWithGating" and "logits" in wanted:
+        if kind == "armorm" and "logits" in wanted:
             out["logits"] = out["score"]
             if "score" not in wanted:
                 del out["score"]
