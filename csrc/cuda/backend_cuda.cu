@@ -6,11 +6,14 @@
 //
 // Forward, per packed batch:
 //   one H2D copy: token ids, positions, cu_seqlens, head rows, attention tiles
-//   x (T,H) f32 = embed[tokens]
+//   x (T,H) f32 = embed[tokens] * embed_scale
 //   per layer:
-//     xn = rmsnorm(x) (bf16);  qkv = xn Wqkv^T (bf16);  rope(q, k)
-//     att = attention(qkv);    x += att Wo^T  (fp32 epilogue, beta = 1)
-//     xn = rmsnorm(x);         per chunk: gu = xn Wgu^T;  h = silu(g) * u;  x += h Wdown^T
+//     xn = rmsnorm(x) (bf16);  qkv = xn Wqkv^T (bf16);  [qk_norm: per-head norm of q, k];  rope(q, k)
+//     att = attention(qkv) with the layer's AttnParams (scale, softcap, window)
+//     x += att Wo^T  (fp32 epilogue, beta = 1)   [post_norms: y = att Wo^T; x += rmsnorm(y)]
+//     xn = rmsnorm(x);  per chunk: gu = xn Wgu^T;  h = act(g) * u (SwiGLU or GeGLU);  x += h Wdown^T
+//                                                [post_norms: y = h Wdown^T; x += rmsnorm(y)]
+// The bracketed steps are the family switches of Config (model.h), as on the CPU.
 //   final norm at the reward / gating rows (and every row when asked), heads
 //   one D2H copy of every output, then the host scatters it into Outputs.
 // Activations are bf16 where a GEMM reads them, the residual stream is fp32,
@@ -20,6 +23,7 @@
 #include "k_attention.cuh"
 #include "k_convert.cuh"
 #include "k_embedding.cuh"
+#include "k_geglu.cuh"
 #include "k_head.cuh"
 #include "k_rmsnorm.cuh"
 #include "k_rope.cuh"
@@ -39,6 +43,7 @@ struct CudaModel {
     int gemm_ok;
     Config cfg;               // the config uploaded, to refuse a different Model later
     float logit_scale;
+    float embed_scale;        // config_embed_scale for the bf16 embedding held here
     CudaWeightLayout wl;
     char *weights;            // device, wl.total bytes
     void *lt_ws;              // device, CUDA_LT_WORKSPACE bytes
@@ -134,13 +139,21 @@ static int upload_layer(Uploader *u, const CudaModel *cm, const LayerWeights *lw
         upload_w(u, L, wl->wgu + I * H * 2, &lw->up, I, H, 1, "up_proj", l, e) ||
         upload_w(u, L, wl->wdown, &lw->down, H, I, 1, "down_proj", l, e) ||
         upload_w(u, L, wl->attn_norm, &lw->attn_norm, 1, H, 0, "input_layernorm", l, e) ||
-        upload_w(u, L, wl->mlp_norm, &lw->mlp_norm, 1, H, 0, "post_attention_layernorm", l, e))
+        upload_w(u, L, wl->mlp_norm, &lw->mlp_norm, 1, H, 0, "the MLP's input norm", l, e))
         return -1;
-    if (c->attention_bias &&
+    if (wl->bqkv >= 0 &&
         (upload_w(u, L, wl->bqkv, &lw->q_b, 1, QD, 0, "q_proj.bias", l, e) ||
          upload_w(u, L, wl->bqkv + QD * 4, &lw->k_b, 1, KD, 0, "k_proj.bias", l, e) ||
-         upload_w(u, L, wl->bqkv + (QD + KD) * 4, &lw->v_b, 1, KD, 0, "v_proj.bias", l, e) ||
-         upload_w(u, L, wl->bo, &lw->o_b, 1, H, 0, "o_proj.bias", l, e)))
+         upload_w(u, L, wl->bqkv + (QD + KD) * 4, &lw->v_b, 1, KD, 0, "v_proj.bias", l, e)))
+        return -1;
+    if (wl->bo >= 0 && upload_w(u, L, wl->bo, &lw->o_b, 1, H, 0, "o_proj.bias", l, e)) return -1;
+    if (wl->q_norm >= 0 &&
+        (upload_w(u, L, wl->q_norm, &lw->q_norm, 1, c->head_dim, 0, "q_norm", l, e) ||
+         upload_w(u, L, wl->k_norm, &lw->k_norm, 1, c->head_dim, 0, "k_norm", l, e)))
+        return -1;
+    if (wl->attn_post_norm >= 0 &&
+        (upload_w(u, L, wl->attn_post_norm, &lw->attn_post_norm, 1, H, 0, "post-attention norm", l, e) ||
+         upload_w(u, L, wl->mlp_post_norm, &lw->mlp_post_norm, 1, H, 0, "post-feedforward norm", l, e)))
         return -1;
     if (c->mlp_bias &&
         (upload_w(u, L, wl->bgu, &lw->gate_b, 1, I, 0, "gate_proj.bias", l, e) ||
@@ -302,6 +315,7 @@ extern "C" int cuda_model_create(CudaModel **out, const Model *m, int device, Ar
     cm->device = device;
     cm->cfg = m->cfg;
     cm->logit_scale = m->w.logit_scale;
+    cm->embed_scale = config_embed_scale(&m->cfg, WT_BF16);
     if (cuda_weight_layout(&cm->cfg, &cm->wl) || create_resources(cm, e) || upload_all(cm, m, e)) {
         cuda_model_free(cm);
         return -1;
@@ -333,6 +347,25 @@ typedef struct {
 static const float *wf(const CudaModel *cm, int64_t off) { return (const float *)(cm->weights + off); }
 static const bf16 *wb(const CudaModel *cm, int64_t off) { return (const bf16 *)(cm->weights + off); }
 
+// x (n, H) += inp (n, K) Wt^T + bias: straight into the residual stream (beta = 1), or, with a post-norm
+// (post >= 0), through y: x += rmsnorm(inp Wt^T + bias).
+static int residual_gemm(CudaModel *cm, float *x, const bf16 *inp, int64_t wt, int64_t bias, int64_t post,
+                         int64_t n, int64_t K, ArmError *e) {
+    const int H = cm->cfg.hidden_size;
+    const cudaStream_t st = cm->stream;
+    float *y = post >= 0 ? (float *)(cm->act + cm->al.y) : x;
+    if (gemm_bf16(&cm->gemm, st, y, 1, post < 0, inp, wb(cm, wt), n, H, K, e)) return -1;
+    if (bias >= 0) {
+        launch_add_bias<float>(y, wf(cm, bias), n, H, st);
+        CU_CHECK_LAUNCH("add_bias");
+    }
+    if (post >= 0) {
+        launch_rmsnorm_add(x, y, wf(cm, post), n, H, cm->cfg.rms_norm_eps, st);
+        CU_CHECK_LAUNCH("rmsnorm_add");
+    }
+    return 0;
+}
+
 static int layer_forward(CudaModel *cm, int l, const BatchDev *bd, const CudaBatchLayout *bl, ArmError *e) {
     const Config *c = &cm->cfg;
     const CudaWeightLayout *wl = &cm->wl;
@@ -355,15 +388,18 @@ static int layer_forward(CudaModel *cm, int l, const BatchDev *bd, const CudaBat
         launch_add_bias<bf16>(qkv, wf(cm, L + wl->bqkv), T, (int)QKV, st);
         CU_CHECK_LAUNCH("add_bias");
     }
+    if (wl->q_norm >= 0) {
+        launch_head_rmsnorm(qkv, wf(cm, L + wl->q_norm), wf(cm, L + wl->k_norm), T, nh, nkv, hd, c->rms_norm_eps, st);
+        CU_CHECK_LAUNCH("head_rmsnorm");
+    }
     launch_rope(qkv, bd->pos, wf(cm, wl->inv_freq), T, nh, nkv, hd, st);
     CU_CHECK_LAUNCH("rope");
-    launch_attention(att, qkv, bd->cu, bd->pos, bd->tiles, bl->ntiles, T, nh, nkv, hd, st);
+    const AttnParams ap = config_attn_params(c, l);
+    launch_attention(att, qkv, bd->cu, bd->pos, bd->tiles, bl->ntiles, T, nh, nkv, hd, &ap, st);
     CU_CHECK_LAUNCH("attention");
-    if (gemm_bf16(&cm->gemm, st, x, 1, 1, att, wb(cm, L + wl->wo), T, H, QD, e)) return -1;
-    if (wl->bo >= 0) {
-        launch_add_bias<float>(x, wf(cm, L + wl->bo), T, (int)H, st);
-        CU_CHECK_LAUNCH("add_bias");
-    }
+    if (residual_gemm(cm, x, att, L + wl->wo, wl->bo >= 0 ? L + wl->bo : -1,
+                      wl->attn_post_norm >= 0 ? L + wl->attn_post_norm : -1, T, QD, e))
+        return -1;
     // MLP block, in token chunks so the (tokens, 2I) buffer stays bounded
     launch_rmsnorm<bf16>(xn, x, wf(cm, L + wl->mlp_norm), NULL, T, (int)H, c->rms_norm_eps, st);
     CU_CHECK_LAUNCH("rmsnorm");
@@ -374,13 +410,16 @@ static int layer_forward(CudaModel *cm, int l, const BatchDev *bd, const CudaBat
             launch_add_bias<bf16>(gu, wf(cm, L + wl->bgu), n, (int)(2 * I), st);
             CU_CHECK_LAUNCH("add_bias");
         }
-        launch_swiglu(hh, gu, n, (int)I, st);
-        CU_CHECK_LAUNCH("swiglu");
-        if (gemm_bf16(&cm->gemm, st, x + t0 * H, 1, 1, hh, wb(cm, L + wl->wdown), n, H, I, e)) return -1;
-        if (wl->bdown >= 0) {
-            launch_add_bias<float>(x + t0 * H, wf(cm, L + wl->bdown), n, (int)H, st);
-            CU_CHECK_LAUNCH("add_bias");
+        if (c->hidden_act == ACT_GELU_TANH) {
+            launch_geglu(hh, gu, n, (int)I, st);
+            CU_CHECK_LAUNCH("geglu");
+        } else {
+            launch_swiglu(hh, gu, n, (int)I, st);
+            CU_CHECK_LAUNCH("swiglu");
         }
+        if (residual_gemm(cm, x + t0 * H, hh, L + wl->wdown, wl->bdown >= 0 ? L + wl->bdown : -1,
+                          wl->mlp_post_norm >= 0 ? L + wl->mlp_post_norm : -1, n, I, e))
+            return -1;
     }
     return 0;
 }
@@ -476,7 +515,8 @@ static int forward_locked(CudaModel *cm, const Batch *b, Outputs *out, const Wan
                          (float *)(cm->batch_dev + up + res)};
     // the one host-to-device copy of the batch
     CU_CHECK(cudaMemcpyAsync(cm->batch_dev, cm->batch_host, (size_t)(bl.n_ints * 4), cudaMemcpyHostToDevice, st));
-    launch_embedding((float *)(cm->act + cm->al.x), bd.tokens, wb(cm, cm->wl.embed), T, c->hidden_size, st);
+    launch_embedding((float *)(cm->act + cm->al.x), bd.tokens, wb(cm, cm->wl.embed), cm->embed_scale, T,
+                     c->hidden_size, st);
     CU_CHECK_LAUNCH("embedding");
     for (int l = 0; l < c->num_layers; l++)
         if (layer_forward(cm, l, &bd, &bl, e)) return -1;
@@ -494,7 +534,9 @@ static int same_shape(const Config *a, const Config *b) {
            a->num_layers == b->num_layers && a->num_heads == b->num_heads && a->num_kv_heads == b->num_kv_heads &&
            a->head_dim == b->head_dim && a->vocab_size == b->vocab_size && a->num_objectives == b->num_objectives &&
            a->gating_hidden_dim == b->gating_hidden_dim && a->gating_n_hidden == b->gating_n_hidden &&
-           a->num_labels == b->num_labels && a->attention_bias == b->attention_bias && a->mlp_bias == b->mlp_bias;
+           a->num_labels == b->num_labels && a->attention_bias == b->attention_bias && a->mlp_bias == b->mlp_bias &&
+           a->qkv_bias == b->qkv_bias && a->qk_norm == b->qk_norm && a->post_norms == b->post_norms &&
+           a->hidden_act == b->hidden_act && a->norm_offset == b->norm_offset && a->embed_scale == b->embed_scale;
 }
 
 extern "C" int cuda_forward(CudaModel *cm, const Model *m, const Batch *b, Outputs *out, ArmError *e) {

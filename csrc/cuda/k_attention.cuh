@@ -20,13 +20,19 @@
 // attention_warp_kernel: any even head_dim. One warp per (query token,
 // head), keys walked one at a time; slow, exact fp32 softmax. Used for head
 // dims the tensor-core kernel is not built for (tiny test models).
+//
+// Both take the layer's AttnParams (model.h, config_attn_params), as the CPU
+// paths do: score scale, soft-capping (k_softcap.cuh) of the scaled scores,
+// and the sliding window (query i sees keys i - window < j <= i).
 #ifndef ARMORM_CUDA_K_ATTENTION_CUH
 #define ARMORM_CUDA_K_ATTENTION_CUH
 
 #include "k_common.cuh"
+#include "k_softcap.cuh"
 #include "backend_cuda.h"
 
 #define ATT_WARPS 4
+#define ATT_LOG2E 1.4426950408889634f
 #define ATT_BQ (ATT_WARPS * 16)
 static_assert(ATT_BQ == CUDA_ATTN_BLOCK_Q, "the host plans tiles of ATT_BQ queries");
 
@@ -58,7 +64,7 @@ struct AttShape {
 template <int HD>
 __global__ void __launch_bounds__(ATT_WARPS * 32) attention_tc_kernel(bf16 *out, const bf16 *qkv, const int32_t *cu,
                                                                       const CudaAttnTile *tiles, int nh, int nkv,
-                                                                      float scale_log2) {
+                                                                      AttnParams ap) {
     constexpr int BK = AttShape<HD>::BK, KP = AttShape<HD>::KP, VP = AttShape<HD>::VP;
     static_assert(HD % 16 == 0 && HD <= 128, "tensor-core attention is built for HD 16..128, multiples of 16");
     __shared__ __align__(16) bf16 Ks[BK * KP];  // (BK, HD) keys, row-major
@@ -89,8 +95,12 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) attention_tc_kernel(bf16 *out,
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
     const int kend = min(len, q0 + ATT_BQ);      // causal: no query of the tile sees a later key
     const int wlast = q0 + warp * 16 + 15;       // this warp's last query row
+    const int window = (int)ap.window;           // > 0: row r sees keys r - window < key <= r
+    const int wfirst_key = q0 + warp * 16 - window + 1;  // (with a window) the first key this warp's rows see
+    const float scale_log2 = ap.scale * ATT_LOG2E;       // softmax in base 2: exp(x) = exp2(x log2 e)
+    const int kstart = window > 0 && q0 - window + 1 > 0 ? (q0 - window + 1) / BK * BK : 0;
 
-    for (int kb = 0; kb < kend; kb += BK) {
+    for (int kb = kstart; kb < kend; kb += BK) {
         __syncthreads();  // every warp is done with the previous block's K and V
         // Stage keys kb .. kb+BK-1; thread -> (key j, 8 dims at c); consecutive threads take
         // consecutive keys, so the transposed V stores of a warp hit distinct banks. Zeros past
@@ -109,6 +119,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) attention_tc_kernel(bf16 *out,
         }
         __syncthreads();
         if (kb > wlast) continue;  // all of this warp's rows precede these keys
+        if (window > 0 && kb + BK <= wfirst_key) continue;  // all of these keys left this warp's windows
 
         // S (16 x BK) = Q K^T, one m16n8 accumulator per 8 keys
         float s[BK / 8][4];
@@ -126,8 +137,9 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) attention_tc_kernel(bf16 *out,
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int key = kb + nt * 8 + tq * 2 + (e & 1), row = e < 2 ? r0 : r1;
-                float v = s[nt][e] * scale_log2;
-                if (key > row || key >= len) v = -INFINITY;
+                float v = ap.softcap > 0.0f ? softcap(s[nt][e] * ap.scale, ap.softcap) * ATT_LOG2E
+                                            : s[nt][e] * scale_log2;
+                if (key > row || key >= len || (window > 0 && key <= row - window)) v = -INFINITY;
                 s[nt][e] = v;
                 if (e < 2) mx0 = fmaxf(mx0, v);
                 else mx1 = fmaxf(mx1, v);
@@ -195,7 +207,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) attention_tc_kernel(bf16 *out,
 // Grid (T, nh), block 32, dynamic shared memory 2 * hd floats.
 // pos[t] is t's position in its sequence, so its keys are t - pos[t] .. t.
 static __global__ void attention_warp_kernel(bf16 *out, const bf16 *qkv, const int32_t *pos, int nh, int nkv, int hd,
-                                             float scale) {
+                                             AttnParams ap) {
     extern __shared__ float att_sm[];
     float *q = att_sm, *acc = att_sm + hd;  // each lane touches only its own dims d = lane + 32i
     const int64_t t = blockIdx.x;
@@ -206,11 +218,14 @@ static __global__ void attention_warp_kernel(bf16 *out, const bf16 *qkv, const i
         acc[d] = 0.0f;
     }
     float m = -INFINITY, l = 0.0f;
-    for (int64_t j = t - pos[t]; j <= t; j++) {
+    int64_t j0 = t - pos[t];  // the sequence's first token
+    if (ap.window > 0 && t - ap.window + 1 > j0) j0 = t - ap.window + 1;
+    for (int64_t j = j0; j <= t; j++) {
         const bf16 *k = qkv + j * stride + (int64_t)(nh + kvh) * hd, *v = k + (int64_t)nkv * hd;
         float dot = 0.0f;
         for (int d = lane; d < hd; d += 32) dot += q[d] * bf2f(k[d]);
-        const float sc = warp_sum(dot) * scale;
+        float sc = warp_sum(dot) * ap.scale;
+        if (ap.softcap > 0.0f) sc = softcap(sc, ap.softcap);
         const float mn = fmaxf(m, sc), corr = expf(m - mn), p = expf(sc - mn);
         l = l * corr + p;
         for (int d = lane; d < hd; d += 32) acc[d] = acc[d] * corr + p * bf2f(v[d]);
@@ -220,20 +235,19 @@ static __global__ void attention_warp_kernel(bf16 *out, const bf16 *qkv, const i
     for (int d = lane; d < hd; d += 32) o[d] = f2bf(acc[d] / l);
 }
 
-// Launches the kernel cuda_launch_attention picks for head_dim.
+// Launches the kernel cuda_launch_attention picks for head_dim, with the layer's AttnParams.
 static void launch_attention(bf16 *out, const bf16 *qkv, const int32_t *cu, const int32_t *pos,
                              const CudaAttnTile *tiles, int64_t ntiles, int64_t T, int nh, int nkv, int hd,
-                             cudaStream_t st) {
+                             const AttnParams *ap, cudaStream_t st) {
     const CudaLaunch l = cuda_launch_attention(ntiles, T, nh, hd);
     const dim3 grid(l.grid_x, l.grid_y, l.grid_z);
-    const float scale = 1.0f / sqrtf((float)hd);
-    const float scale_log2 = scale * 1.4426950408889634f;  // softmax in base 2: exp(x) = exp2(x log2 e)
+    const AttnParams p = *ap;
     switch (cuda_attn_tc_supported(hd) ? hd : 0) {
-        case 16: attention_tc_kernel<16><<<grid, l.block, 0, st>>>(out, qkv, cu, tiles, nh, nkv, scale_log2); break;
-        case 32: attention_tc_kernel<32><<<grid, l.block, 0, st>>>(out, qkv, cu, tiles, nh, nkv, scale_log2); break;
-        case 64: attention_tc_kernel<64><<<grid, l.block, 0, st>>>(out, qkv, cu, tiles, nh, nkv, scale_log2); break;
-        case 128: attention_tc_kernel<128><<<grid, l.block, 0, st>>>(out, qkv, cu, tiles, nh, nkv, scale_log2); break;
-        default: attention_warp_kernel<<<grid, l.block, l.smem, st>>>(out, qkv, pos, nh, nkv, hd, scale); break;
+        case 16: attention_tc_kernel<16><<<grid, l.block, 0, st>>>(out, qkv, cu, tiles, nh, nkv, p); break;
+        case 32: attention_tc_kernel<32><<<grid, l.block, 0, st>>>(out, qkv, cu, tiles, nh, nkv, p); break;
+        case 64: attention_tc_kernel<64><<<grid, l.block, 0, st>>>(out, qkv, cu, tiles, nh, nkv, p); break;
+        case 128: attention_tc_kernel<128><<<grid, l.block, 0, st>>>(out, qkv, cu, tiles, nh, nkv, p); break;
+        default: attention_warp_kernel<<<grid, l.block, l.smem, st>>>(out, qkv, pos, nh, nkv, hd, p); break;
     }
 }
 
