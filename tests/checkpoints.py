@@ -9,6 +9,7 @@ Gemma's 1 + w), so a norm the forward pass skipped or mis-offset shows.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass
@@ -163,8 +164,11 @@ def _save_hf(model, path: Path, family: str, dtype: str, seed: int, **save_kw):
         randomize_norms(model, family, seed)
     model.to(ST_DTYPES[dtype]).save_pretrained(path, safe_serialization=True, **save_kw)
     # fp32 weights equal to the stored ones; buffers (RoPE, Gemma's embed_scale) recomputed in fp32
-    fresh = type(model)(model.config).eval()
+    cfg = copy.deepcopy(model.config)
+    cfg.dtype = torch.float32  # (save_pretrained in bf16 left the config saying bf16)
+    fresh = type(model)(cfg).eval()
     fresh.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    assert {p.dtype for p in fresh.parameters()} == {torch.float32}
     return fresh
 
 
