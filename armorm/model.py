@@ -114,8 +114,9 @@ def _device_name(device_map: Any) -> str:
     m = re.fullmatch(r"cuda(?::(\d+))?", s)
     if m:
         if not _core.CUDA_BUILT:
-            raise RuntimeError(f"device_map={s!r}: this armorm build has no CUDA backend (nvcc was not found when it "
-                               "was built); use device_map='cpu'")
+            reason = getattr(_core, "CUDA_BUILD_REASON", "") or "its build recorded no reason"
+            raise RuntimeError(f"device_map={s!r}: this armorm build has no CUDA backend ({reason}); "
+                               "use device_map='cpu'")
         n = _core.cuda_device_count()
         idx = int(m.group(1) or 0)
         if idx >= n:

@@ -3,9 +3,9 @@
 The backbone is a real `transformers` model of the family asked for (Llama,
 Qwen2, Qwen3, Gemma-2: `FAMILIES`); the ArmoRM head tensors are random
 (transform matrix not the identity, logit_scale not 1) and the reference head
-is computed in `reference_armorm_head` straight from the spec. Outside Llama
-the norm weights are random too (transformers initialises them to 1, or 0 for
-Gemma's 1 + w), so a norm the forward pass skipped or mis-offset shows.
+is computed in `reference_armorm_head` straight from docs/model.md. Outside
+Llama the norm weights are random too (transformers initialises them to 1, or
+0 for Gemma's 1 + w), so a norm the forward pass skipped or mis-offset shows.
 """
 from __future__ import annotations
 
@@ -205,7 +205,7 @@ def make_causallm(path: Path, *, dtype="float32", seed=0, family="llama", tie=Fa
 
 def reference_armorm_head(hs: torch.Tensor, p_r: int, p_g: int, head: Dict[str, torch.Tensor],
                           temperature: float, n_hidden: int) -> Dict[str, torch.Tensor]:
-    """Spec section 1, steps 4-8, for one sequence's final hidden states hs [L, H]."""
+    """The ArmoRM head of docs/model.md, for one sequence's final hidden states hs [L, H]."""
     hidden = hs[p_r]
     prompt = hs[p_g]
     rewards = head["regression_layer.weight"] @ hidden

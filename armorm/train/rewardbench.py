@@ -1,4 +1,4 @@
-"""RewardBench scoring (spec section 4).
+"""RewardBench scoring (docs/rewardbench.md).
 
 A row is correct when score(chosen) > score(rejected) (ties are wrong).
 Per-subset accuracy; each section is the mean of its subsets' accuracies

@@ -18,7 +18,7 @@ resumable work and the atomic final write are stage 1's (see
 `armorm.train.stage1`).
 
 `train(preference, regression, output)` -- the reference's
-`stage-2_train.py`, with its two defects fixed (spec section 3):
+`stage-2_train.py`, with its two defects fixed (docs/stage2.md, 'Defects of the public script'):
 
 1. verbosity debiasing on a reference set (default: the preference set):
    `debias_penalties` / `reward_transform_matrix`;
@@ -387,7 +387,7 @@ def spearman(a: np.ndarray, b_ranks: np.ndarray) -> float:
 
 def debias_penalties(R: np.ndarray, verbosity_index: int = VERBOSITY_INDEX, threshold: float = CORR_THRESHOLD,
                      grid: Sequence[float] = PENALTY_GRID) -> Tuple[np.ndarray, List[Optional[float]]]:
-    """Per-objective penalties lambda (spec section 3) from rewards R [M, K]; also the chosen correlations.
+    """Per-objective penalties lambda from rewards R [M, K] (docs/stage2.md); also the chosen correlations.
 
     For i != v: the smallest grid value with spearman(R_i - lambda R_v, R_v) <= threshold;
     1 (the reference's initial value) when none qualifies, and for v itself.

@@ -44,10 +44,10 @@ static __global__ void geglu_vec8_kernel(bf16 *h, const bf16 *gu, int64_t n, int
 static void launch_geglu(bf16 *h, const bf16 *gu, int64_t n, int I, cudaStream_t st) {
     if (I % 8 == 0) {
         const CudaLaunch l = cuda_launch_elementwise(n * I, 8);
-        geglu_vec8_kernel<<<l.grid_x, l.block, 0, st>>>(h, gu, n, I);
+        LAUNCH_KERNEL(geglu_vec8_kernel, l.grid_x, l.block, 0, st)(h, gu, n, I);
     } else {
         const CudaLaunch l = cuda_launch_elementwise(n * I, 1);
-        geglu_kernel<<<l.grid_x, l.block, 0, st>>>(h, gu, n, I);
+        LAUNCH_KERNEL(geglu_kernel, l.grid_x, l.block, 0, st)(h, gu, n, I);
     }
 }
 

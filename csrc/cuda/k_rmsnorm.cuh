@@ -62,10 +62,10 @@ static void launch_rmsnorm(OutT *out, const float *x, const float *w, const int3
                            float eps, cudaStream_t st) {
     if (H % 4 == 0) {
         const CudaLaunch l = cuda_launch_rows(R, H);  // about one float4 per thread
-        rmsnorm_vec4_kernel<OutT><<<l.grid_x, l.block, 0, st>>>(out, x, w, rows, H, eps);
+        LAUNCH_KERNEL(rmsnorm_vec4_kernel<OutT>, l.grid_x, l.block, 0, st)(out, x, w, rows, H, eps);
     } else {
         const CudaLaunch l = cuda_launch_rows(R, H);
-        rmsnorm_kernel<OutT><<<l.grid_x, l.block, 0, st>>>(out, x, w, rows, H, eps);
+        LAUNCH_KERNEL(rmsnorm_kernel<OutT>, l.grid_x, l.block, 0, st)(out, x, w, rows, H, eps);
     }
 }
 
@@ -88,7 +88,7 @@ static __global__ void rmsnorm_add_kernel(float *x, const float *y, const float 
 static void launch_rmsnorm_add(float *x, const float *y, const float *w, int64_t R, int H, float eps,
                                cudaStream_t st) {
     const CudaLaunch l = cuda_launch_rows(R, H);
-    rmsnorm_add_kernel<<<l.grid_x, l.block, 0, st>>>(x, y, w, H, eps);
+    LAUNCH_KERNEL(rmsnorm_add_kernel, l.grid_x, l.block, 0, st)(x, y, w, H, eps);
 }
 
 // Per-head RMSNorm of q and k in place on the fused projection output (Qwen3,
@@ -114,7 +114,7 @@ static __global__ void head_rmsnorm_kernel(bf16 *qkv, const float *wq, const flo
 static void launch_head_rmsnorm(bf16 *qkv, const float *wq, const float *wk, int64_t T, int nh, int nkv, int hd,
                                 float eps, cudaStream_t st) {
     const dim3 grid((unsigned)T, (unsigned)((nh + nkv + 3) / 4));
-    head_rmsnorm_kernel<<<grid, 128, 0, st>>>(qkv, wq, wk, nh, nkv, hd, eps);
+    LAUNCH_KERNEL(head_rmsnorm_kernel, grid, 128, 0, st)(qkv, wq, wk, nh, nkv, hd, eps);
 }
 
 #endif
