@@ -13,12 +13,11 @@
 #include "model.h"
 #include "cpu/attention.h"
 #include "cpu/embedding.h"
-#include "cpu/geglu.h"
+#include "cpu/glu.h"
 #include "cpu/head.h"
 #include "cpu/matmul.h"
 #include "cpu/rmsnorm.h"
 #include "cpu/rope.h"
-#include "cpu/swiglu.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -121,8 +120,7 @@ static int layer_forward(const Model *m, int layer, RunState *s, const Batch *b,
         if (matmul(s->g, s->xn + t0 * H, &lw->gate, &lw->gate_b, n, 0, nt, kern) ||
             matmul(s->u, s->xn + t0 * H, &lw->up, &lw->up_b, n, 0, nt, kern))
             return arm_fail(e, "out of memory in matmul scratch");
-        if (c->hidden_act == ACT_GELU_TANH) geglu(s->g, s->u, n * I, nt, kern);
-        else swiglu(s->g, s->u, n * I, nt, kern);
+        glu(s->g, s->u, n * I, c->hidden_act, nt, kern);
         // the chunk's xn rows were read by gate and up: down's output may go there
         if (residual_matmul(m, s->x + t0 * H, s->xn + t0 * H, s->g, &lw->down, &lw->down_b, &lw->mlp_post_norm, n,
                             nt))

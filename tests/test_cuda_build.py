@@ -204,7 +204,7 @@ def test_kernel_harnesses_build(tmp_path):
     res = subprocess.run(["make", "-C", str(ROOT / "benchmarks" / "cuda"), f"BUILD={tmp_path}", f"NVCC={NVCC}",
                           f"-j{min(4, os.cpu_count() or 1)}"], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
-    for t in ("attention", "rmsnorm", "rope", "swiglu", "head"):
+    for t in ("attention", "rmsnorm", "rope", "glu", "head"):
         assert (tmp_path / t).exists()
 
 

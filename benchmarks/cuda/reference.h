@@ -113,22 +113,15 @@ static void head_rmsnorm_ref(float *qkv, const float *wq, const float *wk, int64
         }
 }
 
-// GeGLU (k_geglu.cuh): h (n, I) = gelu_tanh(gate) * up, gu (n, 2I) = [gate | up], with the
-// reference's formula 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))).
-static void geglu_ref(float *h, const float *gu, int64_t n, int I) {
+// Gated activation (k_glu.cuh): h (n, I) = act(gate) * up, gu (n, 2I) = [gate | up]; act 0: SiLU
+// g / (1 + e^-g), act 1: tanh GELU by the reference's formula 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))).
+static void glu_ref(float *h, const float *gu, int64_t n, int I, int act) {
     for (int64_t t = 0; t < n; t++)
         for (int i = 0; i < I; i++) {
             const double g = gu[t * 2 * I + i], u = gu[t * 2 * I + I + i];
-            h[t * I + i] = (float)(0.5 * g * (1.0 + tanh(sqrt(2.0 / M_PI) * (g + 0.044715 * g * g * g))) * u);
-        }
-}
-
-// SwiGLU (k_swiglu.cuh): h (n, I) = silu(gate) * up, gu (n, 2I) = [gate | up].
-static void swiglu_ref(float *h, const float *gu, int64_t n, int I) {
-    for (int64_t t = 0; t < n; t++)
-        for (int i = 0; i < I; i++) {
-            const double g = gu[t * 2 * I + i], u = gu[t * 2 * I + I + i];
-            h[t * I + i] = (float)(g / (1.0 + exp(-g)) * u);
+            const double a = act == 1 ? 0.5 * g * (1.0 + tanh(sqrt(2.0 / M_PI) * (g + 0.044715 * g * g * g)))
+                                      : g / (1.0 + exp(-g));
+            h[t * I + i] = (float)(a * u);
         }
 }
 

@@ -1,5 +1,5 @@
 // attention_avx512.c: AVX-512 causal GQA attention block (flash-style), plus
-// the vectorised exp used here and by SwiGLU / GeGLU. Scale, soft-capping
+// the vectorised exp used here and by the gated activations (glu.h). Scale, soft-capping
 // (softcap.h, per row of scores) and sliding window come in an AttnParams.
 //
 // Why: scalar attention ran at a few GFLOP/s and, at 512-token prompts, took
@@ -46,26 +46,18 @@ T512 __m512 arm_exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-// g[i] = silu(g[i]) * u[i] for i in [0, n)
-T512 void arm_swiglu_avx512(float *g, const float *u, int64_t n) {
-    const __m512 one = _mm512_set1_ps(1.0f);
-    for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-        const __m512 x = _mm512_maskz_loadu_ps(m, g + i), y = _mm512_maskz_loadu_ps(m, u + i);
-        const __m512 e = arm_exp512(_mm512_sub_ps(_mm512_setzero_ps(), x));
-        _mm512_mask_storeu_ps(g + i, m, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), y));
-    }
-}
-
-// g[i] = gelu_tanh(g[i]) * u[i] = g / (1 + exp(-2 k (g + c g^3))) * u, as geglu.h
-T512 void arm_geglu_avx512(float *g, const float *u, int64_t n) {
-    const __m512 one = _mm512_set1_ps(1.0f), m2k = _mm512_set1_ps(-2.0f * 0.7978845608028654f);
+// g[i] = act(g[i]) * u[i] = g / (1 + exp(-z(g))) * u for i in [0, n), z as glu.h: g (SiLU) or
+// 2 sqrt(2/pi) (g + 0.044715 g^3) (tanh GELU)
+T512 void arm_glu_avx512(float *g, const float *u, int64_t n, int act) {
+    const __m512 one = _mm512_set1_ps(1.0f), m2k = _mm512_set1_ps(-1.5957691216057308f);
     const __m512 c = _mm512_set1_ps(0.044715f);
     for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
         const __m512 x = _mm512_maskz_loadu_ps(m, g + i), y = _mm512_maskz_loadu_ps(m, u + i);
-        const __m512 inner = _mm512_fmadd_ps(_mm512_mul_ps(c, _mm512_mul_ps(x, x)), x, x);  // x + c x^3
-        const __m512 e = arm_exp512(_mm512_mul_ps(m2k, inner));
+        const __m512 negz = act == ACT_GELU_TANH
+                                ? _mm512_mul_ps(m2k, _mm512_fmadd_ps(_mm512_mul_ps(c, _mm512_mul_ps(x, x)), x, x))
+                                : _mm512_sub_ps(_mm512_setzero_ps(), x);
+        const __m512 e = arm_exp512(negz);
         _mm512_mask_storeu_ps(g + i, m, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), y));
     }
 }
@@ -230,8 +222,7 @@ void attention_avx512_task(float *out, const float *q, const float *k, const flo
     (void)out; (void)q; (void)k; (void)v; (void)start; (void)len; (void)q0; (void)g; (void)nh; (void)nkv; (void)hd;
     (void)ap; (void)scratch;
 }
-void arm_swiglu_avx512(float *g, const float *u, int64_t n) { (void)g; (void)u; (void)n; }
-void arm_geglu_avx512(float *g, const float *u, int64_t n) { (void)g; (void)u; (void)n; }
+void arm_glu_avx512(float *g, const float *u, int64_t n, int act) { (void)g; (void)u; (void)n; (void)act; }
 int attention_avx512_available(void) { return 0; }
 
 #endif

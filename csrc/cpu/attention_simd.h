@@ -1,5 +1,5 @@
 // attention_simd.h: the AVX-512 attention task and vector helpers
-// (attention_avx512.c), called from attention.h / swiglu.h / geglu.h when the model's
+// (attention_avx512.c), called from attention.h / glu.h when the model's
 // kernel path is avx512 or avx512bf16.
 #ifndef ARMORM_CPU_ATTENTION_SIMD_H
 #define ARMORM_CPU_ATTENTION_SIMD_H
@@ -16,9 +16,7 @@ size_t attention_avx512_scratch(int nh, int nkv, int hd);
 // (clipped to len), every query head of the group; scale, soft-cap and window from ap.
 void attention_avx512_task(float *out, const float *q, const float *k, const float *v, int64_t start, int64_t len,
                            int64_t q0, int g, int nh, int nkv, int hd, const AttnParams *ap, void *scratch);
-// g[i] = silu(g[i]) * u[i]
-void arm_swiglu_avx512(float *g, const float *u, int64_t n);
-// g[i] = gelu_tanh(g[i]) * u[i] (geglu.h)
-void arm_geglu_avx512(float *g, const float *u, int64_t n);
+// g[i] = act(g[i]) * u[i], act ACT_SILU or ACT_GELU_TANH (glu.h)
+void arm_glu_avx512(float *g, const float *u, int64_t n, int act);
 
 #endif

@@ -18,11 +18,10 @@
 #include "k_attention.cuh"
 #include "k_convert.cuh"
 #include "k_embedding.cuh"
-#include "k_geglu.cuh"
 #include "k_head.cuh"
 #include "k_rmsnorm.cuh"
 #include "k_rope.cuh"
-#include "k_swiglu.cuh"
+#include "k_glu.cuh"
 
 #include <stdio.h>
 #include <string.h>
@@ -101,13 +100,8 @@ static int layer_forward(CudaModel *cm, int l, const BatchDev *bd, const CudaBat
             launch_add_bias<bf16>(gu, wf(cm, L + wl->bgu), n, (int)(2 * I), st);
             CU_CHECK_LAUNCH("add_bias");
         }
-        if (c->hidden_act == ACT_GELU_TANH) {
-            launch_geglu(hh, gu, n, (int)I, st);
-            CU_CHECK_LAUNCH("geglu");
-        } else {
-            launch_swiglu(hh, gu, n, (int)I, st);
-            CU_CHECK_LAUNCH("swiglu");
-        }
+        launch_glu(hh, gu, n, (int)I, (int)c->hidden_act, st);
+        CU_CHECK_LAUNCH("glu");
         if (residual_gemm(cm, x + t0 * H, hh, L + wl->wdown, wl->bdown >= 0 ? L + wl->bdown : -1,
                           wl->mlp_post_norm >= 0 ? L + wl->mlp_post_norm : -1, n, I, e))
             return -1;

@@ -2,7 +2,7 @@
 // backend calls it) on the CPU emulation (emu.h), against the kernel's CPU
 // reference in benchmarks/cuda/reference.h, for tests/test_cuda_emulation.py.
 //
-//   kernels_test [GROUP...]    groups: selftest attention rmsnorm rope swiglu geglu head embedding convert gemm
+//   kernels_test [GROUP...]    groups: selftest attention rmsnorm rope glu head embedding convert gemm
 //                              (default: all); "quick" is a small subset for the mutation builds
 //
 // "gemm" checks the cuBLASLt call the backend makes for every projection: the
@@ -27,11 +27,10 @@
 #include "k_attention.cuh"
 #include "k_convert.cuh"
 #include "k_embedding.cuh"
-#include "k_geglu.cuh"
+#include "k_glu.cuh"
 #include "k_head.cuh"
 #include "k_rmsnorm.cuh"
 #include "k_rope.cuh"
-#include "k_swiglu.cuh"
 #include "lt_standin.h"
 
 namespace {
@@ -274,48 +273,30 @@ void test_rope(bool quick) {
     rope_case(256, 2, 1, {3}, 10000.0, 2.0f, 4);         // 128 frequencies
 }
 
-// ---- swiglu ----------------------------------------------------------------------------------
+// ---- glu (SwiGLU and GeGLU) -------------------------------------------------------------------
 
-void swiglu_case(int64_t n, int I, float amp, uint64_t seed) {
+void glu_case(int64_t n, int I, float amp, int act, uint64_t seed) {
     std::vector<float> gu = uniform(n * 2 * I, amp, seed);
     bf16 *dgu = dev_bf16(gu.data(), n * 2 * I), *dh = dev_alloc<bf16>(n * I);
-    launch_swiglu(dh, dgu, n, I, nullptr);
+    launch_glu(dh, dgu, n, I, act, nullptr);
     std::vector<float> ref((size_t)(n * I)), got = host_of(dh, n * I);
-    swiglu_ref(ref.data(), gu.data(), n, I);
+    glu_ref(ref.data(), gu.data(), n, I, act);
     char name[96];
-    snprintf(name, sizeof name, "swiglu %s n %lld I %d amp %g", I % 8 ? "scalar" : "vec8", (long long)n, I, amp);
+    snprintf(name, sizeof name, "%s %s n %lld I %d amp %g", act == ACT_SILU ? "swiglu" : "geglu",
+             I % 8 ? "scalar" : "vec8", (long long)n, I, amp);
     count(validate(name, got.data(), ref.data(), n * I, 8e-3));
     free(dgu);
     free(dh);
 }
 
-void geglu_case(int64_t n, int I, float amp, uint64_t seed) {
-    std::vector<float> gu = uniform(n * 2 * I, amp, seed);
-    bf16 *dgu = dev_bf16(gu.data(), n * 2 * I), *dh = dev_alloc<bf16>(n * I);
-    launch_geglu(dh, dgu, n, I, nullptr);
-    std::vector<float> ref((size_t)(n * I)), got = host_of(dh, n * I);
-    geglu_ref(ref.data(), gu.data(), n, I);
-    char name[96];
-    snprintf(name, sizeof name, "geglu %s n %lld I %d amp %g", I % 8 ? "scalar" : "vec8", (long long)n, I, amp);
-    count(validate(name, got.data(), ref.data(), n * I, 8e-3));
-    free(dgu);
-    free(dh);
-}
-
-void test_geglu(bool quick) {
-    geglu_case(3, 24, 6.0f, 1);
-    if (quick) return;
-    geglu_case(5, 20, 6.0f, 2);
-    geglu_case(7, 1000, 80.0f, 3);  // large negative gates: exp overflows, the product must be -0, not NaN
-    geglu_case(300, 8, 6.0f, 4);
-}
-
-void test_swiglu(bool quick) {
-    swiglu_case(3, 24, 6.0f, 1);
-    if (quick) return;
-    swiglu_case(5, 20, 6.0f, 2);
-    swiglu_case(7, 1000, 80.0f, 3);  // exp(-g) overflows for g < -88: silu must give -0, not NaN
-    swiglu_case(300, 8, 6.0f, 4);
+void test_glu(bool quick) {
+    for (int act : {(int)ACT_SILU, (int)ACT_GELU_TANH}) {
+        glu_case(3, 24, 6.0f, act, 1);
+        if (quick) continue;
+        glu_case(5, 20, 6.0f, act, 2);
+        glu_case(7, 1000, 80.0f, act, 3);  // exp(-z) overflows for large negative gates: the product is -0, not NaN
+        glu_case(300, 8, 6.0f, act, 4);
+    }
 }
 
 // ---- head ------------------------------------------------------------------------------------
@@ -600,8 +581,7 @@ struct Group {
     void (*run)(bool quick);
 };
 const Group GROUPS[] = {{"selftest", test_selftest}, {"attention", test_attention}, {"rmsnorm", test_rmsnorm},
-                        {"rope", test_rope},         {"swiglu", test_swiglu},       {"geglu", test_geglu},
-                        {"head", test_head},
+                        {"rope", test_rope},         {"glu", test_glu},             {"head", test_head},
                         {"embedding", test_embedding}, {"convert", test_convert},   {"gemm", test_gemm}};
 
 }  // namespace
