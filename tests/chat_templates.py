@@ -367,20 +367,6 @@ GEMMA_GATING = [107, 108, 106, 2516, 108]  # RLHFlow's pattern for gemma2: <end_
 _NOT_SPECIAL = {"<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"}
 
 
-def _byte_alphabet():
-    """GPT-2's byte -> printable character map (byte-level BPE)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) + \
-        list(range(ord("\u00ae"), ord("\u00ff") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
-
-
 def synthetic_tokenizer_dir(path: Path, template: str, specials: Dict[str, int], words: Dict[str, int], *,
                             bos: Optional[str] = None, eos: Optional[str] = None, pad: Optional[str] = None,
                             unk: Optional[str] = None, first_free_id: int = 200000) -> Path:
@@ -388,8 +374,10 @@ def synthetic_tokenizer_dir(path: Path, template: str, specials: Dict[str, int],
     merges and `specials` added as tokens, each at the id given; other ids from `first_free_id` on."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+    from armorm.tiny import _byte_alphabet  # the byte-level alphabet of the toy model's tokenizer
+
     path.mkdir(parents=True, exist_ok=True)
-    alpha = _byte_alphabet()
+    alpha = _byte_alphabet()  # alpha[byte] = its printable character
     vocab: Dict[str, int] = {}
     next_id = first_free_id
     enc = {w: "".join(alpha[b] for b in w.encode("utf-8")) for w in words}
