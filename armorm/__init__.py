@@ -9,9 +9,10 @@ from .config import ATTRIBUTES, CheckpointError
 from .hub import DEFAULT_MODEL, ModelNotFoundError
 from .model import LLAMA3_GATING_PATTERN, ArmoRM, GatingPatternError, RewardOutput
 from .pipeline import ArmoRMPipeline
-from .tokenizer import ChatTokenizer, gating_pattern
+from .tokenizer import ChatTemplateError, ChatTokenizer, gating_pattern
 
-__all__ = ["ATTRIBUTES", "ArmoRM", "ArmoRMPipeline", "ChatTokenizer", "CheckpointError", "DEFAULT_MODEL",
+__all__ = ["ATTRIBUTES", "ArmoRM", "ArmoRMPipeline", "ChatTemplateError", "ChatTokenizer", "CheckpointError",
+           "DEFAULT_MODEL",
            "GatingPatternError", "LLAMA3_GATING_PATTERN", "ModelNotFoundError", "RewardOutput", "gating_pattern"]
 __version__ = "0.1.0"
 

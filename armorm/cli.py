@@ -144,11 +144,12 @@ def cmd_score(args: argparse.Namespace) -> int:
                         check_finite=not args.no_check_finite)
     seqs = rm.encode(convs, names=where)
     show = not args.no_progress and len(seqs) > 1 and (args.progress or sys.stderr.isatty())
-    out = rm.model.score_sequences(seqs, fields=None if rm.model.architecture != "LlamaModel" else ["hidden_state"],
+    bare = rm.model.config.kind in ("backbone", "causallm")
+    out = rm.model.score_sequences(seqs, fields=["hidden_state"] if bare else None,
                                    batch_tokens=args.batch_tokens, progress=make_progress(len(seqs), show),
                                    names=where)
     if "score" not in out:
-        print("armorm: error: this checkpoint has no reward head (bare LlamaModel)", file=sys.stderr)
+        print(f"armorm: error: this checkpoint has no reward head (a bare {rm.model.architecture})", file=sys.stderr)
         return 2
     explained = rm.model.explain(out, args.top_k) if "gating_output" in out else [[] for _ in seqs]
     recs = _records(out, rm.model.attributes, explained, ids)
@@ -634,9 +635,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_prepare_rewardbench2)
 
     s = command("assemble", "write an ArmoRM checkpoint from a backbone and the trained heads",
-                "Writes a complete LlamaForRewardModelWithGating directory: the backbone's tensors (hard-linked "
-                "when possible), the regression layer, the gating network and reward_transform_matrix, "
-                "config.json and the tokenizer files. The directory appears complete or not at all.")
+                "Writes a complete <Family>ForRewardModelWithGating directory (LlamaForRewardModelWithGating "
+                "for a Llama backbone, Gemma2ForRewardModelWithGating, Qwen3... otherwise): the backbone's "
+                "tensors (hard-linked when possible), the regression layer, the gating network and "
+                "reward_transform_matrix, config.json and the tokenizer files. The directory appears complete or not at all.")
     s.add_argument("--backbone", metavar="DIR", required=True, help="the backbone checkpoint directory")
     s.add_argument("--regression", metavar="FILE", required=True, help="train-stage1 output")
     s.add_argument("--gating", metavar="FILE", required=True, help="train-stage2 output")

@@ -30,12 +30,24 @@ def objective_names(k: int, names: Sequence[str] = ATTRIBUTES) -> List[str]:
     """`names` when there are `k` of them, else objective-0 ... objective-(k-1)."""
     return list(names) if k == len(names) else [f"objective-{i}" for i in range(k)]
 
-ARCHITECTURES: Dict[str, int] = {
-    "LlamaForRewardModelWithGating": _core.ARCH_ARMORM,
-    "LlamaForSequenceClassification": _core.ARCH_SEQCLS,
-    "LlamaModel": _core.ARCH_BACKBONE,
-    "LlamaForCausalLM": _core.ARCH_CAUSALLM,
+
+#: Supported families: class-name prefix -> config.json `model_type`.
+FAMILIES: Dict[str, str] = {"Llama": "llama", "Qwen2": "qwen2", "Qwen3": "qwen3", "Gemma2": "gemma2"}
+
+#: Class-name suffix -> (the core's head, its kind). `<Family>ForRewardModelWithGating` is the
+#: ArmoRM head on that family's backbone (RLHFlow's `LlamaForRewardModelWithGating` for Llama).
+HEADS: Dict[str, tuple] = {
+    "ForRewardModelWithGating": (_core.ARCH_ARMORM, "armorm"),
+    "ForSequenceClassification": (_core.ARCH_SEQCLS, "seqcls"),
+    "Model": (_core.ARCH_BACKBONE, "backbone"),
+    "ForCausalLM": (_core.ARCH_CAUSALLM, "causallm"),
 }
+
+#: Every supported class name -> the core's head code.
+ARCHITECTURES: Dict[str, int] = {f + h: code for f in FAMILIES for h, (code, _) in HEADS.items()}
+
+# transformers' names for the tanh approximation of GELU (the same function)
+_GELU_TANH = ("gelu_pytorch_tanh", "gelu_new")
 
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 
@@ -88,6 +100,22 @@ class ModelConfig:
     core: Dict[str, Any]           # the dict handed to armorm._core.Model
     pad_token_id: Optional[int]
     raw: Dict[str, Any] = field(repr=False)
+    family: str = "llama"          # model_type: llama, qwen2, qwen3, gemma2
+
+    @property
+    def kind(self) -> str:
+        """What the checkpoint's class holds: "armorm", "seqcls", "backbone" or "causallm"."""
+        return _split_class(self.architecture)[1]
+
+    @property
+    def pad_rule(self) -> str:
+        """How a padded 2-D batch row ends, as the reference class reads it.
+
+        "last_non_pad" (every `*ForSequenceClassification`: the rightmost token
+        that is not the pad token) or "first_pad" (the ArmoRM class: the token
+        before the first pad token; also used for bare backbones).
+        """
+        return "last_non_pad" if self.kind == "seqcls" else "first_pad"
 
     @property
     def hidden_size(self) -> int:
@@ -135,36 +163,164 @@ def _rope(raw: Dict[str, Any]) -> Dict[str, Any]:
                           "linear, llama3)")
 
 
+def _split_class(name: str) -> tuple:
+    """("Gemma2", "seqcls") for "Gemma2ForSequenceClassification"; ValueError when unsupported."""
+    for f in FAMILIES:
+        if name.startswith(f) and name[len(f):] in HEADS:
+            return f, HEADS[name[len(f):]][1]
+    raise ValueError(name)
+
+
+def _bool(raw: Dict[str, Any], key: str, default: bool) -> bool:
+    v = raw.get(key, default)
+    if v is None:
+        return default
+    if v not in (True, False):  # (0 and 1 too, as Python reads them)
+        raise CheckpointError(f"config.json: '{key}' must be true or false, got {v!r}")
+    return bool(v)
+
+
+def _positive_or_null(raw: Dict[str, Any], key: str, required: bool = False) -> Optional[float]:
+    """A positive number or null (absent: null, or an error naming the key when required)."""
+    if key not in raw:
+        if required:
+            raise CheckpointError(f"config.json: '{key}' is required for this architecture (a number or null)")
+        return None
+    if raw[key] is None:
+        return None
+    v = _float(raw, key)
+    if v <= 0:
+        raise CheckpointError(f"config.json: '{key}' must be positive or null, got {raw[key]!r}")
+    return v
+
+
+def _activation(raw: Dict[str, Any], key: str, default: str, allowed: tuple) -> int:
+    v = raw.get(key, default)
+    if v in _GELU_TANH and any(a in _GELU_TANH for a in allowed):
+        return _core.ACT_GELU_TANH
+    if v == "silu" and "silu" in allowed:
+        return _core.ACT_SILU
+    raise CheckpointError(f"config.json: {key} {v!r} is not supported for this architecture "
+                          f"(supported: {', '.join(allowed)})")
+
+
+def _layer_types(raw: Dict[str, Any], n_layers: int, default: List[str]) -> List[str]:
+    types = raw.get("layer_types")
+    if types is None:
+        return default
+    if not isinstance(types, list) or len(types) != n_layers or \
+            any(t not in ("full_attention", "sliding_attention") for t in types):
+        raise CheckpointError(f"config.json: 'layer_types' must list 'full_attention' or 'sliding_attention' for "
+                              f"each of the {n_layers} layers, got {types!r}")
+    return types
+
+
+def _sliding(raw: Dict[str, Any], family: str, n_layers: int) -> Dict[str, Any]:
+    """The sliding-window switches: window size and the layers that use it (as transformers 5 reads them)."""
+    if family == "gemma2":
+        window = _int(raw, "sliding_window")  # Gemma-2 alternates sliding and full layers: the size is required
+        if window <= 0:
+            raise CheckpointError(f"config.json: 'sliding_window' must be positive, got {window}")
+        default = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+        why = "sliding_window"
+    elif family in ("qwen2", "qwen3"):
+        # the window exists only with use_sliding_window; then layers from max_window_layers on slide
+        window = None
+        if _bool(raw, "use_sliding_window", False):
+            window = _int(raw, "sliding_window", 4096) if raw.get("sliding_window", 4096) is not None else None
+            if window is None or window <= 0:
+                raise CheckpointError("config.json: 'use_sliding_window' is true but 'sliding_window' is "
+                                      f"{raw.get('sliding_window')!r}; it must be a positive integer")
+        first = _int(raw, "max_window_layers", 28)
+        default = ["sliding_attention" if window is not None and i >= first else "full_attention"
+                   for i in range(n_layers)]
+        why = "use_sliding_window"
+    else:
+        return {"sliding_window": 0, "sliding_layers": []}
+    types = _layer_types(raw, n_layers, default)
+    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    if sliding and window is None:
+        raise CheckpointError(f"config.json: 'layer_types' lists sliding_attention layers but '{why}' gives no "
+                              "window (contradictory)")
+    return {"sliding_window": window or 0, "sliding_layers": sliding}
+
+
+def _family_switches(family: str, raw: Dict[str, Any], n_layers: int, head_dim: int) -> Dict[str, Any]:
+    """The core's family switches for `raw` (model.h: one forward pass, these set)."""
+    out: Dict[str, Any] = {"query_pre_attn_scalar": float(head_dim)}
+    if family == "llama":
+        out.update(hidden_act=_activation(raw, "hidden_act", "silu", ("silu",)),
+                   attention_bias=int(_bool(raw, "attention_bias", False)),
+                   mlp_bias=int(_bool(raw, "mlp_bias", False)))
+    elif family == "qwen2":  # q, k, v always carry biases, o never (no attention_bias key)
+        out.update(hidden_act=_activation(raw, "hidden_act", "silu", ("silu",)), qkv_bias=1)
+    elif family == "qwen3":  # per-head RMSNorm of q and k before RoPE
+        out.update(hidden_act=_activation(raw, "hidden_act", "silu", ("silu",)),
+                   attention_bias=int(_bool(raw, "attention_bias", False)), qk_norm=1)
+    elif family == "gemma2":
+        if _bool(raw, "use_bidirectional_attention", False):
+            raise CheckpointError("config.json: 'use_bidirectional_attention' is true; armorm runs causal "
+                                  "attention only")
+        qpas = _positive_or_null(raw, "query_pre_attn_scalar", required=True)
+        if qpas is None:
+            raise CheckpointError("config.json: 'query_pre_attn_scalar' must be a positive number, got null")
+        # final_logit_softcapping only bounds a causal LM's vocabulary logits, which armorm never
+        # computes (Gemma2ForSequenceClassification does not apply it either); it is checked, not used
+        _positive_or_null(raw, "final_logit_softcapping")
+        out.update(hidden_act=_activation(raw, "hidden_activation", "gelu_pytorch_tanh", _GELU_TANH),
+                   attention_bias=int(_bool(raw, "attention_bias", False)),
+                   norm_offset=1, post_norms=1, embed_scale=1, query_pre_attn_scalar=qpas,
+                   attn_softcap=_positive_or_null(raw, "attn_logit_softcapping", required=True) or 0.0)
+    out.update(_sliding(raw, family, n_layers))
+    return out
+
+
 def load_config(model_dir: os.PathLike | str, architecture: Optional[str] = None,
                 compute_head: bool = True) -> ModelConfig:
     """Reads `model_dir/config.json` into a ModelConfig.
 
-    `architecture` overrides the config's `architectures[0]` (e.g. "LlamaModel"
-    to use an ArmoRM checkpoint's backbone only: its head tensors are then
-    checked but not computed).
+    `architecture` overrides the config's `architectures[0]` for the head only:
+    a class name whose head kind differs from the checkpoint's (e.g.
+    "LlamaModel" or "Gemma2Model" for any checkpoint) uses the backbone only;
+    the head tensors are then checked but not computed. The family always
+    comes from the checkpoint.
     """
     d = Path(model_dir)
     raw = _read_json(d / "config.json", "config")
     if not isinstance(raw, dict):
         raise CheckpointError(f"{d / 'config.json'}: expected a JSON object")
-    declared = raw.get("architectures") or ["LlamaModel"]
+    model_type = raw.get("model_type")
+    if model_type is not None and model_type not in FAMILIES.values():
+        raise CheckpointError(f"config.json: model_type {model_type!r} is not supported (supported: "
+                              + ", ".join(FAMILIES.values()) + ")")
+    prefix = {v: k for k, v in FAMILIES.items()}.get(model_type or "llama")
+    declared = raw.get("architectures") or [prefix + "Model"]
     if not isinstance(declared, list) or not declared or not isinstance(declared[0], str):
         raise CheckpointError("config.json: 'architectures' must be a list of class names")
     arch = declared[0]
-    if arch not in ARCHITECTURES:
+    try:
+        family_prefix, kind = _split_class(arch)
+    except ValueError:
         raise CheckpointError(f"config.json: architecture {arch!r} is not supported; supported: "
-                              + ", ".join(ARCHITECTURES))
-    if raw.get("model_type", "llama") != "llama":
-        raise CheckpointError(f"config.json: model_type {raw.get('model_type')!r} is not supported (only llama)")
-    if raw.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"config.json: hidden_act {raw.get('hidden_act')!r} is not supported (only silu)")
+                              + ", ".join(ARCHITECTURES)) from None
+    family = FAMILIES[family_prefix]
+    if model_type is not None and model_type != family:
+        raise CheckpointError(f"config.json: model_type {model_type!r} contradicts architecture {arch!r} "
+                              f"(a {family_prefix} class needs model_type {family!r})")
     if architecture is not None and architecture not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
     H = _int(raw, "hidden_size")
     nh = _int(raw, "num_attention_heads")
+    n_layers = _int(raw, "num_hidden_layers")
     if nh <= 0:
         raise CheckpointError("config.json: num_attention_heads must be positive")
-    if raw.get("head_dim") is not None:
+    if family in ("qwen3", "gemma2"):
+        # their transformers classes default head_dim to a constant (128, 256), not hidden_size / heads
+        if raw.get("head_dim") is None:
+            raise CheckpointError(f"config.json: 'head_dim' is required for {family} (its default is not "
+                                  "hidden_size / num_attention_heads)")
+        head_dim = _int(raw, "head_dim")
+    elif raw.get("head_dim") is not None:
         head_dim = _int(raw, "head_dim")
     elif H % nh == 0:
         head_dim = H // nh
@@ -172,31 +328,32 @@ def load_config(model_dir: os.PathLike | str, architecture: Optional[str] = None
         raise CheckpointError(f"config.json: hidden_size {H} is not a multiple of num_attention_heads {nh} "
                               "and no head_dim is given")
     core: Dict[str, Any] = {
+        "model_class": arch,
         "arch": ARCHITECTURES[arch],
-        "compute_head": int(compute_head and (architecture is None or architecture == arch)),
+        "compute_head": int(compute_head and (architecture is None or
+                                              _split_class(architecture)[1] == kind)),
         "hidden_size": H,
         "intermediate_size": _int(raw, "intermediate_size"),
-        "num_hidden_layers": _int(raw, "num_hidden_layers"),
+        "num_hidden_layers": n_layers,
         "num_attention_heads": nh,
         "num_key_value_heads": _int(raw, "num_key_value_heads", nh),
         "head_dim": head_dim,
         "vocab_size": _int(raw, "vocab_size"),
         "max_position_embeddings": _int(raw, "max_position_embeddings", 2048),
         "rms_norm_eps": _float(raw, "rms_norm_eps", 1e-6),
-        "attention_bias": int(bool(raw.get("attention_bias", False))),
-        "mlp_bias": int(bool(raw.get("mlp_bias", False))),
-        "tie_word_embeddings": int(bool(raw.get("tie_word_embeddings", False))),
+        "tie_word_embeddings": int(bool(raw.get("tie_word_embeddings", family == "gemma2"))),
         "num_objectives": _int(raw, "num_objectives", 19),
         "gating_temperature": _float(raw, "gating_temperature", 10),
         "gating_hidden_dim": _int(raw, "gating_hidden_dim", 1024),
         "gating_n_hidden": _int(raw, "gating_n_hidden", 3),
         "num_labels": _num_labels(raw),
     }
+    core.update(_family_switches(family, raw, n_layers, head_dim))
     core.update(_rope(raw))
     pad = raw.get("pad_token_id")
     if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int)):
         raise CheckpointError(f"config.json: pad_token_id must be an integer or null, got {pad!r}")
-    return ModelConfig(architecture=arch, core=core, pad_token_id=pad, raw=raw)
+    return ModelConfig(architecture=arch, core=core, pad_token_id=pad, raw=raw, family=family)
 
 
 def _num_labels(raw: Dict[str, Any]) -> int:

@@ -1,9 +1,10 @@
 """The drop-in model: `ArmoRM.from_pretrained(path)(input_ids)`.
 
-`ArmoRM` loads a Hugging Face Llama reward-model directory (ArmoRM's
-`LlamaForRewardModelWithGating`, a plain `LlamaForSequenceClassification`, or
-a bare `LlamaModel` / `LlamaForCausalLM` backbone) into the C core and returns
-the reference's output fields. Input can be NumPy, lists or torch tensors;
+`ArmoRM` loads a Hugging Face reward-model directory of a supported family
+(Llama, Qwen2, Qwen3, Gemma-2: config.FAMILIES) with an ArmoRM head
+(`<Family>ForRewardModelWithGating`, RLHFlow's `LlamaForRewardModelWithGating`),
+a `*ForSequenceClassification` head, or a bare `*Model` / `*ForCausalLM`
+backbone into the C core and returns the reference's output fields. Input can be NumPy, lists or torch tensors;
 torch input gives torch output, anything else NumPy.
 
 Batching never pads: sequences are packed end to end and each one's result is
@@ -190,7 +191,7 @@ def _as_sequence(x: Any, what: str) -> np.ndarray:
 
 
 class ArmoRM:
-    """A Llama reward model on armorm's C core; a stand-in for the HF class.
+    """A reward model on armorm's C core; a stand-in for the HF class.
 
     Use `ArmoRM.from_pretrained(path, ...)`. Calling the model takes the
     reference's inputs (`input_ids`, optional `attention_mask`) and returns a
@@ -233,7 +234,8 @@ class ArmoRM:
         keeps the stored dtype. `gating_pattern` overrides the token ids that
         open the final assistant turn; by default they are derived from the
         directory's tokenizer (or `tokenizer`), else Llama-3's.
-        `architecture="LlamaModel"` loads only the backbone of any checkpoint.
+        `architecture="LlamaModel"` (or any family's `*Model`) loads only the backbone of
+        any checkpoint.
         `check_finite` (default True) refuses checkpoints holding NaN/inf
         weights, naming the tensor; False skips that scan of the weights.
         """
@@ -247,9 +249,7 @@ class ArmoRM:
         path = resolve_model_path(pretrained_model_name_or_path)
         config = load_config(path, architecture=architecture)
         files = weight_files(path)
-        core_cfg = dict(config.core)
-        if architecture is not None:
-            core_cfg["compute_head"] = int(architecture == config.architecture)
+        core_cfg = dict(config.core)  # (load_config decided compute_head from `architecture`)
         core_cfg["check_finite"] = int(bool(check_finite))
         nt = default_num_threads() if num_threads is None else int(num_threads)
         if not 1 <= nt <= 1024:
@@ -309,7 +309,7 @@ class ArmoRM:
         return self
 
     def _head_tensor(self, name: str) -> Any:
-        if self.config.architecture != "LlamaForRewardModelWithGating":
+        if self.config.kind != "armorm":
             raise AttributeError(f"{name} exists only on ArmoRM checkpoints (this is {self.config.architecture})")
         a = self._core.tensor(name)
         if "torch" in sys.modules:  # the model card calls .data.cpu().float() on it
@@ -404,7 +404,7 @@ class ArmoRM:
             is_pad = s == pad
             if not is_pad.any():
                 out.append(s)
-            elif self.config.architecture == "LlamaForSequenceClassification":
+            elif self.config.pad_rule == "last_non_pad":
                 # reference: the last token that is not padding
                 nonpad = np.flatnonzero(~is_pad)
                 out.append(s[: nonpad[-1] + 1] if nonpad.size else s[:1])

@@ -35,9 +35,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Union
 
+import jinja2
 import numpy as np
 
 __all__ = [
+    "ChatTemplateError",
     "ChatTokenizer",
     "conversation_from_record",
     "find_gating_position",
@@ -61,9 +63,24 @@ _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 # --------------------------------------------------------------------------- Jinja
 
 
+class ChatTemplateError(ValueError, jinja2.exceptions.TemplateError):
+    """The chat template refused a conversation (its ``raise_exception``, e.g. Gemma's
+    "System role not supported") or could not be rendered.
+
+    A ``ValueError`` (bad input), and still the ``jinja2.TemplateError`` that
+    transformers' ``apply_chat_template`` raises, so code written for either catches it.
+    """
+
+    def __init__(self, message: str) -> None:
+        ValueError.__init__(self, message)
+        jinja2.exceptions.TemplateError.__init__(self, message)
+
+    def __str__(self) -> str:
+        return str(self.message)
+
+
 def _make_jinja_env():
     """A sandboxed Jinja environment with the same options, filters and globals as transformers'."""
-    import jinja2
     import jinja2.ext
     import jinja2.nodes
     import jinja2.utils
@@ -87,7 +104,7 @@ def _make_jinja_env():
             return caller()
 
     def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
+        raise ChatTemplateError(f"the chat template refused the conversation: {message}")
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         # Unlike Jinja's own tojson this does not HTML-escape.
@@ -631,7 +648,10 @@ class ChatTokenizer:
         documents: Any,
         template_kwargs: dict[str, Any],
     ) -> str:
-        compiled = _compile_template(template)
+        try:
+            compiled = _compile_template(template)
+        except jinja2.exceptions.TemplateError as exc:  # a syntax error in the template
+            raise ChatTemplateError(f"the chat template does not parse: {exc}") from exc
         chat = [dict(m) for m in conversation]
         final_text = None
         if continue_final_message:
@@ -646,13 +666,18 @@ class ChatTokenizer:
                 raise ValueError(f"continue_final_message is set to {field!r} but the chat template never reads it")
             for f in fields:
                 chat[-1][f] = chat[-1][f] + _CONTINUE_TAG
-        rendered = compiled.render(
-            messages=chat,
-            tools=tools,
-            documents=documents,
-            add_generation_prompt=add_generation_prompt,
-            **template_kwargs,
-        )
+        try:
+            rendered = compiled.render(
+                messages=chat,
+                tools=tools,
+                documents=documents,
+                add_generation_prompt=add_generation_prompt,
+                **template_kwargs,
+            )
+        except ChatTemplateError:
+            raise
+        except jinja2.exceptions.TemplateError as exc:  # e.g. an undefined attribute the template calls
+            raise ChatTemplateError(f"rendering the chat template failed: {exc}") from exc
         if continue_final_message:
             tag = _CONTINUE_TAG.strip()
             if final_text.strip() not in rendered or tag not in rendered:
@@ -976,7 +1001,6 @@ def format_conversations(
         and "role" in conversations[0]
     ):
         raise TypeError("format_conversations takes a list of conversations; wrap a single conversation in a list")
-    import jinja2
     out = []
     for i, conv in enumerate(conversations):
         where = names[i] if names is not None else f"conversation {i}"
@@ -996,8 +1020,10 @@ def format_conversations(
                 out.append(ids[:max_length] if truncation and max_length is not None else ids)
             else:
                 out.append(_chat_ids(tokenizer, conv, add_generation_prompt=False, **kwargs))
-        except jinja2.TemplateError as e:  # the template's raise_exception(...): e.g. a role it does not support
-            raise ValueError(f"{where}: the chat template refused it: {e}") from None
+        except ChatTemplateError as e:  # ours: the message says what the template did
+            raise ChatTemplateError(f"{where}: {e}") from None
+        except jinja2.TemplateError as e:  # a transformers tokenizer's: its template's raise_exception(...)
+            raise ChatTemplateError(f"{where}: the chat template refused the conversation: {e}") from None
     return out
 
 

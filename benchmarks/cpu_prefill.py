@@ -1,11 +1,19 @@
-"""CPU prefill throughput: armorm vs transformers (torch CPU, sdpa) vs llama.cpp, same checkpoint, same tokens.
+"""CPU prefill throughput: armorm vs transformers (torch CPU) vs llama.cpp, same checkpoint, same tokens.
 
-    python benchmarks/cpu_prefill.py [--shape small|medium|1b] [--seqs N] [--seq-len L] [--threads N] [--reps R]
+    python benchmarks/cpu_prefill.py [--shape NAME] [--seqs N] [--seq-len L] [--threads N] [--reps R]
     python benchmarks/cpu_prefill.py --shape 1b --prepare-only   # generate + convert, time nothing
 
-Generates a random Llama checkpoint of the named shape (bf16 and fp32; cached
-under --cache-dir, default ~/.cache/armorm-bench, ~7.5 GB for 1b plus as much
-again for the GGUF files), scores the same packed token ids with armorm, with
+Shapes: Llama small / medium / 1b (Llama-3.2-1B), and the other families at the
+size of a model people use: qwen3-0.6b (Qwen3-0.6B: q/k norms, head_dim 128,
+tied embeddings) and gemma2-2b (Gemma-2-2B: head_dim 256, (1 + w) pre- and
+post-norms, GeGLU, soft-capping, sliding window 4096 on alternate layers).
+transformers runs each family's own class, with sdpa attention (Gemma-2:
+eager, the only one its class supports with soft-capping).
+
+Generates a random checkpoint of the named shape (bf16 and fp32 unless
+--dtypes says; cached under --cache-dir, default ~/.cache/armorm-bench, ~7.5 GB
+for 1b, 5.2 GB for gemma2-2b in bf16, plus as much again for the GGUF files),
+scores the same packed token ids with armorm, with
 transformers' forward (no padding: one sequence per forward call, which
 favours it) and with llama.cpp (one llama_decode of the whole sequence from an
 empty KV cache, last-token logits only: pure prompt processing; the GGUF is
@@ -38,11 +46,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llamacpp  # noqa: E402  (benchmarks/llamacpp.py)
 
 SHAPES = {
-    # hidden, layers, heads, kv_heads, intermediate, vocab
+    # hidden, layers, heads, kv_heads, intermediate, vocab (+ family, head_dim, the family's config keys)
     "small": dict(hidden=512, layers=4, heads=8, kv_heads=2, inter=1536, vocab=32000),
     "medium": dict(hidden=1024, layers=8, heads=16, kv_heads=4, inter=3584, vocab=32000),
     "1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, inter=8192, vocab=128256),
+    "qwen3-0.6b": dict(family="qwen3", hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128, inter=3072,
+                       vocab=151936, extra=dict(tie_word_embeddings=True, max_position_embeddings=40960,
+                                                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "gemma2-2b": dict(family="gemma2", hidden=2304, layers=26, heads=8, kv_heads=4, head_dim=256, inter=9216,
+                      vocab=256000, extra=dict(query_pre_attn_scalar=256, sliding_window=4096,
+                                               attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                               max_position_embeddings=8192, tie_word_embeddings=True)),
 }
+PREFIX = {"llama": "Llama", "qwen3": "Qwen3", "gemma2": "Gemma2"}
 LLAMA3_VOCAB = 128256
 # llama.cpp's last-token logits vs E @ (armorm's hidden state): the least cosine similarity accepted
 MIN_LOGITS_COSINE = 0.999
@@ -55,25 +71,41 @@ def _config_matches(d: Path, shape: dict) -> bool:
         return False
     want = dict(hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
                 num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
-                intermediate_size=shape["inter"], vocab_size=shape["vocab"])
+                intermediate_size=shape["inter"], vocab_size=shape["vocab"],
+                model_type=shape.get("family", "llama"))
     return all(cfg.get(k) == v for k, v in want.items())
 
 
+def hf_class(shape: dict, suffix: str):
+    """transformers' class of the shape's family: hf_class(shape, "Model")."""
+    import transformers
+    return getattr(transformers, PREFIX[shape.get("family", "llama")] + suffix)
+
+
 def make_checkpoint(root: Path, shape: dict, dtype: str) -> Path:
-    """A random Llama checkpoint of `shape` in `dtype` under `root` (seed 0; reused when present)."""
+    """A random checkpoint of `shape` (its family's *Model) in `dtype` under `root` (seed 0; reused when present)."""
     import torch
-    from transformers import LlamaConfig, LlamaModel
-    d = root / f"llama-{dtype}"
+    family = shape.get("family", "llama")
+    d = root / f"{family}-{dtype}"
     if (d / "config.json").exists() and _config_matches(d, shape):
         return d
     print(f"generating {d}", flush=True)
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
-                      num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
-                      intermediate_size=shape["inter"], vocab_size=shape["vocab"], max_position_embeddings=8192,
-                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
-    with torch.device("cpu"):
-        model = LlamaModel(cfg).to(getattr(torch, dtype))
+    kw = dict(hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
+              num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+              intermediate_size=shape["inter"], vocab_size=shape["vocab"], max_position_embeddings=8192,
+              rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    if "head_dim" in shape:
+        kw["head_dim"] = shape["head_dim"]
+    kw.update(shape.get("extra", {}))
+    cfg = hf_class(shape, "Config")(**kw)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))  # built in `dtype`: never a whole fp32 copy of a bf16 model
+    try:
+        with torch.device("cpu"):
+            model = hf_class(shape, "Model")(cfg)
+    finally:
+        torch.set_default_dtype(old)
     tmp = d.with_name(d.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -141,14 +173,17 @@ def main() -> int:
         ap.error("--llamacpp-reps must be >= 1")
 
     import torch
-    from transformers import LlamaModel
 
     shape = SHAPES[args.shape]
+    family = shape.get("family", "llama")
+    attn = "eager" if family == "gemma2" else "sdpa"  # Gemma-2's class has no sdpa (soft-capping)
     dtypes = args.dtypes.split(",")
     root = args.cache_dir / args.shape
     root.mkdir(parents=True, exist_ok=True)
 
     lc, lc_why = (None, "--llamacpp off") if args.llamacpp == "off" else llamacpp.available()
+    if lc is not None and family != "llama":
+        lc, lc_why = None, f"shape {args.shape} is {family}: the GGUF conversion here handles Llama-3 only"
     if lc is not None and shape["vocab"] != LLAMA3_VOCAB:
         lc, lc_why = None, (f"shape {args.shape} has vocab {shape['vocab']}; the GGUF conversion needs the "
                             f"Llama-3 tokenizer ({LLAMA3_VOCAB} tokens): use --shape 1b")
@@ -179,7 +214,7 @@ def main() -> int:
         ours.close()
         ours = None  # free before the next competitor loads
 
-        hf = LlamaModel.from_pretrained(d, dtype=getattr(torch, dtype), attn_implementation="sdpa").eval()
+        hf = hf_class(shape, "Model").from_pretrained(d, dtype=getattr(torch, dtype), attn_implementation=attn).eval()
 
         def run_hf():
             with torch.no_grad():
@@ -238,7 +273,10 @@ def main() -> int:
         gc.collect()
 
     print(f"\nshape {args.shape} {shape}, {args.seqs} x {args.seq_len} tokens, {args.threads} threads, "
-          f"median of {args.reps} (llama.cpp: median of {lreps})")
+          f"median of {args.reps} (llama.cpp: median of {lreps}); transformers {hf_class(shape, 'Model').__name__}, "
+          f"attn_implementation={attn}")
+    print(f"armorm vs transformers, last hidden state of sequence 0: rel err {rel_err(h_ours, h_hf):.2e} "
+          f"({dtypes[-1]})")
     print(f"{'dtype':<10} {'armorm tok/s':>13} {'transformers tok/s':>19} {'llama.cpp tok/s':>16} "
           f"{'armorm/transformers':>20} {'armorm/llama.cpp':>17}")
     for dtype, a, b, c in rows:

@@ -12,9 +12,12 @@
 # 4. where the time goes: FLOPs per token, % of peak, perf and torch.profiler
 #    breakdowns (benchmarks/prefill_profile.py; the perf part needs `perf`);
 # 5. the 8B shape: load time, peak RSS, 16-token load + score, 2 x 512 prefill,
-#    and a 30 GB fp32 checkpoint loaded as bf16 (benchmarks/big_model.py).
+#    and a 30 GB fp32 checkpoint loaded as bf16 (benchmarks/big_model.py);
+# 6. the other families: Qwen3-0.6B and Gemma-2-2B shapes, bf16, 8 x 512 tokens,
+#    armorm vs transformers' Qwen3Model / Gemma2Model (SKIP_FAMILIES=1 skips).
 #
 # Disk: ~15 GB for the 1B checkpoints and GGUF files (~/.cache/armorm-bench),
+# ~6.5 GB for the family shapes (bf16),
 # ~46 GB for the 8B ones (BIG_DIR, default /work/bigckpt; BIG_ARGS=--no-fp32
 # skips the 30 GB fp32 one). Threads: THREADS (default 2). SHAPE (default 1b;
 # small/medium for a quick smoke run: llama.cpp needs the 1b vocabulary). Run
@@ -48,3 +51,12 @@ done
 
 echo "== 5. the 8B shape =="
 python benchmarks/big_model.py --dir "${BIG_DIR:-/work/bigckpt}" --threads "$THREADS" ${BIG_ARGS:-}
+
+if [ -z "${SKIP_FAMILIES:-}" ]; then
+  echo "== 6. Qwen3-0.6B and Gemma-2-2B shapes: armorm vs transformers =="
+  for fam in qwen3-0.6b gemma2-2b; do
+    python benchmarks/cpu_prefill.py --shape "$fam" --prepare-only --dtypes bfloat16
+    python benchmarks/cpu_prefill.py --shape "$fam" --seqs 8 --seq-len 512 --reps 1 --threads "$THREADS" \
+        --dtypes bfloat16
+  done
+fi

@@ -99,7 +99,7 @@ tail -3 "$LOG/emulation.log"
 # ---- 2-4. on the GPU ----
 step kernels 120 make -C benchmarks/cuda -j "$JOBS" PYTHON="$PY" run
 # (test_cuda_build's harness build and CPU smoke run of gpu_bench are skipped: steps 2 and 4 do them for real)
-step tests 150 "$PY" -m pytest -q -p no:cacheprovider -rs -k "not harnesses_build and not smoke" \
+step tests 210 "$PY" -m pytest -q -p no:cacheprovider -rs -k "not harnesses_build and not smoke" \
     tests/test_cuda_build.py tests/test_cuda_parity.py
 step bench 240 "$PY" benchmarks/gpu_bench.py --n "${BENCH_N:-128}" --json "$LOG/gpu_bench.json"
 step bestofn 180 "$PY" benchmarks/best_of_n.py --device cuda --shape 1b --n 2,8,16 --prompts 8 --pairs 256 --reps 3 \

@@ -17,7 +17,7 @@ default_rng(0), --seqs sequences of --seq-len ids). It prints:
 3. armorm: tokens/s (median of --reps after a warm-up), GFLOP/s, % of peak,
    and a `perf record` profile (cpu-clock, --perf-freq Hz) of one more pass in
    a process doing nothing else: time shares of the GEMM micro-kernel, the
-   packers, the GEMM driver, attention, norms/rope/swiglu, the OpenMP runtime
+   packers, the GEMM driver, attention, norms/rope/glu, the OpenMP runtime
    and the rest, and from them the micro-kernel's own GFLOP/s;
 4. transformers (torch CPU, sdpa, one sequence per forward): tokens/s,
    GFLOP/s, % of peak and torch.profiler's self-CPU-time table of one more pass;
@@ -183,7 +183,7 @@ def worker_transformers(args, seqs: List[np.ndarray]) -> dict:
 
 # ---- 3. perf ----------------------------------------------------------------------------------------------
 
-CATEGORIES = ["GEMM micro-kernel", "GEMM packers", "GEMM driver/epilogue", "attention", "norms/rope/swiglu",
+CATEGORIES = ["GEMM micro-kernel", "GEMM packers", "GEMM driver/epilogue", "attention", "norms/rope/glu",
               "OpenMP runtime (waits, forks)", "kernel (OS)", "other"]
 
 
@@ -197,8 +197,8 @@ def categorize(dso: str, sym: str) -> str:
         return "GEMM driver/epilogue"
     if sym.startswith("attention"):
         return "attention"
-    if sym.startswith(("rmsnorm", "rope", "swiglu", "arm_swiglu")):
-        return "norms/rope/swiglu"
+    if sym.startswith(("rmsnorm", "rope", "glu", "arm_glu")):
+        return "norms/rope/glu"
     if "libgomp" in dso:
         return "OpenMP runtime (waits, forks)"
     if "kernel" in dso or dso.startswith("[k"):

@@ -1,22 +1,27 @@
-// forward_cpu.c: the whole CPU forward pass, top to bottom.
+// forward_cpu.c: the whole CPU forward pass, top to bottom, for every family.
 //
 // Input: B token sequences packed end to end (no padding); a sequence may
-// continue another one of the batch (a shared prefix, prefix.h). For each layer:
-//   xn = rmsnorm(x); q,k,v = xn W^T; rope(q,k); a = attention(q,k,v)
-//   x += a Wo^T;  xn = rmsnorm(x);  x += down(silu(gate(xn)) * up(xn))
-// then the final norm at the rows the heads read, and the heads. The ArmoRM
-// gating network runs once per distinct gating row: the continuations of one
-// prompt read the same row of their shared prefix.
+// continue another one of the batch (a shared prefix, prefix.h). x =
+// embed(tokens) (times embed_scale). For each layer:
+//   xn = rmsnorm(x); q,k,v = xn W^T (+ biases); [qk_norm: rmsnorm of each q and k head]
+//   rope(q,k); a = attention(q,k,v) with the layer's AttnParams (scale, softcap, window)
+//   x += a Wo^T                 [post_norms: x += rmsnorm(a Wo^T)]
+//   xn = rmsnorm(x); h = act(gate(xn)) * up(xn) (SwiGLU or GeGLU)
+//   x += down(h)                [post_norms: x += rmsnorm(down(h))]
+// then the final norm at the rows the heads read, and the heads. The Config
+// switches in brackets are what distinguishes the families (model.h). The
+// ArmoRM gating network runs once per distinct gating row: the continuations
+// of one prompt read the same row of their shared prefix.
 // Activations are fp32 throughout; weights are read in their stored dtype.
 #include "model.h"
 #include "prefix.h"
 #include "cpu/attention.h"
 #include "cpu/embedding.h"
+#include "cpu/glu.h"
 #include "cpu/head.h"
 #include "cpu/matmul.h"
 #include "cpu/rmsnorm.h"
 #include "cpu/rope.h"
-#include "cpu/swiglu.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -76,9 +81,22 @@ static int threads_for(const Model *m, int64_t T) {
 }
 
 // Returns 0, -1 on error, -2 when `cancel` asked to stop (polled between attention slices and MLP chunks).
-static int layer_forward(const Model *m, const LayerWeights *lw, RunState *s, const SeqIndex *ix, int B, int64_t T,
-                         int nt, CancelFn cancel, void *cancel_ctx, ArmError *e) {
+// x (n,H) += inp (n,K) @ W^T + bias, or with post-norm weights `post` (data
+// non-NULL): x += rmsnorm(inp @ W^T + bias), the product going through `tmp`
+// (n,H), whose rows must be free. Returns 0 or -1 (scratch allocation).
+static int residual_matmul(const Model *m, float *x, float *tmp, const float *inp, const WTensor *w,
+                           const WTensor *bias, const WTensor *post, int64_t n, int nt) {
+    if (!post->data) return matmul(x, inp, w, bias, n, 1, nt, m->kernel);
+    if (matmul(tmp, inp, w, bias, n, 0, nt, m->kernel)) return -1;
+    rmsnorm_add(x, tmp, post->data, n, m->cfg.hidden_size, m->cfg.rms_norm_eps, nt);
+    return 0;
+}
+
+// Returns 0, -1 on error, -2 when `cancel` asked to stop (polled between attention slices and MLP chunks).
+static int layer_forward(const Model *m, int layer, RunState *s, const SeqIndex *ix, int B, int64_t T, int nt,
+                         CancelFn cancel, void *cancel_ctx, ArmError *e) {
     const Config *c = &m->cfg;
+    const LayerWeights *lw = &m->w.layers[layer];
     const int kern = m->kernel;
     const int64_t H = c->hidden_size, I = c->intermediate_size;
     const float eps = c->rms_norm_eps;
@@ -88,12 +106,18 @@ static int layer_forward(const Model *m, const LayerWeights *lw, RunState *s, co
         matmul(s->k, s->xn, &lw->k, &lw->k_b, T, 0, nt, kern) ||
         matmul(s->v, s->xn, &lw->v, &lw->v_b, T, 0, nt, kern))
         return arm_fail(e, "out of memory in matmul scratch");
+    if (c->qk_norm) {  // each head's vector is a row of hd
+        rmsnorm(s->q, s->q, lw->q_norm.data, T * c->num_heads, c->head_dim, eps, nt);
+        rmsnorm(s->k, s->k, lw->k_norm.data, T * c->num_kv_heads, c->head_dim, eps, nt);
+    }
     rope(s->q, s->pos, m->inv_freq, T, c->num_heads, c->head_dim, nt);
     rope(s->k, s->pos, m->inv_freq, T, c->num_kv_heads, c->head_dim, nt);
-    const int ra = attention(s->att, s->q, s->k, s->v, ix, B, c->num_heads, c->num_kv_heads, c->head_dim, nt, kern,
-                             cancel, cancel_ctx);
+    const AttnParams ap = config_attn_params(c, layer);
+    const int ra = attention(s->att, s->q, s->k, s->v, ix, B, c->num_heads, c->num_kv_heads, c->head_dim, &ap, nt,
+                             kern, cancel, cancel_ctx);
     if (ra) return ra == -2 ? -2 : arm_fail(e, "out of memory in attention scratch");
-    if (matmul(s->x, s->att, &lw->o, &lw->o_b, T, 1, nt, kern))
+    // (xn is free again: its rows were read by the q, k, v projections)
+    if (residual_matmul(m, s->x, s->xn, s->att, &lw->o, &lw->o_b, &lw->attn_post_norm, T, nt))
         return arm_fail(e, "out of memory in matmul scratch");
     // MLP block, in token chunks so the (tokens, I) buffers stay small
     rmsnorm(s->xn, s->x, lw->mlp_norm.data, T, H, eps, nt);
@@ -102,8 +126,10 @@ static int layer_forward(const Model *m, const LayerWeights *lw, RunState *s, co
         if (matmul(s->g, s->xn + t0 * H, &lw->gate, &lw->gate_b, n, 0, nt, kern) ||
             matmul(s->u, s->xn + t0 * H, &lw->up, &lw->up_b, n, 0, nt, kern))
             return arm_fail(e, "out of memory in matmul scratch");
-        swiglu(s->g, s->u, n * I, nt, kern);
-        if (matmul(s->x + t0 * H, s->g, &lw->down, &lw->down_b, n, 1, nt, kern))
+        glu(s->g, s->u, n * I, c->hidden_act, nt, kern);
+        // the chunk's xn rows were read by gate and up: down's output may go there
+        if (residual_matmul(m, s->x + t0 * H, s->xn + t0 * H, s->g, &lw->down, &lw->down_b, &lw->mlp_post_norm, n,
+                            nt))
             return arm_fail(e, "out of memory in matmul scratch");
         if (cancel && t0 + n < T && cancel(cancel_ctx)) return -2;
     }
@@ -123,10 +149,9 @@ int forward_cpu(const Model *m, const Batch *b, const OutputPlan *p, Outputs *ou
         for (int64_t t = b->cu_seqlens[bi]; t < b->cu_seqlens[bi + 1]; t++)
             s.pos[t] = (int32_t)(s.off[bi] + t - b->cu_seqlens[bi]);
     const int nt = threads_for(m, T);
-    embedding(s.x, b->tokens, &m->w.embed, T, nt);
+    embedding(s.x, b->tokens, &m->w.embed, m->embed_scale, T, nt);
     for (int l = 0; l < c->num_layers; l++) {
-        int r = cancel && cancel(cancel_ctx) ? -2 : layer_forward(m, &m->w.layers[l], &s, &ix, b->B, T, nt, cancel,
-                                                                   cancel_ctx, e);
+        int r = cancel && cancel(cancel_ctx) ? -2 : layer_forward(m, l, &s, &ix, b->B, T, nt, cancel, cancel_ctx, e);
         if (r) {
             runstate_free(&s);
             if (r == -2) arm_fail(e, "interrupted");

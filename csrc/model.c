@@ -58,6 +58,13 @@ int config_validate(const Config *c, ArmError *e) {
     } else if (c->rope_type == ROPE_LINEAR) {
         if (!(c->rope_factor > 0)) return arm_fail(e, "config: rope_scaling linear needs a positive factor");
     }
+    if (c->hidden_act != ACT_SILU && c->hidden_act != ACT_GELU_TANH)
+        return arm_fail(e, "config: hidden_act code %d is not supported", (int)c->hidden_act);
+    if (!(c->query_pre_attn_scalar > 0.0) || !isfinite(c->query_pre_attn_scalar))
+        return arm_fail(e, "config: query_pre_attn_scalar must be a positive finite number");
+    if (!(c->attn_softcap >= 0.0f) || !isfinite(c->attn_softcap))
+        return arm_fail(e, "config: attn_logit_softcapping must be a positive finite number or absent");
+    if (c->sliding_window < 0) return arm_fail(e, "config: sliding_window must be positive or absent");
     if (c->arch == ARCH_ARMORM) {
         if (c->num_objectives <= 0 || c->num_objectives > 65536)
             return arm_fail(e, "config: num_objectives must be in 1..65536, got %d", c->num_objectives);
@@ -88,6 +95,7 @@ typedef struct {
     float *scalar;        // DEST_SCALAR
     int optional;         // may be absent (tied lm_head)
     int unused;           // present in the file but not read (lm_head)
+    int add_one;          // a norm weight held as 1 + w (Config.norm_offset)
     const StTensor *found;
     int found_file;
     const void *bound;    // where the tensor is held: the mapping or a converted buffer
@@ -128,6 +136,15 @@ static Expect *expect_add(ExpectList *l, ArmError *e, int ndim, int64_t d0, int6
         if (!x_) goto fail;                                        \
         x_->kind = DEST_W;                                         \
         x_->w = (dst);                                             \
+    } while (0)
+// An RMSNorm weight: held as 1 + w when the family's norms scale by (1 + w).
+#define ADD_NORM(dst, n, ...)                                      \
+    do {                                                           \
+        Expect *x_ = expect_add(&L, e, 1, n, 0, __VA_ARGS__);      \
+        if (!x_) goto fail;                                        \
+        x_->kind = DEST_W;                                         \
+        x_->w = (dst);                                             \
+        x_->add_one = c->norm_offset;                              \
     } while (0)
 #define ADD_F(dst, nd, a, b, ...)                                  \
     do {                                                           \
@@ -195,7 +212,8 @@ static int plan(Model *m, Expect *x, WDType wdtype, int check, WeightJob *j, Arm
     x->bound = t->data;
     // A tensor not aligned to its element size (legal in safetensors, never
     // written by the usual tools) is copied too: the kernels read aligned data.
-    if (s != want || (uintptr_t)t->data % wsize(s) != 0) {
+    // So is a norm weight held as 1 + w: the mapping is read-only.
+    if (s != want || (uintptr_t)t->data % wsize(s) != 0 || x->add_one) {
         void *buf = own(m, (size_t)t->numel * wsize(want), e);
         if (!buf) return -1;
         j->dst = buf;
@@ -308,18 +326,30 @@ int model_load(Model *m, const Config *cfg, const char *const *paths, int n_path
     ADD_W(&m->w.embed, 2, V, H, "%sembed_tokens.weight", P);
     for (int l = 0; l < c->num_layers; l++) {
         LayerWeights *lw = &m->w.layers[l];
-        ADD_W(&lw->attn_norm, 1, H, 0, "%slayers.%d.input_layernorm.weight", P, l);
+        ADD_NORM(&lw->attn_norm, H, "%slayers.%d.input_layernorm.weight", P, l);
         ADD_W(&lw->q, 2, QD, H, "%slayers.%d.self_attn.q_proj.weight", P, l);
         ADD_W(&lw->k, 2, KD, H, "%slayers.%d.self_attn.k_proj.weight", P, l);
         ADD_W(&lw->v, 2, KD, H, "%slayers.%d.self_attn.v_proj.weight", P, l);
         ADD_W(&lw->o, 2, H, QD, "%slayers.%d.self_attn.o_proj.weight", P, l);
-        if (c->attention_bias) {
+        if (c->attention_bias || c->qkv_bias) {
             ADD_W(&lw->q_b, 1, QD, 0, "%slayers.%d.self_attn.q_proj.bias", P, l);
             ADD_W(&lw->k_b, 1, KD, 0, "%slayers.%d.self_attn.k_proj.bias", P, l);
             ADD_W(&lw->v_b, 1, KD, 0, "%slayers.%d.self_attn.v_proj.bias", P, l);
-            ADD_W(&lw->o_b, 1, H, 0, "%slayers.%d.self_attn.o_proj.bias", P, l);
         }
-        ADD_W(&lw->mlp_norm, 1, H, 0, "%slayers.%d.post_attention_layernorm.weight", P, l);
+        if (c->attention_bias) ADD_W(&lw->o_b, 1, H, 0, "%slayers.%d.self_attn.o_proj.bias", P, l);
+        if (c->qk_norm) {
+            ADD_NORM(&lw->q_norm, c->head_dim, "%slayers.%d.self_attn.q_norm.weight", P, l);
+            ADD_NORM(&lw->k_norm, c->head_dim, "%slayers.%d.self_attn.k_norm.weight", P, l);
+        }
+        // Gemma-2 names its four norms input / post_attention / pre_feedforward /
+        // post_feedforward; elsewhere post_attention_layernorm is the MLP's input norm.
+        if (c->post_norms) {
+            ADD_NORM(&lw->attn_post_norm, H, "%slayers.%d.post_attention_layernorm.weight", P, l);
+            ADD_NORM(&lw->mlp_norm, H, "%slayers.%d.pre_feedforward_layernorm.weight", P, l);
+            ADD_NORM(&lw->mlp_post_norm, H, "%slayers.%d.post_feedforward_layernorm.weight", P, l);
+        } else {
+            ADD_NORM(&lw->mlp_norm, H, "%slayers.%d.post_attention_layernorm.weight", P, l);
+        }
         ADD_W(&lw->gate, 2, I, H, "%slayers.%d.mlp.gate_proj.weight", P, l);
         ADD_W(&lw->up, 2, I, H, "%slayers.%d.mlp.up_proj.weight", P, l);
         ADD_W(&lw->down, 2, H, I, "%slayers.%d.mlp.down_proj.weight", P, l);
@@ -329,7 +359,7 @@ int model_load(Model *m, const Config *cfg, const char *const *paths, int n_path
             ADD_W(&lw->down_b, 1, H, 0, "%slayers.%d.mlp.down_proj.bias", P, l);
         }
     }
-    ADD_W(&m->w.final_norm, 1, H, 0, "%snorm.weight", P);
+    ADD_NORM(&m->w.final_norm, H, "%snorm.weight", P);
 
     if (c->arch == ARCH_ARMORM) {
         const int64_t K = c->num_objectives, D = c->gating_hidden_dim;
@@ -370,7 +400,7 @@ int model_load(Model *m, const Config *cfg, const char *const *paths, int n_path
             if (!x) {
                 if (is_ignored_buffer(st->name)) continue;
                 arm_fail(e, "%s: unexpected tensor '%s' (not part of a %s checkpoint with this config)",
-                         sf->path, st->name, arch_name(c->arch));
+                         sf->path, st->name, config_class_name(c));
                 goto fail;
             }
             if (x->found) {
@@ -436,8 +466,13 @@ int model_load(Model *m, const Config *cfg, const char *const *paths, int n_path
             goto fail;
         }
         if (x->kind == DEST_SCALAR) *x->scalar = ((const float *)x->bound)[0];
+        if (x->add_one) {  // in fp32, as the reference computes 1.0 + weight.float()
+            float *w = (float *)x->bound;
+            for (uint64_t i = 0; i < x->found->numel; i++) w[i] = 1.0f + w[i];
+        }
     }
     compute_inv_freq(m);
+    m->embed_scale = config_embed_scale(c, m->compute_wdtype);
     free(jobs);
     free(order);
     free(L.v);
@@ -494,8 +529,9 @@ float **outputs_slot(Outputs *o, Field f) {
     }
 }
 
-const char *arch_name(Arch a) {
-    switch (a) {
+const char *config_class_name(const Config *c) {
+    if (c->model_class[0]) return c->model_class;
+    switch (c->arch) {
         case ARCH_ARMORM: return "LlamaForRewardModelWithGating";
         case ARCH_SEQCLS: return "LlamaForSequenceClassification";
         case ARCH_CAUSALLM: return "LlamaForCausalLM";
@@ -534,7 +570,7 @@ int field_unavailable(const Config *c, const char *name, ArmError *e) {
     for (int g = 0; g < N_FIELDS; g++)
         if (avail & FIELD_BIT(g) && o < sizeof list)
             o += (size_t)snprintf(list + o, sizeof list - o, "%s%s", o ? ", " : "", field_names[g]);
-    return arm_fail(e, "field '%.100s' is not available for %s%s; available: %s", name, arch_name(c->arch),
+    return arm_fail(e, "field '%.100s' is not available for %s%s; available: %s", name, config_class_name(c),
                     c->compute_head ? "" : " without its head", list);
 }
 

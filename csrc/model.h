@@ -12,8 +12,10 @@
 #define ARMORM_MODEL_H
 
 #include <stddef.h>
+#include <math.h>
 #include <stdint.h>
 #include "safetensors.h"
+#include "dtype.h"
 #include "cpu/cpu_features.h"
 
 #define ARM_ERRLEN 1024
@@ -34,7 +36,16 @@ typedef enum {
 
 typedef enum { ROPE_DEFAULT = 0, ROPE_LLAMA3 = 1, ROPE_LINEAR = 2 } RopeType;
 
+// The MLP's gate activation: h = act(gate(x)) * up(x).
+typedef enum {
+    ACT_SILU = 0,       // SwiGLU (Llama, Qwen)
+    ACT_GELU_TANH = 1,  // GeGLU with the tanh approximation of GELU (Gemma-2)
+} Activation;
+
+#define ARM_MAX_LAYERS 4096
+
 typedef struct {
+    char model_class[64];      // config.json's class name, for messages ("" = the Llama name of `arch`)
     Arch arch;                 // what the checkpoint holds
     int compute_head;          // 0: skip the head even when present
     int check_finite;          // 1: refuse a checkpoint with NaN/inf in any tensor read
@@ -51,8 +62,21 @@ typedef struct {
     RopeType rope_type;
     double rope_factor, rope_low_freq_factor, rope_high_freq_factor;
     int rope_original_max_pos;
-    int attention_bias, mlp_bias;
+    int attention_bias;        // biases on q, k, v and o
+    int qkv_bias;              // biases on q, k, v only (Qwen2), o without
+    int mlp_bias;
     int tie_word_embeddings;
+    // Family switches: every family is the one forward pass with these set
+    // (armorm/config.py maps each family's config.json onto them).
+    Activation hidden_act;
+    int norm_offset;           // RMSNorm scales by (1 + w), not w (Gemma)
+    int qk_norm;               // per-head RMSNorm of q and k before RoPE (Qwen3)
+    int post_norms;            // RMSNorm of the attention and MLP outputs before the residual add (Gemma-2)
+    int embed_scale;           // embeddings times sqrt(H), rounded to the embedding's dtype (Gemma)
+    double query_pre_attn_scalar;  // attention scores scale by its -1/2 power (head_dim unless the family says)
+    float attn_softcap;        // > 0: scores = c * tanh(scores / c) before the softmax (Gemma-2)
+    int sliding_window;        // > 0: a sliding layer's query sees only its last `sliding_window` keys
+    uint64_t sliding_layers[ARM_MAX_LAYERS / 64];  // bit l: layer l uses the sliding window
     // head
     int num_objectives;        // K (ArmoRM)
     float gating_temperature;
@@ -70,6 +94,8 @@ typedef struct {
 
 typedef struct {
     WTensor attn_norm, q, k, v, o, q_b, k_b, v_b, o_b;   // biases have data NULL when absent
+    WTensor q_norm, k_norm;                             // (head_dim) with qk_norm, else data NULL
+    WTensor attn_post_norm, mlp_post_norm;              // (H) with post_norms, else data NULL
     WTensor mlp_norm, gate, up, down, gate_b, up_b, down_b;
 } LayerWeights;
 
@@ -102,10 +128,46 @@ typedef struct {
     OwnedBuf *owned;           // buffers holding converted tensors
     int n_owned, cap_owned;
     float *inv_freq;           // (head_dim/2) RoPE frequencies, precomputed
+    float embed_scale;         // embedding multiplier (config_embed_scale for the held dtype)
     int num_threads;
     ArmKernel kernel;          // matmul path, resolved once at load (ARMORM_KERNEL or the best the CPU has)
     double parallel_min_flops; // calls below this run on one thread (ARMORM_PARALLEL_MIN_FLOPS, default 2e8)
 } Model;
+
+static inline int config_layer_sliding(const Config *c, int layer) {
+    return c->sliding_window > 0 && layer >= 0 && layer < ARM_MAX_LAYERS &&
+           (c->sliding_layers[layer / 64] >> (layer % 64) & 1u);
+}
+
+// What one layer's attention computes, decided here for every backend and
+// kernel path: scores = (q . k) * scale, then softcap * tanh(scores / softcap)
+// when softcap > 0; query i of a sequence sees keys j <= i, and only
+// j > i - window when window > 0.
+typedef struct {
+    float scale;
+    float softcap;
+    int64_t window;
+} AttnParams;
+
+static inline AttnParams config_attn_params(const Config *c, int layer) {
+    AttnParams p;
+    // the reference: a Python float (query_pre_attn_scalar ** -0.5) applied to fp32 scores
+    p.scale = (float)pow(c->query_pre_attn_scalar, -0.5);
+    p.softcap = c->attn_softcap > 0.0f ? c->attn_softcap : 0.0f;
+    p.window = config_layer_sliding(c, layer) ? c->sliding_window : 0;
+    return p;
+}
+
+// The embedding multiplier for embeddings held in `held`: 1, or sqrt(H)
+// rounded to that dtype, as the reference multiplies by a scale cast to the
+// weights' dtype (sqrt(2304) = 48 stays, sqrt(3072) = 55.43 becomes 55.5 in bf16).
+static inline float config_embed_scale(const Config *c, WDType held) {
+    if (!c->embed_scale) return 1.0f;
+    const float s = (float)sqrt((double)c->hidden_size);
+    if (held == WT_BF16) return bf16_to_f32(f32_to_bf16(s));
+    if (held == WT_F16) return f16_to_f32(f32_to_f16(s));
+    return s;
+}
 
 // Checks the config numbers for consistency (positive sizes, divisibility, ...).
 int config_validate(const Config *c, ArmError *e);
@@ -187,8 +249,9 @@ typedef struct {
     int gating;       // the gating-position rows are read (prompt_embedding, the ArmoRM head)
 } OutputPlan;
 
-// The architecture's class name ("LlamaForRewardModelWithGating", ...).
-const char *arch_name(Arch a);
+// The checkpoint's class name, for messages: config.json's (Config.model_class,
+// "Gemma2ForSequenceClassification", ...), else the Llama name of its head.
+const char *config_class_name(const Config *c);
 // The fields model `c` produces: its head's (when computed), hidden_state,
 // prompt_embedding (not for a sequence-classification head, as the
 // reference), all_hidden.

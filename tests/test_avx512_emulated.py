@@ -4,7 +4,7 @@ This machine class may lack AVX-512, so the kernel-path tests skip that path;
 here csrc/cpu/attention_avx512.c is compiled against tests/avx512_emu/immintrin.h
 (SIMDe's portable AVX-512, from the system's libsimde-dev headers) with its
 target attribute removed, and tests/avx512_emu/attention_check.c checks, for
-several head shapes, that N sequences sharing a prompt give bit-identical rows
+several head shapes and sliding windows, that N sequences sharing a prompt give bit-identical rows
 scored whole and as one prefix plus N continuations (docs/best_of_n.md), on the
 avx512 and the portable path, and that the two paths agree to fp32 rounding.
 Skips, saying why, without gcc or the SIMDe headers (`apt-get install libsimde-dev`).
@@ -42,7 +42,7 @@ def test_avx512_attention_shares_prefixes_bit_identically(tmp_path):
     assert res.returncode == 0, res.stderr[-4000:]
     out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600, check=True).stdout
     cases = [line for line in out.splitlines() if "identical=" in line]
-    assert len(cases) == 10 and {c.split()[0] for c in cases} == {"portable", "avx512"}, out
+    assert len(cases) == 14 and {c.split()[0] for c in cases} == {"portable", "avx512"}, out
     assert all(c.endswith("identical=1") for c in cases), out
     diff = float(out.split("max_path_diff=")[1])
     assert diff < 1e-5, out

@@ -32,7 +32,14 @@ def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("best_of_n")
     # GQA with 4 query heads per KV head (the avx512 task's row layout), head_dim 16; max_pos for 3000-token prompts
     kw = dict(heads=8, kv_heads=2, hidden=128, head_dim=16, inter=160, layers=2, max_pos=4096)
-    return {dt: make_armorm(root / f"armorm-{dt}", dtype=dt, **kw) for dt in ("float32", "bfloat16")}
+    out = {dt: make_armorm(root / f"armorm-{dt}", dtype=dt, **kw) for dt in ("float32", "bfloat16")}
+    # families whose attention differs: Gemma-2 (sliding window 37 on every other layer, soft-capping), Qwen3
+    # (q/k norms, a window on the upper layers); windows not multiples of the 16-query or 64-key blocks
+    fam = dict(heads=4, kv_heads=2, hidden=64, head_dim=32, inter=96, layers=3)
+    out["gemma2"] = make_armorm(root / "gemma2", family="gemma2", sliding_window=37, **fam)
+    out["qwen3"] = make_armorm(root / "qwen3", family="qwen3", use_sliding_window=True, sliding_window=45,
+                               max_window_layers=1, **fam)
+    return out
 
 
 def load(monkeypatch, path, tiny_path, **kw):
@@ -174,6 +181,22 @@ def test_two_levels_and_reward_positions_inside_the_prefix(monkeypatch, ckpts, p
     ref = [model.score_sequences([s], reward_pos=[r], share_prefixes=False) for s, r in zip(seqs, rpos)]
     for f in together:
         assert np.array_equal(together[f], np.concatenate([r[f] for r in ref])), f
+
+
+@pytest.mark.parametrize("path", PATH_PARAMS)
+@pytest.mark.parametrize("family", ["gemma2", "qwen3"])
+def test_families_with_sliding_windows(monkeypatch, ckpts, path, family):
+    """Windows that reach back across a prefix's end, or not at all, read the same keys as alone."""
+    rng = np.random.default_rng(14)
+    model = load(monkeypatch, path, ckpts[family].path)
+    system = ids(rng, 30)
+    seqs = []
+    for n in (70, 20):  # a prompt longer than the windows, one shorter
+        p = np.concatenate([system, prompt(rng, n)])
+        seqs += [np.concatenate([p, ids(rng, k)]) for k in (1, 15, 40, 90)]
+    seqs.append(prompt(rng, 60))
+    stats = assert_same_as_alone(model, seqs)
+    assert stats["shared_prefixes"] == 3, stats
 
 
 @pytest.mark.parametrize("path", PATH_PARAMS)

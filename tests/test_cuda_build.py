@@ -204,7 +204,7 @@ def test_kernel_harnesses_build(tmp_path):
     res = subprocess.run(["make", "-C", str(ROOT / "benchmarks" / "cuda"), f"BUILD={tmp_path}", f"NVCC={NVCC}",
                           f"-j{min(4, os.cpu_count() or 1)}"], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
-    for t in ("attention", "rmsnorm", "rope", "swiglu", "head"):
+    for t in ("attention", "rmsnorm", "rope", "glu", "head"):
         assert (tmp_path / t).exists()
 
 
@@ -217,7 +217,7 @@ def _up(x, a=ALIGN):
     return (x + a - 1) // a * a
 
 
-def _expected_layout(H, I, L, NH, NKV, HD, V, arch, K, D, NHID, NL, attb, mlpb):
+def _expected_layout(H, I, L, NH, NKV, HD, V, arch, K, D, NHID, NL, attb, mlpb, qkvb=0, qknorm=0, postnorms=0):
     """CudaWeightLayout recomputed from the documented order: embed, final_norm, inv_freq, layers, heads."""
     QD, KD = NH * HD, NKV * HD
     cur = 0
@@ -236,8 +236,10 @@ def _expected_layout(H, I, L, NH, NKV, HD, V, arch, K, D, NHID, NL, attb, mlpb):
     lc = 0
     for name, nbytes in [("wqkv", (QD + 2 * KD) * H * 2), ("wo", H * QD * 2), ("wgu", 2 * I * H * 2),
                          ("wdown", H * I * 2), ("attn_norm", H * 4), ("mlp_norm", H * 4)] + \
-            ([("bqkv", (QD + 2 * KD) * 4), ("bo", H * 4)] if attb else []) + \
-            ([("bgu", 2 * I * 4), ("bdown", H * 4)] if mlpb else []):
+            ([("bqkv", (QD + 2 * KD) * 4)] if attb or qkvb else []) + ([("bo", H * 4)] if attb else []) + \
+            ([("bgu", 2 * I * 4), ("bdown", H * 4)] if mlpb else []) + \
+            ([("q_norm", HD * 4), ("k_norm", HD * 4)] if qknorm else []) + \
+            ([("attn_post_norm", H * 4), ("mlp_post_norm", H * 4)] if postnorms else []):
         off = _up(lc)
         lc = off + nbytes
         lay[name] = off
@@ -261,21 +263,31 @@ CONFIGS = {
     "tiny_biases": (48, 96, 2, 4, 1, 24, 300, 1, 19, 48, 3, 0, 1, 1),
     "seqcls": (64, 96, 3, 4, 2, 16, 300, 2, 0, 0, 0, 3, 0, 0),
 }
+# family switches after MAXTOK: QKVB QKNORM POSTNORMS (Qwen2: q/k/v biases, Qwen3: q/k norms, Gemma-2: post-norms)
+FAMILY_SWITCHES = {"armorm_8b": (0, 0, 0), "tiny_biases": (0, 0, 0), "seqcls": (0, 0, 0),
+                   "qwen2_seqcls": (1, 0, 0), "qwen3_armorm": (0, 1, 0), "gemma2_armorm": (0, 0, 1)}
+CONFIGS.update({
+    "qwen2_seqcls": (64, 96, 2, 4, 2, 16, 300, 2, 0, 0, 0, 1, 0, 0),
+    "qwen3_armorm": (1024, 3072, 2, 16, 8, 128, 1000, 1, 19, 64, 3, 0, 0, 0),
+    "gemma2_armorm": (2304, 9216, 2, 8, 4, 256, 1000, 1, 19, 64, 3, 0, 0, 0),
+})
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_weight_and_activation_layout(host_test, name):
     cfg = CONFIGS[name]
     H, I, L, NH, NKV, HD, V, arch, K, D, NHID, NL, attb, mlpb = cfg
+    qkvb, qknorm, postnorms = FAMILY_SWITCHES[name]
     maxtok = 8192
-    got = {k: int(v) for k, v in run_host(host_test, "plan", *cfg, maxtok).items()}
+    got = {k: int(v) for k, v in run_host(host_test, "plan", *cfg, maxtok, qkvb, qknorm, postnorms).items()}
     assert "error" not in got
-    glob_, lay, stride, total = _expected_layout(*cfg)
+    glob_, lay, stride, total = _expected_layout(*cfg, qkvb, qknorm, postnorms)
     assert got["weights"] == total == got["plan_weights"]
     assert got["layer_stride"] == stride
     for k, v in glob_.items():
         assert got[k] == v, k
-    for k in ("wqkv", "wo", "wgu", "wdown", "attn_norm", "mlp_norm", "bqkv", "bo", "bgu", "bdown"):
+    for k in ("wqkv", "wo", "wgu", "wdown", "attn_norm", "mlp_norm", "bqkv", "bo", "bgu", "bdown", "q_norm",
+              "k_norm", "attn_post_norm", "mlp_post_norm"):
         assert got[k] == lay.get(k, -1), k
     if arch != 1:
         assert got["regression"] == got["transform"] == -1
@@ -290,6 +302,10 @@ def test_weight_and_activation_layout(host_test, name):
         offs.append(_up(cur))
         cur = offs[-1] + nbytes
     assert [got[k] for k in ("act_x", "act_xn", "act_qkv", "act_att", "act_gu", "act_h")] == offs
+    if postnorms:  # (T, H) f32 for a projection's output before its post-norm
+        offs.append(_up(cur))
+        cur = offs[-1] + T * H * 4
+    assert got["act_y"] == (offs[-1] if postnorms else -1)
     assert got["act_total"] == got["plan_act"] == _up(cur)
     assert got["mlp_chunk"] == chunk
     assert got["plan_ws"] == (32 << 20) + 2 * (32 << 20)

@@ -6,7 +6,9 @@ warp shuffles, mma.sync m16n8k16 and ldmatrix are emulated from the PTX ISA's
 fragment layouts. Each kernel runs through the launcher the backend calls and is
 compared with the CPU reference the GPU harnesses use (benchmarks/cuda/reference.h)
 over head dims 16-128, GQA 1:1 to 8:1, sequence lengths 1-700 that end exactly at
-the buffer's end, odd sizes and large amplitudes.
+the buffer's end, odd sizes and large amplitudes; the family kernels too (attention
+with Gemma-2's soft-capping and sliding windows, SwiGLU and GeGLU, the post-norm residual add,
+Qwen3's per-head q/k norm, the scaled embedding).
 
 Mutation tests: builds with one planted fault (a fragment in the wrong register,
 swapped halves, swapped accumulator rows, a shuffle partner error, a grid one
@@ -71,7 +73,7 @@ def checks(stdout: str) -> dict:
     return out
 
 
-@pytest.mark.parametrize("group", ["selftest", "attention", "rmsnorm", "rope", "swiglu", "head", "embedding",
+@pytest.mark.parametrize("group", ["selftest", "attention", "rmsnorm", "rope", "glu", "head", "embedding",
                                    "convert", "gemm"])
 def test_kernel_matches_reference(build, group):
     res = run(build / "kernels_test", group)
@@ -97,7 +99,8 @@ def test_every_kernel_is_covered(build):
                  "embedding_kernel": "launch_embedding", "head_linear_kernel": "launch_head_linear",
                  "armorm_finish_kernel": "launch_armorm_finish", "first_column_kernel": "launch_first_column",
                  "rmsnorm_kernel": "launch_rmsnorm<", "rmsnorm_vec4_kernel": "launch_rmsnorm<",
-                 "rope_kernel": "launch_rope", "swiglu_kernel": "launch_swiglu", "swiglu_vec8_kernel": "launch_swiglu"}
+                 "rope_kernel": "launch_rope", "glu_kernel": "launch_glu", "glu_vec8_kernel": "launch_glu",
+                 "rmsnorm_add_kernel": "launch_rmsnorm_add", "head_rmsnorm_kernel": "launch_head_rmsnorm"}
     missing = sorted(k for k in kernels if k not in launchers)
     assert not missing, f"kernels without an emulation check (add them to tests/cuda_emu/kernels_test.cpp): {missing}"
     for k, call in launchers.items():

@@ -9,7 +9,8 @@ armorm's error must not exceed transformers' bf16 error by more than 10%.
 
 The checkpoints cover both attention kernels: head_dim 16, 64 and 128 take
 the tensor-core kernel, head_dim 24 the portable one; sequence lengths cross
-the 64-query tile boundaries. Skipped, with the reason, where
+the 64-query tile boundaries. Llama, Qwen2, Qwen3 and Gemma-2 (soft-capping and
+sliding windows on both kernels) each against its own transformers class. Skipped, with the reason, where
 armorm._core.cuda_device_count() is 0 or torch has no CUDA.
 """
 from __future__ import annotations
@@ -85,6 +86,18 @@ CKPTS = {
     "hd24_portable_bf16": ("bfloat16", dict(hidden=48, heads=4, kv_heads=1, head_dim=24, rope_theta=500000.0)),
     "hd64_mha_f32": ("float32", dict(hidden=128, heads=2, kv_heads=2, inter=256)),
     "hd128_gqa2_bf16": ("bfloat16", dict(hidden=256, heads=2, kv_heads=1, inter=512, rope_theta=500000.0)),
+    # the families (tests/test_families.py on the CPU): Gemma-2's soft-capping, sliding window (shorter than the
+    # longer sequences, not a multiple of the 64-key blocks), (1 + w) post-norms, GeGLU, scaled embedding, on the
+    # tensor-core kernel and the portable one; Qwen3's q/k norms and upper-layer window; Qwen2's q/k/v biases
+    "gemma2_hd64_bf16": ("bfloat16", dict(family="gemma2", hidden=128, heads=4, kv_heads=2, head_dim=64, inter=256,
+                                          layers=3, sliding_window=100, attn_logit_softcapping=3.0,
+                                          query_pre_attn_scalar=48)),
+    "gemma2_hd24_portable_bf16": ("bfloat16", dict(family="gemma2", hidden=96, heads=4, kv_heads=1, head_dim=24,
+                                                   inter=128, layers=2, sliding_window=37)),
+    "qwen3_hd128_bf16": ("bfloat16", dict(family="qwen3", hidden=128, heads=4, kv_heads=2, head_dim=128, inter=256,
+                                          layers=3, rope_theta=1000000.0, use_sliding_window=True,
+                                          sliding_window=90, max_window_layers=1)),
+    "qwen2_hd32_f32": ("float32", dict(family="qwen2", hidden=128, heads=4, kv_heads=2, inter=256, layers=2)),
 }
 
 
@@ -150,9 +163,11 @@ def test_cuda_matches_cpu_backend_fp32(ckpts, seqs):
         assert rel_err(b[f], a[f]) <= 1.1 * rel_err(theirs[f], a[f]) + 1e-7, f
 
 
-@pytest.mark.parametrize("name", ["hd16_gqa2_f32", "hd24_portable_bf16", "hd128_gqa2_bf16"])
+@pytest.mark.parametrize("name", ["hd16_gqa2_f32", "hd24_portable_bf16", "hd128_gqa2_bf16", "gemma2_hd64_bf16",
+                                  "gemma2_hd24_portable_bf16", "qwen3_hd128_bf16"])
 def test_cuda_shared_prefixes(ckpts, name):
-    """Best-of-N on the GPU (docs/best_of_n.md): prompts computed once, both attention kernels, two levels."""
+    """Best-of-N on the GPU (docs/best_of_n.md): prompts computed once, both attention kernels, two levels,
+    sliding windows across a prefix's end (Gemma-2, Qwen3)."""
     tiny = ckpts[name]
     rng = np.random.default_rng(11)
     system = rng.integers(10, 300, size=70)
@@ -184,8 +199,10 @@ def test_cuda_shared_prefixes(ckpts, name):
         assert rel_err(shared[f], unshared[f]) <= max(e_theirs, 1e-6), f
 
 
-def test_cuda_seqcls_logits(tmp_path, seqs):
-    hf = make_seqcls(tmp_path / "seqcls", dtype="bfloat16", num_labels=3)
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3"])
+def test_cuda_seqcls_logits(tmp_path, seqs, family):
+    kw = {} if family == "llama" else dict(hidden=128, heads=4, kv_heads=2, head_dim=32, inter=256)
+    hf = make_seqcls(tmp_path / "seqcls", dtype="bfloat16", num_labels=3, family=family, **kw)
     model = armorm.ArmoRM.from_pretrained(tmp_path / "seqcls", device_map="cuda")
     try:
         ours = model.score_sequences(seqs, fields=["logits", "score"])

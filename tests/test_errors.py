@@ -441,8 +441,9 @@ def test_architecture_override_must_be_known(ckpt):
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("model_type", "mistral", r"model_type 'mistral' is not supported \(only llama\)"),
-    ("hidden_act", "gelu", r"hidden_act 'gelu' is not supported \(only silu\)"),
+    ("model_type", "mistral", r"model_type 'mistral' is not supported \(supported: llama, qwen2, qwen3, gemma2\)"),
+    ("model_type", "gemma2", r"model_type 'gemma2' contradicts architecture 'LlamaForRewardModelWithGating'"),
+    ("hidden_act", "gelu", r"hidden_act 'gelu' is not supported for this architecture \(supported: silu\)"),
 ])
 def test_config_wrong_model_type(ckpt, key, value, match):
     edit_config(ckpt, **{key: value})

@@ -2,13 +2,16 @@
 
 `assemble(backbone, regression, gating, output)` writes:
 
-- `config.json`: the backbone's, with `architectures: ["LlamaForRewardModelWithGating"]`
-  and the head keys (`num_objectives`, `gating_temperature`,
-  `gating_hidden_dim`, `gating_n_hidden`);
+- `config.json`: the backbone's, with `architectures:
+  ["<Family>ForRewardModelWithGating"]` (the backbone's family:
+  `LlamaForRewardModelWithGating` as RLHFlow's ArmoRM, `Gemma2...`,
+  `Qwen3...`, `Qwen2...`), its `model_type` kept, and the head keys
+  (`num_objectives`, `gating_temperature`, `gating_hidden_dim`,
+  `gating_n_hidden`);
 - the tokenizer files of the backbone (or of `tokenizer_dir`);
-- the backbone weights under ArmoRM's names (`model.` + the LlamaModel name):
+- the backbone weights under ArmoRM's names (`model.` + the `*Model` name):
   a file that already holds only `model.*` tensors is hard-linked (copied
-  when the file system cannot link); otherwise (a bare LlamaModel
+  when the file system cannot link); otherwise (a bare `*Model`
   `save_pretrained` directory, or a file with other heads in it) a new file
   is written with the backbone tensors renamed, streamed tensor by tensor in
   row chunks, never whole in memory;
@@ -29,12 +32,12 @@ from typing import Any, Dict, Iterator, Optional, Union
 import numpy as np
 
 from ..atomic import make_temp_dir
-from ..config import load_config, weight_files
+from ..config import FAMILIES, ModelConfig, load_config, weight_files
 from ..safetensors_io import SafetensorsFile, save_file
 from .stage2 import load_gating, load_regression
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "generation_config.json"]
+                   "chat_template.jinja", "generation_config.json"]
 HEAD_FILE = "model-armorm-head.safetensors"
 _NOT_BACKBONE = ("lm_head.", "score.", "regression_layer.", "reward_transform_matrix", "gating.")
 
@@ -47,6 +50,11 @@ def _backbone_name(name: str) -> Optional[str]:
     if not bare.startswith(("embed_tokens.", "layers.", "norm.", "rotary_emb.")):
         return None
     return "model." + bare
+
+
+def _family_prefix(cfg: ModelConfig) -> str:
+    """"Gemma2" for a gemma2 backbone: the class-name prefix of its family."""
+    return {v: k for k, v in FAMILIES.items()}[cfg.family]
 
 
 def _rows(f: SafetensorsFile, name: str, budget: int = 64 << 20) -> Iterator[np.ndarray]:
@@ -117,7 +125,8 @@ def assemble(backbone: Union[str, os.PathLike], regression: Union[str, os.PathLi
                 weight_map[m] = base
                 total += f.info(n).end - f.info(n).begin
         if "model.embed_tokens.weight" not in weight_map:
-            raise ValueError(f"{backbone}: no embed_tokens.weight among its tensors; is it a Llama backbone?")
+            raise ValueError(f"{backbone}: no embed_tokens.weight among its tensors; is it a {cfg.architecture} "
+                             "backbone?")
         head = {"regression_layer.weight": W.astype(np.float32), "reward_transform_matrix": T.astype(np.float32)}
         head.update({k: v.astype(np.float32) for k, v in sorted(params.items())})
         save_file(head, os.path.join(tmp, HEAD_FILE), metadata={"format": "pt"})
@@ -127,7 +136,7 @@ def assemble(backbone: Union[str, os.PathLike], regression: Union[str, os.PathLi
             total += v.nbytes
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as fh:
             json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, fh, indent=2)
-        raw["architectures"] = ["LlamaForRewardModelWithGating"]
+        raw["architectures"] = [_family_prefix(cfg) + "ForRewardModelWithGating"]
         raw.update(num_objectives=K, gating_temperature=hc["temperature"], gating_hidden_dim=hc["hidden_dim"],
                    gating_n_hidden=hc["n_hidden"])
         for k in ("auto_map",):

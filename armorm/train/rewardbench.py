@@ -232,7 +232,7 @@ def scores_from_model(model: Any, dataset: Any, *, split: str = "filtered", batc
     rm = model if isinstance(model, ArmoRM) else ArmoRM.from_pretrained(
         model, torch_dtype=torch_dtype, num_threads=num_threads, max_batch_tokens=batch_tokens,
         check_finite=check_finite)
-    if rm.architecture != "LlamaForRewardModelWithGating":
+    if rm.config.kind != "armorm":
         raise ValueError(f"{rm.name_or_path} is a {rm.architecture}, not an ArmoRM checkpoint")
     if rm.tokenizer is None:
         raise ValueError(f"{rm.name_or_path} has no tokenizer (tokenizer.json)")

@@ -552,7 +552,7 @@ def scores_from_model(model: Any, dataset: Any, *, split: str = "test", harness_
     rm = ArmoRM.from_pretrained(model, torch_dtype=torch_dtype, num_threads=num_threads,
                                 max_batch_tokens=batch_tokens, check_finite=check_finite) if own else model
     try:
-        if rm.architecture != "LlamaForRewardModelWithGating":
+        if rm.config.kind != "armorm":
             raise ValueError(f"{rm.name_or_path} is a {rm.architecture}, not an ArmoRM checkpoint")
         pipe = _pipeline(rm, harness_tokenization, max_length, truncation, batch_tokens)
         seqs = _encode(pipe, rows, rm.config.max_position_embeddings)

@@ -50,14 +50,17 @@ int main(int argc, char **argv) {
     int32_t *dpar = to_device(parent, B);
     CudaAttnTile *dtiles = to_device(tiles, ntiles);
     CHECK(cudaMalloc(&dout, sizeof(bf16) * T * QD));
-    const float scale = 1.0f / sqrtf((float)hd);
+    AttnParams ap;  // Llama's attention: 1/sqrt(hd), no soft-capping, no window
+    ap.scale = 1.0f / sqrtf((float)hd);
+    ap.softcap = 0.0f;
+    ap.window = 0;
     auto run = [&](int v) {
         if (v == 1) {
             const dim3 grid((unsigned)T, nh);
             attention_warp_kernel<<<grid, 32, sizeof(float) * 2 * hd>>>(dout, dqkv, dpos, dcu, doff, dpar, B, nh, nkv,
-                                                                        hd, scale);
+                                                                        hd, ap);
         } else {
-            launch_attention(dout, dqkv, dcu, doff, dpar, B, dpos, dtiles, ntiles, T, nh, nkv, hd, 0);
+            launch_attention(dout, dqkv, dcu, doff, dpar, B, dpos, dtiles, ntiles, T, nh, nkv, hd, &ap, 0);
         }
     };
     int bad = 0;

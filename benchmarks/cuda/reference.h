@@ -17,13 +17,17 @@
 
 // Causal GQA attention over packed sequences (k_attention.cuh): exact softmax per
 // row in double. qkv (T, (nh + 2 nkv) * hd); out (T, nh * hd); only the query heads
-// listed in `heads` (all when heads is NULL) are written. A sequence may continue
-// an earlier one (csrc/prefix.h): off/parent (NULL: none does) give each
-// sequence's offset and parent, and its queries see its full sequence's keys.
+// listed in `heads` (all when heads is NULL) are written. Scores are (q . k) * scale,
+// then softcap * tanh(s / softcap) when softcap > 0; query i sees keys j <= i, and
+// only j > i - window when window > 0 (a layer's AttnParams). scale 0: 1/sqrt(hd).
+// A sequence may continue an earlier one (csrc/prefix.h): off/parent (NULL: none
+// does) give each sequence's offset and parent; positions count in its full
+// sequence, whose keys its queries see.
 static void attention_ref(float *out, const float *qkv, const int64_t *cu, const int64_t *off,
-                          const int32_t *parent, int B, int nh, int nkv, int hd, const int *heads, int nheads) {
+                          const int32_t *parent, int B, int nh, int nkv, int hd, const int *heads, int nheads,
+                          double scale = 0.0, double softcap = 0.0, int64_t window = 0) {
     const int64_t stride = (int64_t)(nh + 2 * nkv) * hd, QD = (int64_t)nh * hd;
-    const double scale = 1.0 / sqrt((double)hd);
+    if (scale == 0.0) scale = 1.0 / sqrt((double)hd);
     int64_t maxlen = 1;
     for (int b = 0; b < B; b++) {
         const int64_t full = (off ? off[b] : 0) + cu[b + 1] - cu[b];
@@ -32,7 +36,7 @@ static void attention_ref(float *out, const float *qkv, const int64_t *cu, const
     int64_t *zeros = (int64_t *)calloc(B > 0 ? (size_t)B : 1, sizeof(int64_t));  // offsets when off is NULL
     const SeqIndex ix = {cu, off ? off : zeros, off ? parent : NULL};
     double *p = (double *)malloc(sizeof(double) * (size_t)maxlen);
-    int64_t *row = (int64_t *)malloc(sizeof(int64_t) * (size_t)maxlen);  // packed row of each key position
+    int64_t *row = (int64_t *)malloc(sizeof(int64_t) * (size_t)maxlen);  // packed row of each position
     const int nsel = heads ? nheads : nh;
     for (int b = 0; b < B; b++) {
         const int64_t first = ix.off[b], full = first + cu[b + 1] - cu[b];
@@ -41,18 +45,22 @@ static void attention_ref(float *out, const float *qkv, const int64_t *cu, const
             const int h = heads ? heads[hi] : hi, kvh = h / (nh / nkv);
             for (int64_t i = first; i < full; i++) {  // query position i, packed row row[i]
                 const float *q = qkv + row[i] * stride + (int64_t)h * hd;
+                const int64_t j0 = window > 0 && i - window + 1 > 0 ? i - window + 1 : 0;
                 double mx = -INFINITY, z = 0.0;
-                for (int64_t j = 0; j <= i; j++) {
+                for (int64_t j = j0; j <= i; j++) {
                     const float *k = qkv + row[j] * stride + (int64_t)(nh + kvh) * hd;
                     double d = 0.0;
                     for (int c = 0; c < hd; c++) d += (double)q[c] * k[c];
-                    p[j] = d * scale;
+                    d *= scale;
+                    if (softcap > 0.0) d = softcap * tanh(d / softcap);
+                    p[j] = d;
                     if (p[j] > mx) mx = p[j];
                 }
-                for (int64_t j = 0; j <= i; j++) z += (p[j] = exp(p[j] - mx));
+                for (int64_t j = j0; j <= i; j++) z += (p[j] = exp(p[j] - mx));
                 for (int c = 0; c < hd; c++) {
                     double acc = 0.0;
-                    for (int64_t j = 0; j <= i; j++) acc += p[j] * qkv[row[j] * stride + (int64_t)(nh + nkv + kvh) * hd + c];
+                    for (int64_t j = j0; j <= i; j++)
+                        acc += p[j] * qkv[row[j] * stride + (int64_t)(nh + nkv + kvh) * hd + c];
                     out[row[i] * QD + (int64_t)h * hd + c] = (float)(acc / z);
                 }
             }
@@ -93,12 +101,41 @@ static void rope_ref(float *qkv, const int32_t *pos, const float *inv_freq, int6
         }
 }
 
-// SwiGLU (k_swiglu.cuh): h (n, I) = silu(gate) * up, gu (n, 2I) = [gate | up].
-static void swiglu_ref(float *h, const float *gu, int64_t n, int I) {
+// Post-norm residual add (k_rmsnorm.cuh rmsnorm_add): x (R, H) += w * y / sqrt(mean(y^2) + eps).
+static void rmsnorm_add_ref(float *x, const float *y, const float *w, int64_t R, int H, float eps) {
+    for (int64_t r = 0; r < R; r++) {
+        const float *yr = y + r * H;
+        double ss = 0.0;
+        for (int i = 0; i < H; i++) ss += (double)yr[i] * yr[i];
+        const double inv = 1.0 / sqrt(ss / H + eps);
+        for (int i = 0; i < H; i++) x[r * H + i] = (float)(x[r * H + i] + (double)w[i] * yr[i] * inv);
+    }
+}
+
+// Per-head RMSNorm of q and k in place (k_rmsnorm.cuh head_rmsnorm): heads h < nh of
+// qkv (T, (nh + 2 nkv) * hd) scale by wq, the nkv key heads after them by wk.
+static void head_rmsnorm_ref(float *qkv, const float *wq, const float *wk, int64_t T, int nh, int nkv, int hd,
+                             float eps) {
+    for (int64_t t = 0; t < T; t++)
+        for (int h = 0; h < nh + nkv; h++) {
+            float *v = qkv + t * (int64_t)(nh + 2 * nkv) * hd + (int64_t)h * hd;
+            const float *w = h < nh ? wq : wk;
+            double ss = 0.0;
+            for (int d = 0; d < hd; d++) ss += (double)v[d] * v[d];
+            const double inv = 1.0 / sqrt(ss / hd + eps);
+            for (int d = 0; d < hd; d++) v[d] = (float)((double)w[d] * v[d] * inv);
+        }
+}
+
+// Gated activation (k_glu.cuh): h (n, I) = act(gate) * up, gu (n, 2I) = [gate | up]; act 0: SiLU
+// g / (1 + e^-g), act 1: tanh GELU by the reference's formula 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))).
+static void glu_ref(float *h, const float *gu, int64_t n, int I, int act) {
     for (int64_t t = 0; t < n; t++)
         for (int i = 0; i < I; i++) {
             const double g = gu[t * 2 * I + i], u = gu[t * 2 * I + I + i];
-            h[t * I + i] = (float)(g / (1.0 + exp(-g)) * u);
+            const double a = act == 1 ? 0.5 * g * (1.0 + tanh(sqrt(2.0 / M_PI) * (g + 0.044715 * g * g * g)))
+                                      : g / (1.0 + exp(-g));
+            h[t * I + i] = (float)(a * u);
         }
 }
 
@@ -138,10 +175,10 @@ static void first_column_ref(float *score, const float *logits, int B, int NL) {
     for (int b = 0; b < B; b++) score[b] = logits[(int64_t)b * NL];
 }
 
-// Embedding gather (k_embedding.cuh): x (T, H) = emb rows at the token ids.
-static void embedding_ref(float *x, const int32_t *tokens, const float *emb, int64_t T, int H) {
+// Embedding gather (k_embedding.cuh): x (T, H) = emb rows at the token ids, times scale.
+static void embedding_ref(float *x, const int32_t *tokens, const float *emb, int64_t T, int H, float scale = 1.0f) {
     for (int64_t t = 0; t < T; t++)
-        for (int i = 0; i < H; i++) x[t * H + i] = emb[(int64_t)tokens[t] * H + i];
+        for (int i = 0; i < H; i++) x[t * H + i] = emb[(int64_t)tokens[t] * H + i] * scale;
 }
 
 // Bias add (k_convert.cuh): y (T, N) += bias, rounded to bf16 when y is a bf16 tensor.

@@ -1,5 +1,6 @@
 // attention_avx512.c: AVX-512 causal GQA attention block (flash-style), plus
-// the vectorised exp used here and by SwiGLU.
+// the vectorised exp used here and by the gated activations (glu.h). Scale, soft-capping
+// (softcap.h, per row of scores) and sliding window come in an AttnParams.
 //
 // Why: scalar attention ran at a few GFLOP/s and, at 512-token prompts, took
 // longer than all the matmuls together. One task is (sequence, KV group,
@@ -14,6 +15,7 @@
 // Compiled without -march flags; reached only when cpu_features.c found
 // AVX-512 F/BW/VL.
 #include "attention_simd.h"
+#include "softcap.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -46,13 +48,18 @@ T512 __m512 arm_exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-// g[i] = silu(g[i]) * u[i] for i in [0, n)
-T512 void arm_swiglu_avx512(float *g, const float *u, int64_t n) {
-    const __m512 one = _mm512_set1_ps(1.0f);
+// g[i] = act(g[i]) * u[i] = g / (1 + exp(-z(g))) * u for i in [0, n), z as glu.h: g (SiLU) or
+// 2 sqrt(2/pi) (g + 0.044715 g^3) (tanh GELU)
+T512 void arm_glu_avx512(float *g, const float *u, int64_t n, int act) {
+    const __m512 one = _mm512_set1_ps(1.0f), m2k = _mm512_set1_ps(-1.5957691216057308f);
+    const __m512 c = _mm512_set1_ps(0.044715f);
     for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
         const __m512 x = _mm512_maskz_loadu_ps(m, g + i), y = _mm512_maskz_loadu_ps(m, u + i);
-        const __m512 e = arm_exp512(_mm512_sub_ps(_mm512_setzero_ps(), x));
+        const __m512 negz = act == ACT_GELU_TANH
+                                ? _mm512_mul_ps(m2k, _mm512_fmadd_ps(_mm512_mul_ps(c, _mm512_mul_ps(x, x)), x, x))
+                                : _mm512_sub_ps(_mm512_setzero_ps(), x);
+        const __m512 e = arm_exp512(negz);
         _mm512_mask_storeu_ps(g + i, m, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), y));
     }
 }
@@ -127,13 +134,15 @@ T512 static inline void pv_tile(float *O, int ldo, const float *P, const float *
 }
 
 T512 void attention_avx512_task(float *out, const float *q, const float *k, const float *v, const SeqIndex *ix,
-                                int seq, int64_t q0, int nq, int g, int nh, int nkv, int hd, void *scratch) {
+                                int seq, int64_t q0, int nq, int g, int nh, int nkv, int hd, const AttnParams *ap,
+                                void *scratch) {
     const int G = nh / nkv, hd16 = (hd + 15) / 16 * 16;
     const int64_t qs = (int64_t)nh * hd, ks = (int64_t)nkv * hd;
     const int64_t start = ix->cu[seq] - ix->off[seq];  // packed row of query position qi: start + qi
     int64_t krow[KB];                                   // packed rows of the block's keys
     const int R = G * nq;  // row r: head g*G + r / nq, query q0 + r % nq
-    const float scale = 1.0f / sqrtf((float)hd);
+    const float scale = ap->scale;
+    const int64_t W = ap->window;  // > 0: query qi sees keys (qi - W, qi]
     float *kt = (float *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     float *S = kt + hd16 * KB, *O = S + (size_t)G * ATT5_QB * KB, *mx = O + (size_t)G * ATT5_QB * hd16;
     float *sum = mx + G * ATT5_QB, *corr = sum + G * ATT5_QB;
@@ -144,8 +153,9 @@ T512 void attention_avx512_task(float *out, const float *q, const float *k, cons
         sum[r] = 0.0f;
         memset(O + (size_t)r * hd16, 0, sizeof(float) * (size_t)hd16);
     }
-    const int64_t kend = q0 + nq;  // keys needed: 0 .. last query (causal)
-    for (int64_t k0 = 0; k0 < kend; k0 += KB) {
+    const int64_t kend = q0 + nq;  // keys needed: up to the last query (causal), from the window's start
+    const int64_t kfirst = W > 0 && q0 - W + 1 > 0 ? (q0 - W + 1) / KB * KB : 0;
+    for (int64_t k0 = kfirst; k0 < kend; k0 += KB) {
         const int nk = (int)(kend - k0 < KB ? kend - k0 : KB);
         seq_rows(krow, ix, seq, k0, nk);
         // kt[c][j] = K[k0 + j][c] for this group, zero for j >= nk
@@ -156,20 +166,23 @@ T512 void attention_avx512_task(float *out, const float *q, const float *k, cons
         }
         for (int r0 = 0; r0 < R; r0 += RT)
             scores_tile(S + (size_t)r0 * KB, qrow + r0, R - r0 < RT ? R - r0 : RT, kt, hd, scale);
-        // causal mask, online softmax: P = exp(S - running max), corr rescales what came before
+        if (ap->softcap > 0.0f)
+            for (int r = 0; r < R; r++) softcap_row(S + (size_t)r * KB, nk, ap->softcap);
+        // causal (and window) mask, online softmax: P = exp(S - running max), corr rescales what came before
         for (int r = 0; r < R; r++) {
             const int64_t qi = q0 + r % nq;
-            int64_t lim = qi - k0 + 1;
+            int64_t lim = qi - k0 + 1;  // keys [lo, lim) of this block are visible
             if (lim > nk) lim = nk;
+            const int64_t lo = W > 0 && qi - W + 1 - k0 > 0 ? qi - W + 1 - k0 : 0;
             float *s = S + (size_t)r * KB;
-            if (lim <= 0) {  // no visible key in this block: the row is unchanged
+            if (lim <= lo) {  // no visible key in this block: the row is unchanged
                 corr[r] = 1.0f;
                 for (int j = 0; j < 4; j++) _mm512_store_ps(s + 16 * j, _mm512_setzero_ps());
                 continue;
             }
             __m512 sv[4], vmax = _mm512_set1_ps(-INFINITY);
             for (int j = 0; j < 4; j++) {
-                const __mmask16 m = m16(lim - 16 * j);
+                const __mmask16 m = m16(lim - 16 * j) & (__mmask16)~m16(lo - 16 * j);
                 sv[j] = _mm512_mask_blend_ps(m, _mm512_set1_ps(-INFINITY), _mm512_load_ps(s + 16 * j));
                 vmax = _mm512_max_ps(vmax, sv[j]);
             }
@@ -178,7 +191,7 @@ T512 void attention_avx512_task(float *out, const float *q, const float *k, cons
             const __m512 mv = _mm512_set1_ps(mnew);
             __m512 ps = _mm512_setzero_ps();
             for (int j = 0; j < 4; j++) {
-                const __mmask16 m = m16(lim - 16 * j);
+                const __mmask16 m = m16(lim - 16 * j) & (__mmask16)~m16(lo - 16 * j);
                 const __m512 p = _mm512_maskz_mov_ps(m, arm_exp512(_mm512_sub_ps(sv[j], mv)));
                 _mm512_store_ps(s + 16 * j, p);
                 ps = _mm512_add_ps(ps, p);
@@ -209,11 +222,11 @@ int attention_avx512_available(void) { return 1; }
 
 size_t attention_avx512_scratch(int nh, int nkv, int hd) { (void)nh; (void)nkv; (void)hd; return 0; }
 void attention_avx512_task(float *out, const float *q, const float *k, const float *v, const SeqIndex *ix, int seq,
-                           int64_t q0, int nq, int g, int nh, int nkv, int hd, void *scratch) {
+                           int64_t q0, int nq, int g, int nh, int nkv, int hd, const AttnParams *ap, void *scratch) {
     (void)out; (void)q; (void)k; (void)v; (void)ix; (void)seq; (void)q0; (void)nq; (void)g; (void)nh; (void)nkv;
-    (void)hd; (void)scratch;
+    (void)hd; (void)ap; (void)scratch;
 }
-void arm_swiglu_avx512(float *g, const float *u, int64_t n) { (void)g; (void)u; (void)n; }
+void arm_glu_avx512(float *g, const float *u, int64_t n, int act) { (void)g; (void)u; (void)n; (void)act; }
 int attention_avx512_available(void) { return 0; }
 
 #endif

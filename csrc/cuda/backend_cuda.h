@@ -82,6 +82,8 @@ typedef struct {
     int64_t wdown;                 // (H, I) bf16
     int64_t attn_norm, mlp_norm;   // (H) f32
     int64_t bqkv, bo, bgu, bdown;  // f32 biases, -1 when the config has none
+    int64_t q_norm, k_norm;        // (hd) f32 with qk_norm, else -1
+    int64_t attn_post_norm, mlp_post_norm;  // (H) f32 with post_norms, else -1
     // heads (f32), -1 when absent
     int64_t regression;            // (K, H)
     int64_t transform;             // (K, K)
@@ -98,7 +100,8 @@ typedef struct {
     int64_t qkv;    // (T, QD + 2 KD) bf16
     int64_t att;    // (T, QD) bf16 attention output
     int64_t gu;     // (chunk, 2I) bf16 gate | up
-    int64_t h;      // (chunk, I) bf16 silu(gate) * up
+    int64_t h;      // (chunk, I) bf16 act(gate) * up
+    int64_t y;      // (T, H) f32 projection output before its post-norm (post_norms), else -1
     int64_t total;
 } CudaActLayout;
 

@@ -18,6 +18,7 @@ struct CudaModel {
     int gemm_ok;
     Config cfg;               // the config uploaded, to refuse a different Model later
     float logit_scale;
+    float embed_scale;        // config_embed_scale for the bf16 embedding held here
     CudaWeightLayout wl;
     char *weights;            // device, wl.total bytes
     void *lt_ws;              // device, CUDA_LT_WORKSPACE bytes

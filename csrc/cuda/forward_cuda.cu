@@ -3,13 +3,16 @@
 // Per packed batch (the CudaModel's buffers are model_cuda.cu's):
 //   one H2D copy: token ids, positions, cu_seqlens, head rows, attention tiles,
 //                 shared-prefix offsets and parents (csrc/prefix.h)
-//   x (T,H) f32 = embed[tokens]
+//   x (T,H) f32 = embed[tokens] * embed_scale
 //   per layer:
-//     xn = rmsnorm(x) (bf16);  qkv = xn Wqkv^T (bf16);  rope(q, k)
-//     att = attention(qkv);    x += att Wo^T  (fp32 epilogue, beta = 1)
-//     xn = rmsnorm(x);         per chunk: gu = xn Wgu^T;  h = silu(g) * u;  x += h Wdown^T
+//     xn = rmsnorm(x) (bf16);  qkv = xn Wqkv^T (bf16);  [qk_norm: per-head norm of q, k];  rope(q, k)
+//     att = attention(qkv) with the layer's AttnParams (scale, softcap, window)
+//     x += att Wo^T  (fp32 epilogue, beta = 1)   [post_norms: y = att Wo^T; x += rmsnorm(y)]
+//     xn = rmsnorm(x);  per chunk: gu = xn Wgu^T;  h = act(g) * u (SwiGLU or GeGLU);  x += h Wdown^T
+//                                                [post_norms: y = h Wdown^T; x += rmsnorm(y)]
 //   final norm at the reward / gating rows (and every row when asked), heads
 //   one D2H copy of every output, then the host scatters it into Outputs.
+// The bracketed steps are the family switches of Config (model.h), as on the CPU.
 // Activations are bf16 where a GEMM reads them, the residual stream is fp32,
 // norms / softmax / head accumulate in fp32 (fp64 in the head).
 #include "cuda_model.cuh"
@@ -19,7 +22,7 @@
 #include "k_head.cuh"
 #include "k_rmsnorm.cuh"
 #include "k_rope.cuh"
-#include "k_swiglu.cuh"
+#include "k_glu.cuh"
 
 #include <stdio.h>
 #include <string.h>
@@ -35,6 +38,25 @@ typedef struct {
 
 static const float *wf(const CudaModel *cm, int64_t off) { return (const float *)(cm->weights + off); }
 static const bf16 *wb(const CudaModel *cm, int64_t off) { return (const bf16 *)(cm->weights + off); }
+
+// x (n, H) += inp (n, K) Wt^T + bias: straight into the residual stream (beta = 1), or, with a post-norm
+// (post >= 0), through y: x += rmsnorm(inp Wt^T + bias).
+static int residual_gemm(CudaModel *cm, float *x, const bf16 *inp, int64_t wt, int64_t bias, int64_t post,
+                         int64_t n, int64_t K, ArmError *e) {
+    const int H = cm->cfg.hidden_size;
+    const cudaStream_t st = cm->stream;
+    float *y = post >= 0 ? (float *)(cm->act + cm->al.y) : x;
+    if (gemm_bf16(&cm->gemm, st, y, 1, post < 0, inp, wb(cm, wt), n, H, K, e)) return -1;
+    if (bias >= 0) {
+        launch_add_bias<float>(y, wf(cm, bias), n, H, st);
+        CU_CHECK_LAUNCH("add_bias");
+    }
+    if (post >= 0) {
+        launch_rmsnorm_add(x, y, wf(cm, post), n, H, cm->cfg.rms_norm_eps, st);
+        CU_CHECK_LAUNCH("rmsnorm_add");
+    }
+    return 0;
+}
 
 static int layer_forward(CudaModel *cm, int l, const BatchDev *bd, const CudaBatchLayout *bl, ArmError *e) {
     const Config *c = &cm->cfg;
@@ -58,16 +80,19 @@ static int layer_forward(CudaModel *cm, int l, const BatchDev *bd, const CudaBat
         launch_add_bias<bf16>(qkv, wf(cm, L + wl->bqkv), T, (int)QKV, st);
         CU_CHECK_LAUNCH("add_bias");
     }
+    if (wl->q_norm >= 0) {
+        launch_head_rmsnorm(qkv, wf(cm, L + wl->q_norm), wf(cm, L + wl->k_norm), T, nh, nkv, hd, c->rms_norm_eps, st);
+        CU_CHECK_LAUNCH("head_rmsnorm");
+    }
     launch_rope(qkv, bd->pos, wf(cm, wl->inv_freq), T, nh, nkv, hd, st);
     CU_CHECK_LAUNCH("rope");
+    const AttnParams ap = config_attn_params(c, l);
     launch_attention(att, qkv, bd->cu, bd->off, bd->parent, (int)bl->B, bd->pos, bd->tiles, bl->ntiles, T, nh, nkv,
-                     hd, st);
+                     hd, &ap, st);
     CU_CHECK_LAUNCH("attention");
-    if (gemm_bf16(&cm->gemm, st, x, 1, 1, att, wb(cm, L + wl->wo), T, H, QD, e)) return -1;
-    if (wl->bo >= 0) {
-        launch_add_bias<float>(x, wf(cm, L + wl->bo), T, (int)H, st);
-        CU_CHECK_LAUNCH("add_bias");
-    }
+    if (residual_gemm(cm, x, att, L + wl->wo, wl->bo >= 0 ? L + wl->bo : -1,
+                      wl->attn_post_norm >= 0 ? L + wl->attn_post_norm : -1, T, QD, e))
+        return -1;
     // MLP block, in token chunks so the (tokens, 2I) buffer stays bounded
     launch_rmsnorm<bf16>(xn, x, wf(cm, L + wl->mlp_norm), NULL, T, (int)H, c->rms_norm_eps, st);
     CU_CHECK_LAUNCH("rmsnorm");
@@ -78,13 +103,11 @@ static int layer_forward(CudaModel *cm, int l, const BatchDev *bd, const CudaBat
             launch_add_bias<bf16>(gu, wf(cm, L + wl->bgu), n, (int)(2 * I), st);
             CU_CHECK_LAUNCH("add_bias");
         }
-        launch_swiglu(hh, gu, n, (int)I, st);
-        CU_CHECK_LAUNCH("swiglu");
-        if (gemm_bf16(&cm->gemm, st, x + t0 * H, 1, 1, hh, wb(cm, L + wl->wdown), n, H, I, e)) return -1;
-        if (wl->bdown >= 0) {
-            launch_add_bias<float>(x + t0 * H, wf(cm, L + wl->bdown), n, (int)H, st);
-            CU_CHECK_LAUNCH("add_bias");
-        }
+        launch_glu(hh, gu, n, (int)I, (int)c->hidden_act, st);
+        CU_CHECK_LAUNCH("glu");
+        if (residual_gemm(cm, x + t0 * H, hh, L + wl->wdown, wl->bdown >= 0 ? L + wl->bdown : -1,
+                          wl->mlp_post_norm >= 0 ? L + wl->mlp_post_norm : -1, n, I, e))
+            return -1;
     }
     return 0;
 }
@@ -172,7 +195,8 @@ static int batch_run(CudaModel *cm, const CudaBatchLayout *bl, const Want *w, Ar
                          (float *)(cm->batch_dev + up), (float *)(cm->batch_dev + up + res)};
     // the one host-to-device copy of the batch
     CU_CHECK(cudaMemcpyAsync(cm->batch_dev, cm->batch_host, (size_t)(bl->n_ints * 4), cudaMemcpyHostToDevice, st));
-    launch_embedding((float *)(cm->act + cm->al.x), bd.tokens, wb(cm, cm->wl.embed), bl->T, c->hidden_size, st);
+    launch_embedding((float *)(cm->act + cm->al.x), bd.tokens, wb(cm, cm->wl.embed), cm->embed_scale, bl->T,
+                     c->hidden_size, st);
     CU_CHECK_LAUNCH("embedding");
     for (int l = 0; l < c->num_layers; l++)
         if (layer_forward(cm, l, &bd, bl, e)) return -1;
@@ -212,7 +236,9 @@ static int same_shape(const Config *a, const Config *b) {
            a->num_layers == b->num_layers && a->num_heads == b->num_heads && a->num_kv_heads == b->num_kv_heads &&
            a->head_dim == b->head_dim && a->vocab_size == b->vocab_size && a->num_objectives == b->num_objectives &&
            a->gating_hidden_dim == b->gating_hidden_dim && a->gating_n_hidden == b->gating_n_hidden &&
-           a->num_labels == b->num_labels && a->attention_bias == b->attention_bias && a->mlp_bias == b->mlp_bias;
+           a->num_labels == b->num_labels && a->attention_bias == b->attention_bias && a->mlp_bias == b->mlp_bias &&
+           a->qkv_bias == b->qkv_bias && a->qk_norm == b->qk_norm && a->post_norms == b->post_norms &&
+           a->hidden_act == b->hidden_act && a->norm_offset == b->norm_offset && a->embed_scale == b->embed_scale;
 }
 
 extern "C" int cuda_forward(CudaModel *cm, const Model *m, const Batch *b, const OutputPlan *p, Outputs *out,

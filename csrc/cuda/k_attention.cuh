@@ -4,9 +4,10 @@
 // end to end (cu_seqlens, no padding). Output: out (T, nh * hd) bf16.
 // A sequence may continue an earlier one (a shared prefix, csrc/prefix.h):
 // off[b] is the position of its first own token, parent[b] the sequence it
-// continues (-1: none). Keys are indexed by position in the full sequence
-// and read from packed row seq_row32(b, j), so a continuation's queries see
-// the prefix's keys and values first; queries and outputs are its own rows.
+// continues (-1: none). Keys (and windows) are counted in positions of the
+// full sequence and key j is read from packed row seq_row32(b, j), so a
+// continuation's queries see the prefix's keys and values first; queries and
+// outputs are its own rows.
 // Query head h reads key/value head h / (nh / nkv). Memory is O(tile), never
 // L x L: scores live in registers and the softmax is the online (running max,
 // running sum) one.
@@ -25,14 +26,20 @@
 // attention_warp_kernel: any even head_dim. One warp per (query token,
 // head), keys walked one at a time; slow, exact fp32 softmax. Used for head
 // dims the tensor-core kernel is not built for (tiny test models).
+//
+// Both take the layer's AttnParams (model.h, config_attn_params), as the CPU
+// paths do: score scale, soft-capping (k_softcap.cuh) of the scaled scores,
+// and the sliding window (query i sees keys i - window < j <= i).
 #ifndef ARMORM_CUDA_K_ATTENTION_CUH
 #define ARMORM_CUDA_K_ATTENTION_CUH
 
 #include "k_common.cuh"
+#include "k_softcap.cuh"
 #include "backend_cuda.h"
 #include "../prefix.h"
 
 #define ATT_WARPS 4
+#define ATT_LOG2E 1.4426950408889634f
 #define ATT_BQ (ATT_WARPS * 16)
 static_assert(ATT_BQ == CUDA_ATTN_BLOCK_Q, "the host plans tiles of ATT_BQ queries");
 
@@ -69,7 +76,7 @@ template <int HD>
 __global__ void __launch_bounds__(ATT_WARPS * 32) attention_tc_kernel(bf16 *out, const bf16 *qkv, const int32_t *cu,
                                                                       const int32_t *off, const int32_t *parent,
                                                                       const CudaAttnTile *tiles, int nh, int nkv,
-                                                                      float scale_log2) {
+                                                                      AttnParams ap) {
     constexpr int BK = AttShape<HD>::BK, KP = AttShape<HD>::KP, VP = AttShape<HD>::VP;
     static_assert(HD % 16 == 0 && HD <= 128, "tensor-core attention is built for HD 16..128, multiples of 16");
     __shared__ __align__(16) bf16 Ks[BK * KP];  // (BK, HD) keys, row-major
@@ -80,11 +87,12 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) attention_tc_kernel(bf16 *out,
     const int first = off[tile.seq], full = first + len;  // positions of the own tokens: first .. full - 1
     const int64_t stride = (int64_t)(nh + 2 * nkv) * HD;
     const bf16 *qb = qkv + (int64_t)start * stride + (int64_t)h * HD;
-    const bf16 *kb_ = qkv + (int64_t)(nh + kvh) * HD;        // + seq_row32(j) * stride
+    const bf16 *kb_ = qkv + (int64_t)(nh + kvh) * HD;  // + seq_row32(key) * stride
     const bf16 *vb_ = qkv + (int64_t)(nh + nkv + kvh) * HD;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;  // this thread's two query rows, within the own tokens
     const int p0 = first + r0, p1 = first + r1;      // ... and their positions in the full sequence
+    const int fq0 = first + q0;                      // the tile's first query position
 
     // Q fragments for this warp's 16 rows, read once from global memory (rows past the end are 0).
     uint32_t qa[HD / 16][4];
@@ -100,10 +108,14 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) attention_tc_kernel(bf16 *out,
 #pragma unroll
     for (int dt = 0; dt < HD / 8; dt++) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
-    const int kend = min(full, first + q0 + ATT_BQ);  // causal: no query of the tile sees a later key
-    const int wlast = first + q0 + warp * 16 + 15;    // this warp's last query position
+    const int kend = min(full, fq0 + ATT_BQ);    // causal: no query of the tile sees a later key
+    const int wlast = fq0 + warp * 16 + 15;      // this warp's last query position
+    const int window = (int)ap.window;           // > 0: position p sees keys p - window < key <= p
+    const int wfirst_key = fq0 + warp * 16 - window + 1;  // (with a window) the first key this warp's rows see
+    const float scale_log2 = ap.scale * ATT_LOG2E;        // softmax in base 2: exp(x) = exp2(x log2 e)
+    const int kstart = window > 0 && fq0 - window + 1 > 0 ? (fq0 - window + 1) / BK * BK : 0;
 
-    for (int kb = 0; kb < kend; kb += BK) {
+    for (int kb = kstart; kb < kend; kb += BK) {
         __syncthreads();  // every warp is done with the previous block's K and V
         // Stage keys kb .. kb+BK-1; thread -> (key j, 8 dims at c); consecutive threads take
         // consecutive keys, so the transposed V stores of a warp hit distinct banks. Zeros past
@@ -123,6 +135,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) attention_tc_kernel(bf16 *out,
         }
         __syncthreads();
         if (kb > wlast) continue;  // all of this warp's rows precede these keys
+        if (window > 0 && kb + BK <= wfirst_key) continue;  // all of these keys left this warp's windows
 
         // S (16 x BK) = Q K^T, one m16n8 accumulator per 8 keys
         float s[BK / 8][4];
@@ -140,8 +153,9 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) attention_tc_kernel(bf16 *out,
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int key = kb + nt * 8 + tq * 2 + (e & 1), row = e < 2 ? p0 : p1;
-                float v = s[nt][e] * scale_log2;
-                if (key > row || key >= full) v = -INFINITY;
+                float v = ap.softcap > 0.0f ? softcap(s[nt][e] * ap.scale, ap.softcap) * ATT_LOG2E
+                                            : s[nt][e] * scale_log2;
+                if (key > row || key >= full || (window > 0 && key <= row - window)) v = -INFINITY;
                 s[nt][e] = v;
                 if (e < 2) mx0 = fmaxf(mx0, v);
                 else mx1 = fmaxf(mx1, v);
@@ -210,7 +224,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) attention_tc_kernel(bf16 *out,
 // pos[t] is t's position in its full sequence, so its keys are positions 0 .. pos[t].
 static __global__ void attention_warp_kernel(bf16 *out, const bf16 *qkv, const int32_t *pos, const int32_t *cu,
                                              const int32_t *off, const int32_t *parent, int B, int nh, int nkv, int hd,
-                                             float scale) {
+                                             AttnParams ap) {
     EXTERN_SHARED(float, att_sm);
     float *q = att_sm, *acc = att_sm + hd;  // each lane touches only its own dims d = lane + 32i
     const int64_t t = blockIdx.x;
@@ -227,12 +241,15 @@ static __global__ void attention_warp_kernel(bf16 *out, const bf16 *qkv, const i
         else hi = mid - 1;
     }
     float m = -INFINITY, l = 0.0f;
-    for (int jp = 0; jp <= pos[t]; jp++) {
+    int64_t jp0 = 0;  // the first key position t sees
+    if (ap.window > 0 && pos[t] - ap.window + 1 > jp0) jp0 = pos[t] - ap.window + 1;
+    for (int64_t jp = jp0; jp <= pos[t]; jp++) {
         const int64_t j = seq_row32(cu, off, parent, b, jp);
         const bf16 *k = qkv + j * stride + (int64_t)(nh + kvh) * hd, *v = k + (int64_t)nkv * hd;
         float dot = 0.0f;
         for (int d = lane; d < hd; d += 32) dot += q[d] * bf2f(k[d]);
-        const float sc = warp_sum(dot) * scale;
+        float sc = warp_sum(dot) * ap.scale;
+        if (ap.softcap > 0.0f) sc = softcap(sc, ap.softcap);
         const float mn = fmaxf(m, sc), corr = expf(m - mn), p = expf(sc - mn);
         l = l * corr + p;
         for (int d = lane; d < hd; d += 32) acc[d] = acc[d] * corr + p * bf2f(v[d]);
@@ -242,23 +259,31 @@ static __global__ void attention_warp_kernel(bf16 *out, const bf16 *qkv, const i
     for (int d = lane; d < hd; d += 32) o[d] = f2bf(acc[d] / l);
 }
 
-// Launches the kernel cuda_launch_attention picks for head_dim.
+// Launches the kernel cuda_launch_attention picks for head_dim, with the layer's AttnParams.
 // off, parent: (B) each sequence's offset and parent (int32).
 static void launch_attention(bf16 *out, const bf16 *qkv, const int32_t *cu, const int32_t *off,
                              const int32_t *parent, int B, const int32_t *pos, const CudaAttnTile *tiles,
-                             int64_t ntiles, int64_t T, int nh, int nkv, int hd, cudaStream_t st) {
+                             int64_t ntiles, int64_t T, int nh, int nkv, int hd, const AttnParams *ap,
+                             cudaStream_t st) {
     const CudaLaunch l = cuda_launch_attention(ntiles, T, nh, hd);
     const dim3 grid(l.grid_x, l.grid_y, l.grid_z);
-    const float scale = 1.0f / sqrtf((float)hd);
-    const float scale_log2 = scale * 1.4426950408889634f;  // softmax in base 2: exp(x) = exp2(x log2 e)
+    const AttnParams p = *ap;
     switch (cuda_attn_tc_supported(hd) ? hd : 0) {
-        case 16: LAUNCH_KERNEL(attention_tc_kernel<16>, grid, l.block, 0, st)(out, qkv, cu, off, parent, tiles, nh, nkv, scale_log2); break;
-        case 32: LAUNCH_KERNEL(attention_tc_kernel<32>, grid, l.block, 0, st)(out, qkv, cu, off, parent, tiles, nh, nkv, scale_log2); break;
-        case 64: LAUNCH_KERNEL(attention_tc_kernel<64>, grid, l.block, 0, st)(out, qkv, cu, off, parent, tiles, nh, nkv, scale_log2); break;
-        case 128: LAUNCH_KERNEL(attention_tc_kernel<128>, grid, l.block, 0, st)(out, qkv, cu, off, parent, tiles, nh, nkv, scale_log2); break;
+        case 16:
+            LAUNCH_KERNEL(attention_tc_kernel<16>, grid, l.block, 0, st)(out, qkv, cu, off, parent, tiles, nh, nkv, p);
+            break;
+        case 32:
+            LAUNCH_KERNEL(attention_tc_kernel<32>, grid, l.block, 0, st)(out, qkv, cu, off, parent, tiles, nh, nkv, p);
+            break;
+        case 64:
+            LAUNCH_KERNEL(attention_tc_kernel<64>, grid, l.block, 0, st)(out, qkv, cu, off, parent, tiles, nh, nkv, p);
+            break;
+        case 128:
+            LAUNCH_KERNEL(attention_tc_kernel<128>, grid, l.block, 0, st)(out, qkv, cu, off, parent, tiles, nh, nkv, p);
+            break;
         default:
             LAUNCH_KERNEL(attention_warp_kernel, grid, l.block, l.smem, st)(out, qkv, pos, cu, off, parent, B, nh, nkv,
-                                                                             hd, scale);
+                                                                             hd, p);
             break;
     }
 }

@@ -97,13 +97,22 @@ static int upload_layer(Uploader *u, const CudaModel *cm, const LayerWeights *lw
         upload_w(u, L, wl->wgu + I * H * 2, &lw->up, I, H, 1, "up_proj", l, e) ||
         upload_w(u, L, wl->wdown, &lw->down, H, I, 1, "down_proj", l, e) ||
         upload_w(u, L, wl->attn_norm, &lw->attn_norm, 1, H, 0, "input_layernorm", l, e) ||
-        upload_w(u, L, wl->mlp_norm, &lw->mlp_norm, 1, H, 0, "post_attention_layernorm", l, e))
+        upload_w(u, L, wl->mlp_norm, &lw->mlp_norm, 1, H, 0, "the MLP's input norm", l, e))
         return -1;
-    if (c->attention_bias &&
+    if (wl->bqkv >= 0 &&
         (upload_w(u, L, wl->bqkv, &lw->q_b, 1, QD, 0, "q_proj.bias", l, e) ||
          upload_w(u, L, wl->bqkv + QD * 4, &lw->k_b, 1, KD, 0, "k_proj.bias", l, e) ||
-         upload_w(u, L, wl->bqkv + (QD + KD) * 4, &lw->v_b, 1, KD, 0, "v_proj.bias", l, e) ||
-         upload_w(u, L, wl->bo, &lw->o_b, 1, H, 0, "o_proj.bias", l, e)))
+         upload_w(u, L, wl->bqkv + (QD + KD) * 4, &lw->v_b, 1, KD, 0, "v_proj.bias", l, e)))
+        return -1;
+    if (wl->bo >= 0 && upload_w(u, L, wl->bo, &lw->o_b, 1, H, 0, "o_proj.bias", l, e)) return -1;
+    // (norms held as 1 + w arrive so: model.c added the one at load)
+    if (wl->q_norm >= 0 &&
+        (upload_w(u, L, wl->q_norm, &lw->q_norm, 1, c->head_dim, 0, "q_norm", l, e) ||
+         upload_w(u, L, wl->k_norm, &lw->k_norm, 1, c->head_dim, 0, "k_norm", l, e)))
+        return -1;
+    if (wl->attn_post_norm >= 0 &&
+        (upload_w(u, L, wl->attn_post_norm, &lw->attn_post_norm, 1, H, 0, "post-attention norm", l, e) ||
+         upload_w(u, L, wl->mlp_post_norm, &lw->mlp_post_norm, 1, H, 0, "post-feedforward norm", l, e)))
         return -1;
     if (c->mlp_bias &&
         (upload_w(u, L, wl->bgu, &lw->gate_b, 1, I, 0, "gate_proj.bias", l, e) ||
@@ -265,6 +274,7 @@ extern "C" int cuda_model_create(CudaModel **out, const Model *m, int device, Ar
     cm->device = device;
     cm->cfg = m->cfg;
     cm->logit_scale = m->w.logit_scale;
+    cm->embed_scale = config_embed_scale(&m->cfg, WT_BF16);
     if (cuda_weight_layout(&cm->cfg, &cm->wl) || create_resources(cm, e) || upload_all(cm, m, e)) {
         cuda_model_free(cm);
         return -1;

@@ -45,13 +45,20 @@ int cuda_weight_layout(const Config *c, CudaWeightLayout *w) {
     w->attn_norm = carve(&lc, H * f4);
     w->mlp_norm = carve(&lc, H * f4);
     w->bqkv = w->bo = w->bgu = w->bdown = -1;
-    if (c->attention_bias) {
-        w->bqkv = carve(&lc, (QD + 2 * KD) * f4);
-        w->bo = carve(&lc, H * f4);
-    }
+    w->q_norm = w->k_norm = w->attn_post_norm = w->mlp_post_norm = -1;
+    if (c->attention_bias || c->qkv_bias) w->bqkv = carve(&lc, (QD + 2 * KD) * f4);
+    if (c->attention_bias) w->bo = carve(&lc, H * f4);
     if (c->mlp_bias) {
         w->bgu = carve(&lc, 2 * I * f4);
         w->bdown = carve(&lc, H * f4);
+    }
+    if (c->qk_norm) {
+        w->q_norm = carve(&lc, (int64_t)c->head_dim * f4);
+        w->k_norm = carve(&lc, (int64_t)c->head_dim * f4);
+    }
+    if (c->post_norms) {
+        w->attn_post_norm = carve(&lc, H * f4);
+        w->mlp_post_norm = carve(&lc, H * f4);
     }
     w->layer_stride = align_up(lc, CUDA_ALIGN);
     w->layers = carve(&cur, w->layer_stride * c->num_layers);
@@ -88,6 +95,7 @@ int cuda_act_layout(const Config *c, int64_t max_tokens, CudaActLayout *a) {
     a->att = carve(&cur, T * QD * 2);
     a->gu = carve(&cur, chunk * 2 * I * 2);
     a->h = carve(&cur, chunk * I * 2);
+    a->y = c->post_norms ? carve(&cur, T * H * 4) : -1;
     a->total = align_up(cur, CUDA_ALIGN);
     return 0;
 }

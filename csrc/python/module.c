@@ -84,6 +84,43 @@ static int get_int(PyObject *d, const char *key, int *out, int required, int dfl
     return 0;
 }
 
+// "sliding_layers": the indices of the layers that use the sliding window.
+static int config_layers_from_dict(PyObject *d, Config *c) {
+    PyObject *v = PyDict_GetItemString(d, "sliding_layers");  // borrowed
+    if (!v || v == Py_None) return 0;
+    PyObject *seq = PySequence_Fast(v, "config 'sliding_layers' must be a sequence of layer indices");
+    if (!seq) return -1;
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+        long l = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (l == -1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        if (l < 0 || l >= c->num_layers || l >= ARM_MAX_LAYERS) {
+            Py_DECREF(seq);
+            PyErr_Format(PyExc_ValueError, "config 'sliding_layers': layer %ld is outside the %d layers", l,
+                         c->num_layers);
+            return -1;
+        }
+        c->sliding_layers[l / 64] |= (uint64_t)1 << (l % 64);
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
+// "model_class": the checkpoint's class name, for messages.
+static int config_class_from_dict(PyObject *d, Config *c) {
+    PyObject *v = PyDict_GetItemString(d, "model_class");  // borrowed
+    if (!v || v == Py_None) return 0;
+    const char *name = PyUnicode_Check(v) ? PyUnicode_AsUTF8(v) : NULL;
+    if (!name) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "config 'model_class' must be a str");
+        return -1;
+    }
+    snprintf(c->model_class, sizeof c->model_class, "%s", name);
+    return 0;
+}
+
 static int config_from_dict(PyObject *d, Config *c) {
     memset(c, 0, sizeof *c);
     if (!PyDict_Check(d)) {
@@ -108,8 +145,19 @@ static int config_from_dict(PyObject *d, Config *c) {
         get_int(d, "num_objectives", &c->num_objectives, 0, 19) ||
         get_int(d, "gating_hidden_dim", &c->gating_hidden_dim, 0, 1024) ||
         get_int(d, "gating_n_hidden", &c->gating_n_hidden, 0, 3) ||
-        get_int(d, "num_labels", &c->num_labels, 0, 1))
+        get_int(d, "num_labels", &c->num_labels, 0, 1) || get_int(d, "qkv_bias", &c->qkv_bias, 0, 0) ||
+        get_int(d, "norm_offset", &c->norm_offset, 0, 0) || get_int(d, "qk_norm", &c->qk_norm, 0, 0) ||
+        get_int(d, "post_norms", &c->post_norms, 0, 0) || get_int(d, "embed_scale", &c->embed_scale, 0, 0) ||
+        get_int(d, "sliding_window", &c->sliding_window, 0, 0))
         return -1;
+    int act = 0;
+    if (get_int(d, "hidden_act", &act, 0, ACT_SILU)) return -1;
+    if (act != ACT_SILU && act != ACT_GELU_TANH) {
+        PyErr_SetString(PyExc_ValueError, "config: hidden_act code out of range");
+        return -1;
+    }
+    c->hidden_act = (Activation)act;
+    if (config_layers_from_dict(d, c) || config_class_from_dict(d, c)) return -1;
     if (arch < 0 || arch > 3 || rope < 0 || rope > 2) {
         PyErr_SetString(PyExc_ValueError, "config: arch / rope_type out of range");
         return -1;
@@ -129,6 +177,11 @@ static int config_from_dict(PyObject *d, Config *c) {
     int r = get_num(d, "gating_temperature", &x, 0);
     if (r < 0) return -1;
     if (r == 0) c->gating_temperature = (float)x;
+    c->query_pre_attn_scalar = c->head_dim;  // the usual 1/sqrt(head_dim) scale
+    if (get_num(d, "query_pre_attn_scalar", &c->query_pre_attn_scalar, 0) < 0) return -1;
+    r = get_num(d, "attn_softcap", &x, 0);
+    if (r < 0) return -1;
+    if (r == 0) c->attn_softcap = (float)x;
     return 0;
 }
 
@@ -685,6 +738,8 @@ PyMODINIT_FUNC PyInit__core(void) {
     PyModule_AddIntConstant(mod, "ROPE_DEFAULT", ROPE_DEFAULT);
     PyModule_AddIntConstant(mod, "ROPE_LLAMA3", ROPE_LLAMA3);
     PyModule_AddIntConstant(mod, "ROPE_LINEAR", ROPE_LINEAR);
+    PyModule_AddIntConstant(mod, "ACT_SILU", ACT_SILU);
+    PyModule_AddIntConstant(mod, "ACT_GELU_TANH", ACT_GELU_TANH);
 #ifdef ARMORM_WITH_CUDA
     PyModule_AddIntConstant(mod, "CUDA_BUILT", 1);
 #else

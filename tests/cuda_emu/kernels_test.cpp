@@ -2,7 +2,7 @@
 // backend calls it) on the CPU emulation (emu.h), against the kernel's CPU
 // reference in benchmarks/cuda/reference.h, for tests/test_cuda_emulation.py.
 //
-//   kernels_test [GROUP...]    groups: selftest attention rmsnorm rope swiglu head embedding convert gemm
+//   kernels_test [GROUP...]    groups: selftest attention rmsnorm rope glu head embedding convert gemm
 //                              (default: all); "quick" is a small subset for the mutation builds
 //
 // "gemm" checks the cuBLASLt call the backend makes for every projection: the
@@ -27,10 +27,10 @@
 #include "k_attention.cuh"
 #include "k_convert.cuh"
 #include "k_embedding.cuh"
+#include "k_glu.cuh"
 #include "k_head.cuh"
 #include "k_rmsnorm.cuh"
 #include "k_rope.cuh"
-#include "k_swiglu.cuh"
 #include "lt_standin.h"
 
 namespace {
@@ -83,10 +83,12 @@ std::vector<float> uniform(int64_t n, float scale, uint64_t seed) {
 // ---- attention -------------------------------------------------------------------------------
 
 // qkv for sequences `lens` with nh query / nkv key-value heads; `warp_kernel` runs the portable
-// kernel directly (as the harness's version 1), otherwise launch_attention picks. `parent` (empty: none)
-// makes sequence b continue sequence parent[b] (a shared prefix, csrc/prefix.h).
+// kernel directly (as the harness's version 1), otherwise launch_attention picks. softcap / window
+// (> 0): Gemma-2's soft-capping and sliding window, with scale 1/sqrt(qpas) (qpas 0: head_dim). `parent`
+// (empty: none) makes sequence b continue sequence parent[b] (a shared prefix, csrc/prefix.h).
 void attention_case(int hd, int nh, int nkv, const std::vector<int> &lens, float amp, bool warp_kernel,
-                    uint64_t seed, const std::vector<int32_t> &parent = {}) {
+                    uint64_t seed, float softcap = 0.0f, int64_t window = 0, int qpas = 0,
+                    const std::vector<int32_t> &parent = {}) {
     const int B = (int)lens.size();
     std::vector<int64_t> cu((size_t)B + 1, 0), off((size_t)B, 0);
     std::vector<int32_t> par = parent.empty() ? std::vector<int32_t>((size_t)B, -1) : parent;
@@ -108,16 +110,22 @@ void attention_case(int hd, int nh, int nkv, const std::vector<int> &lens, float
     int32_t *dpos = dev_copy(pos.data(), T), *dcu = dev_copy(cu32.data(), B + 1);
     int32_t *doff = dev_copy(off32.data(), B), *dpar = dev_copy(par.data(), B);
     CudaAttnTile *dtiles = dev_copy(tiles.data(), ntiles);
+    AttnParams ap;
+    ap.scale = (float)pow((double)(qpas > 0 ? qpas : hd), -0.5);
+    ap.softcap = softcap;
+    ap.window = window;
     if (warp_kernel)
         LAUNCH_KERNEL(attention_warp_kernel, dim3((unsigned)T, (unsigned)nh), 32, sizeof(float) * 2 * hd, nullptr)(
-            dout, dqkv, dpos, dcu, doff, dpar, B, nh, nkv, hd, 1.0f / sqrtf((float)hd));
+            dout, dqkv, dpos, dcu, doff, dpar, B, nh, nkv, hd, ap);
     else
-        launch_attention(dout, dqkv, dcu, doff, dpar, B, dpos, dtiles, ntiles, T, nh, nkv, hd, nullptr);
+        launch_attention(dout, dqkv, dcu, doff, dpar, B, dpos, dtiles, ntiles, T, nh, nkv, hd, &ap, nullptr);
     std::vector<float> ref((size_t)(T * QD)), got = host_of(dout, T * QD);
-    attention_ref(ref.data(), qkv.data(), cu.data(), off.data(), par.data(), B, nh, nkv, hd, nullptr, 0);
-    char name[112];
-    snprintf(name, sizeof name, "attention %s hd %d %d:%d T %lld amp %g%s", warp_kernel ? "warp" : "launch", hd, nh,
-             nkv, (long long)T, amp, parent.empty() ? "" : " shared prefixes");
+    attention_ref(ref.data(), qkv.data(), cu.data(), off.data(), par.data(), B, nh, nkv, hd, nullptr, 0, ap.scale,
+                  softcap, window);
+    char name[144];
+    snprintf(name, sizeof name, "attention %s hd %d %d:%d T %lld amp %g%s%s", warp_kernel ? "warp" : "launch", hd,
+             nh, nkv, (long long)T, amp, softcap > 0 || window > 0 ? " softcap/window" : "",
+             parent.empty() ? "" : " shared prefixes");
     // P is rounded to bf16 for the tensor-core product and the output is bf16: ~2^-8 relative
     count(validate(name, got.data(), ref.data(), T * QD, 2e-2));
     free(dqkv);
@@ -150,14 +158,25 @@ void test_attention(bool quick) {
     attention_case(40, 8, 1, {33, 2}, 2.0f, false, 12);
     attention_case(64, 4, 1, {64, 17}, 2.0f, true, 13);
     attention_case(48, 2, 2, {100}, 40.0f, false, 14);
+    // Gemma-2: soft-capped scores (large amplitudes: the cap binds), sliding windows shorter than the
+    // sequences, not multiples of the 64-key blocks, on every tensor-core head dim and the warp kernel
+    for (int hd : {16, 32, 64, 128})
+        attention_case(hd, 4, 2, {1, 65, 300, 37}, 20.0f, false, (uint64_t)(20 + hd), 3.0f, 37, 24);
+    attention_case(32, 8, 2, {200, 129}, 2.0f, false, 30, 0.0f, 64);   // window = one key block
+    attention_case(64, 2, 1, {700}, 2.0f, false, 31, 0.0f, 100);       // windows across many blocks
+    attention_case(16, 4, 1, {130, 3}, 20.0f, false, 32, 50.0f, 0);    // soft-capping alone
+    attention_case(24, 4, 2, {150, 5}, 20.0f, false, 33, 3.0f, 37, 24);  // the warp kernel
+    attention_case(64, 4, 1, {90}, 20.0f, true, 34, 3.0f, 40);
     // shared prefixes (csrc/prefix.h): continuations of 1, 63, 64, 65 and 130 tokens after a prefix that ends
-    // inside a tile, one two levels deep, a plain sequence between; both kernels
+    // inside a tile, one two levels deep, a plain sequence between; both kernels; windows across the prefix's end
     const std::vector<int> lens = {100, 1, 63, 40, 64, 65, 130, 7};
     const std::vector<int32_t> parent = {-1, 0, 0, -1, 0, 0, 5, 3};
-    attention_case(64, 4, 2, lens, 2.0f, false, 15, parent);
-    attention_case(16, 8, 1, lens, 2.0f, false, 16, parent);
-    attention_case(24, 4, 2, lens, 2.0f, false, 17, parent);
-    attention_case(64, 4, 1, lens, 2.0f, true, 18, parent);
+    attention_case(64, 4, 2, lens, 2.0f, false, 15, 0.0f, 0, 0, parent);
+    attention_case(16, 8, 1, lens, 2.0f, false, 16, 0.0f, 0, 0, parent);
+    attention_case(24, 4, 2, lens, 2.0f, false, 17, 0.0f, 0, 0, parent);
+    attention_case(64, 4, 1, lens, 2.0f, true, 18, 0.0f, 0, 0, parent);
+    attention_case(32, 4, 2, lens, 20.0f, false, 19, 3.0f, 37, 24, parent);
+    attention_case(24, 4, 2, lens, 20.0f, false, 35, 3.0f, 37, 24, parent);
 }
 
 // ---- rmsnorm ---------------------------------------------------------------------------------
@@ -192,9 +211,48 @@ void rmsnorm_case(int64_t T, int H, bool gather, float amp, uint64_t seed) {
     free(dout);
 }
 
+// Gemma-2's post-norm residual add: x += rmsnorm(y), both f32.
+void rmsnorm_add_case(int64_t R, int H, uint64_t seed) {
+    const float eps = 1e-6f;
+    std::vector<float> x = uniform(R * H, 3.0f, seed), y = uniform(R * H, 50.0f, seed + 1), w = uniform(H, 1.0f, seed + 2);
+    float *dx = dev_copy(x.data(), R * H), *dy = dev_copy(y.data(), R * H), *dw = dev_copy(w.data(), H);
+    launch_rmsnorm_add(dx, dy, dw, R, H, eps, nullptr);
+    rmsnorm_add_ref(x.data(), y.data(), w.data(), R, H, eps);
+    char name[96];
+    snprintf(name, sizeof name, "rmsnorm_add H %d R %lld", H, (long long)R);
+    count(validate(name, dx, x.data(), R * H, 2e-6));
+    free(dx);
+    free(dy);
+    free(dw);
+}
+
+// Qwen3's per-head q/k norm, in place on bf16 qkv; the value heads must stay untouched.
+void head_rmsnorm_case(int64_t T, int nh, int nkv, int hd, uint64_t seed) {
+    const float eps = 1e-6f;
+    const int64_t n = T * (nh + 2 * nkv) * hd;
+    std::vector<float> x = uniform(n, 4.0f, seed), wq = uniform(hd, 1.0f, seed + 1), wk = uniform(hd, 1.0f, seed + 2);
+    bf16 *d = dev_bf16(x.data(), n);
+    float *dwq = dev_copy(wq.data(), hd), *dwk = dev_copy(wk.data(), hd);
+    launch_head_rmsnorm(d, dwq, dwk, T, nh, nkv, hd, eps, nullptr);
+    head_rmsnorm_ref(x.data(), wq.data(), wk.data(), T, nh, nkv, hd, eps);
+    std::vector<float> got = host_of(d, n);
+    char name[96];
+    snprintf(name, sizeof name, "head_rmsnorm hd %d %d:%d T %lld", hd, nh, nkv, (long long)T);
+    count(validate(name, got.data(), x.data(), n, 8e-3));
+    free(d);
+    free(dwq);
+    free(dwk);
+}
+
 void test_rmsnorm(bool quick) {
     rmsnorm_case<bf16>(3, 64, false, 3.0f, 1);     // float4 path, one warp
     if (quick) return;
+    rmsnorm_add_case(3, 64, 7);
+    rmsnorm_add_case(2, 2304, 8);                  // Gemma-2-2B's hidden size: 576 threads
+    rmsnorm_add_case(5, 50, 9);
+    head_rmsnorm_case(3, 4, 2, 128, 10);           // Qwen3's head_dim: four values per lane
+    head_rmsnorm_case(5, 5, 1, 24, 11);            // heads not a multiple of the 4 warps of a block
+    head_rmsnorm_case(1, 2, 2, 16, 12);
     rmsnorm_case<bf16>(2, 4096, false, 3.0f, 2);   // float4 path, 1024 threads: every warp in the block sum
     rmsnorm_case<bf16>(3, 50, false, 3.0f, 3);     // scalar path (H % 4 != 0)
     rmsnorm_case<bf16>(2, 1030, false, 1e4f, 4);   // scalar path, 288 threads, large residuals
@@ -237,27 +295,30 @@ void test_rope(bool quick) {
     rope_case(256, 2, 1, {3}, 10000.0, 2.0f, 4);         // 128 frequencies
 }
 
-// ---- swiglu ----------------------------------------------------------------------------------
+// ---- glu (SwiGLU and GeGLU) -------------------------------------------------------------------
 
-void swiglu_case(int64_t n, int I, float amp, uint64_t seed) {
+void glu_case(int64_t n, int I, float amp, int act, uint64_t seed) {
     std::vector<float> gu = uniform(n * 2 * I, amp, seed);
     bf16 *dgu = dev_bf16(gu.data(), n * 2 * I), *dh = dev_alloc<bf16>(n * I);
-    launch_swiglu(dh, dgu, n, I, nullptr);
+    launch_glu(dh, dgu, n, I, act, nullptr);
     std::vector<float> ref((size_t)(n * I)), got = host_of(dh, n * I);
-    swiglu_ref(ref.data(), gu.data(), n, I);
+    glu_ref(ref.data(), gu.data(), n, I, act);
     char name[96];
-    snprintf(name, sizeof name, "swiglu %s n %lld I %d amp %g", I % 8 ? "scalar" : "vec8", (long long)n, I, amp);
+    snprintf(name, sizeof name, "%s %s n %lld I %d amp %g", act == ACT_SILU ? "swiglu" : "geglu",
+             I % 8 ? "scalar" : "vec8", (long long)n, I, amp);
     count(validate(name, got.data(), ref.data(), n * I, 8e-3));
     free(dgu);
     free(dh);
 }
 
-void test_swiglu(bool quick) {
-    swiglu_case(3, 24, 6.0f, 1);
-    if (quick) return;
-    swiglu_case(5, 20, 6.0f, 2);
-    swiglu_case(7, 1000, 80.0f, 3);  // exp(-g) overflows for g < -88: silu must give -0, not NaN
-    swiglu_case(300, 8, 6.0f, 4);
+void test_glu(bool quick) {
+    for (int act : {(int)ACT_SILU, (int)ACT_GELU_TANH}) {
+        glu_case(3, 24, 6.0f, act, 1);
+        if (quick) continue;
+        glu_case(5, 20, 6.0f, act, 2);
+        glu_case(7, 1000, 80.0f, act, 3);  // exp(-z) overflows for large negative gates: the product is -0, not NaN
+        glu_case(300, 8, 6.0f, act, 4);
+    }
 }
 
 // ---- head ------------------------------------------------------------------------------------
@@ -321,7 +382,7 @@ void test_head(bool quick) {
 
 // ---- embedding -------------------------------------------------------------------------------
 
-void embedding_case(int64_t V, int H, int64_t T, uint64_t seed) {
+void embedding_case(int64_t V, int H, int64_t T, uint64_t seed, float scale = 1.0f) {
     std::vector<float> emb = uniform(V * H, 1.0f, seed);
     bf16 *demb = dev_bf16(emb.data(), V * H);
     std::vector<int32_t> tok((size_t)T);
@@ -329,11 +390,11 @@ void embedding_case(int64_t V, int H, int64_t T, uint64_t seed) {
     tok[(size_t)T - 1] = (int32_t)(V - 1);  // the table's last row
     int32_t *dtok = dev_copy(tok.data(), T);
     float *dx = dev_alloc<float>(T * H);
-    launch_embedding(dx, dtok, demb, T, H, nullptr);
+    launch_embedding(dx, dtok, demb, scale, T, H, nullptr);
     std::vector<float> ref((size_t)(T * H));
-    embedding_ref(ref.data(), tok.data(), emb.data(), T, H);
+    embedding_ref(ref.data(), tok.data(), emb.data(), T, H, scale);
     char name[96];
-    snprintf(name, sizeof name, "embedding V %lld H %d T %lld", (long long)V, H, (long long)T);
+    snprintf(name, sizeof name, "embedding V %lld H %d T %lld scale %g", (long long)V, H, (long long)T, scale);
     count(validate(name, dx, ref.data(), T * H, 0.0));
     free(demb);
     free(dtok);
@@ -343,6 +404,7 @@ void embedding_case(int64_t V, int H, int64_t T, uint64_t seed) {
 void test_embedding(bool) {
     embedding_case(50, 64, 9, 1);
     embedding_case(7, 130, 3, 2);
+    embedding_case(20, 96, 5, 3, 9.8125f);  // Gemma: sqrt(96) rounded to bf16
 }
 
 // ---- conversion and bias -----------------------------------------------------------------------
@@ -541,7 +603,7 @@ struct Group {
     void (*run)(bool quick);
 };
 const Group GROUPS[] = {{"selftest", test_selftest}, {"attention", test_attention}, {"rmsnorm", test_rmsnorm},
-                        {"rope", test_rope},         {"swiglu", test_swiglu},       {"head", test_head},
+                        {"rope", test_rope},         {"glu", test_glu},             {"head", test_head},
                         {"embedding", test_embedding}, {"convert", test_convert},   {"gemm", test_gemm}};
 
 }  // namespace

@@ -2,7 +2,8 @@
 // tests/test_cuda_build.py. Each subcommand prints key=value lines that the
 // Python test checks against its own arithmetic.
 //
-//   host_test plan H I L NH NKV HD V ARCH K D NHID NL ATTB MLPB MAXTOK
+//   host_test plan H I L NH NKV HD V ARCH K D NHID NL ATTB MLPB MAXTOK [QKVB QKNORM POSTNORMS]
+//                                         (the last three: family switches, default 0)
 //   host_test tiles BLOCK LEN...          attention tiles for sequences of these lengths
 //   host_test pack LEN[/PARENT]...        batch upload layout + contents (reward = last, gating = half the
 //                                         full length); LEN/P: a sequence continuing sequence P (shared prefix)
@@ -46,6 +47,11 @@ static int cmd_plan(int argc, char **argv) {
     if (argc < 15) return 2;
     Config c = parse_config(argv);
     const long long maxtok = atoll(argv[14]);
+    if (argc >= 18) {
+        c.qkv_bias = atoi(argv[15]);
+        c.qk_norm = atoi(argv[16]);
+        c.post_norms = atoi(argv[17]);
+    }
     CudaWeightLayout w;
     CudaActLayout a;
     CudaMemPlan p;
@@ -60,6 +66,8 @@ static int cmd_plan(int argc, char **argv) {
            (long long)w.wo, (long long)w.wgu, (long long)w.wdown, (long long)w.attn_norm, (long long)w.mlp_norm);
     printf("bqkv=%lld\nbo=%lld\nbgu=%lld\nbdown=%lld\n", (long long)w.bqkv, (long long)w.bo, (long long)w.bgu,
            (long long)w.bdown);
+    printf("q_norm=%lld\nk_norm=%lld\nattn_post_norm=%lld\nmlp_post_norm=%lld\nact_y=%lld\n", (long long)w.q_norm,
+           (long long)w.k_norm, (long long)w.attn_post_norm, (long long)w.mlp_post_norm, (long long)a.y);
     printf("regression=%lld\ntransform=%lld\nscore=%lld\n", (long long)w.regression, (long long)w.transform,
            (long long)w.score);
     for (int j = 0; j <= c.gating_n_hidden && c.arch == ARCH_ARMORM; j++)
