@@ -1,7 +1,7 @@
 """Shared prefixes: compute the prompt of N responses once (docs/best_of_n.md).
 
-`plan_batches` turns the sequences of one scoring call into packed core
-batches. Sequences that start with the same tokens (N responses to one
+`plan_batches` turns the sequences of one scoring call into packed groups
+(batches), and `Plan.call()` lays them end to end for one core call. Sequences that start with the same tokens (N responses to one
 prompt, chosen and rejected, multi-turn conversations with a common history)
 become a tree: each shared prefix is one segment computed once, and each
 sequence keeps only the tokens after its deepest shared prefix. The core
@@ -20,8 +20,9 @@ to the segment above it; shorter ones are folded into their children.
 
 Packing: segments are laid out depth first, each batch holding at most
 `budget` tokens counted once per segment (a prefix is counted once however
-many continuations it has). A group that fits a batch is never split; one
-that does not is split between batches, each carrying its prefix again.
+many continuations it has). A family (a prefix and what continues it) that
+fits a batch is never split; one that does not is split between batches,
+each carrying its prefix again.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ DEFAULT_MIN_SHARED = 16
 
 @dataclass
 class CoreBatch:
-    """One core call: packed segments plus where each scored sequence's row is."""
+    """One packed group: its segments, plus where each scored sequence's row is."""
 
     tokens: np.ndarray                 # (T,) int32: every segment's own tokens
     cu_seqlens: np.ndarray             # (S+1,) int64
