@@ -32,6 +32,12 @@ typedef struct {
     const void *data;      // points into the mapping: base + 8 + header_len + begin
 } StTensor;
 
+// One __metadata__ entry (JSON strings, decoded: may hold NUL bytes, hence the lengths).
+typedef struct {
+    char *key, *value;     // owned, NUL-terminated
+    size_t key_len, value_len;
+} StMeta;
+
 typedef struct {
     char *path;            // owned copy
     int fd;                // -1 when closed
@@ -40,6 +46,8 @@ typedef struct {
     uint64_t header_len;
     StTensor *tensors;     // owned array, sorted by name
     int n_tensors;
+    StMeta *meta;          // owned array, in header order
+    int n_meta;
 } StFile;
 
 // Returns the element size in bytes for a known dtype, 0 for ST_OTHER.

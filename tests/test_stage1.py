@@ -76,48 +76,6 @@ def test_shard_rows_equal_datasets_library():
             assert shard_rows(57, n_shards=3, shard_idx=i, shard_mode=mode).tolist() == want
 
 
-# ----------------------------------------------------------------------------- safetensors io
-
-
-def test_safetensors_roundtrip_and_bf16_rounding(tmp_path):
-    torch = pytest.importorskip("torch")
-    from safetensors.torch import load_file as torch_load
-    x = np.random.default_rng(0).normal(size=(7, 5)).astype(np.float32) * 1e3
-    x[0, 0] = np.nan
-    x[0, 1] = np.inf
-    x[0, 2] = -0.0
-    bits = float32_to_bf16(x)
-    ref = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    finite = np.isfinite(x)
-    assert np.array_equal(bits[finite], ref[finite])
-    assert np.isnan(bf16_to_float32(bits)[0, 0]) and bf16_to_float32(bits)[0, 1] == np.inf
-    p = tmp_path / "t.safetensors"
-    save_file({"e": x, "l": np.arange(6, dtype=np.int64).reshape(2, 3)}, p, metadata={"k": "v"}, dtypes={"e": "BF16"})
-    t = torch_load(str(p))
-    assert t["e"].dtype == torch.bfloat16 and t["l"].tolist() == [[0, 1, 2], [3, 4, 5]]
-    f = SafetensorsFile(p)
-    assert f.metadata == {"k": "v"} and f.info("e").dtype == "BF16"
-    assert np.array_equal(f.read_rows("e", 2, 5), bits[2:5])
-    back = load_file(p, as_float32=True)["e"]
-    assert np.array_equal(back[finite], torch.from_numpy(x).to(torch.bfloat16).float().numpy()[finite])
-    assert [q.name for q in tmp_path.iterdir()] == ["t.safetensors"]  # no temporary left behind
-
-
-def test_safetensors_write_is_atomic(tmp_path):
-    p = tmp_path / "t.safetensors"
-
-    def parts():
-        yield np.zeros((2, 3), np.float32)
-        raise RuntimeError("disk on fire")
-
-    with pytest.raises(RuntimeError, match="disk on fire"):
-        save_file({"x": ("F32", (4, 3), parts())}, p)
-    assert list(tmp_path.iterdir()) == []  # neither the file nor a temporary
-    p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
-    with pytest.raises(ValueError, match="not a safetensors file"):
-        SafetensorsFile(p)
-
-
 # ----------------------------------------------------------------------------- ridge vs scikit-learn
 
 

@@ -91,8 +91,7 @@ import numpy as np
 from ..atomic import atomic_open
 from ..config import ATTRIBUTES
 from ..data import DatasetError, open_dataset
-from ..safetensors_io import (SafetensorsError, SafetensorsFile, bf16_to_float32, float32_to_bf16, save_file,
-                              to_float)
+from ..safetensors_io import DTYPES, SafetensorsFile, bf16_to_float32, float32_to_bf16, save_file, to_float
 
 #: The reference's alpha grid.
 DEFAULT_ALPHAS: List[float] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4]
@@ -328,7 +327,7 @@ def _already_done(final: str, settings: Dict[str, Any], meta_key: str, command: 
         return False
     try:
         old = json.loads(SafetensorsFile(final).metadata.get(meta_key, "null"))
-    except (SafetensorsError, ValueError):
+    except ValueError:
         old = None
     if overwrite:
         return False
@@ -381,7 +380,7 @@ def _valid_chunk(path: str, rows: int, K: int) -> bool:
         f = SafetensorsFile(path)
         e, lab = f.info("embeddings"), f.info("labels")
         return e.shape[0] == rows and lab.shape == (rows, K)
-    except (SafetensorsError, OSError):
+    except (ValueError, OSError):
         return False
 
 
@@ -621,7 +620,7 @@ def _first_nonfinite_row(raw: np.ndarray, st_dtype: str) -> int:
 def _decode_into(raw: np.ndarray, st_dtype: str, out: np.ndarray) -> None:
     """Stored embedding rows -> float64 `out` (exact: every stored dtype is a subset of float64)."""
     if st_dtype == "BF16":
-        out[...] = (raw.astype(np.uint32) << np.uint32(16)).view(np.float32)
+        bf16_to_float32(raw, out=out)
     else:
         out[...] = raw
 
@@ -1132,8 +1131,8 @@ def _stream(files: List[SafetensorsFile], offsets: np.ndarray, chunk_rows: int, 
                 if any(hi > lo for lo, hi in spans):
                     if e.dtype not in bufs:
                         shape = (chunk_rows,) + tuple(e.shape[1:])
-                        bufs[e.dtype] = scratch.get(shape, e.np_dtype) if scratch else np.empty(shape, e.np_dtype)
-                    raw = f.read_rows("embeddings", a, b, out=bufs[e.dtype][:b - a])
+                        bufs[e.dtype] = scratch.get(shape, DTYPES[e.dtype]) if scratch else np.empty(shape, DTYPES[e.dtype])
+                    raw = f.read("embeddings", a, b, out=bufs[e.dtype][:b - a])
                     if check:
                         bad = _first_nonfinite_row(raw, e.dtype)
                         if bad >= 0:
@@ -1267,7 +1266,7 @@ def train(embeddings: Any, output: Optional[Union[str, os.PathLike]] = None, *,
                              f"does not match the first file's hidden size {H} / {K} objectives")
         if e.dtype != emb_dtype:
             emb_dtype = "F32" if "F64" not in (e.dtype, emb_dtype) else "F64"  # mixed: keep rows as float
-        y = to_float(f.read("labels"), lab.dtype, np.float32)
+        y = f.read("labels", dtype=np.float32)
         bad = np.isinf(y)
         if bad.any():
             r, k = np.argwhere(bad)[0]

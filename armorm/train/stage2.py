@@ -49,7 +49,7 @@ import numpy as np
 
 from ..data import DatasetError, open_dataset
 from ..model import default_num_threads
-from ..safetensors_io import SafetensorsError, SafetensorsFile, save_file, to_float
+from ..safetensors_io import SafetensorsFile, bf16_to_float32, save_file, to_float
 from .stage1 import (EMBEDDING_DTYPES, ProgressArg, _Progress, _already_done, _chunk_path, _load_model, _log,
                      _model_fingerprint, _tokenize, _work_dir, _write_json_atomic, resolve_embedding_files,
                      shard_file_name, shard_rows, train_test_split_indices)
@@ -101,7 +101,7 @@ def _valid_chunk2(path: str, rows_in: int) -> bool:
     try:
         f = SafetensorsFile(path)
         return int(f.metadata.get("rows_in", -1)) == rows_in and "row_index" in f
-    except (SafetensorsError, OSError, ValueError):
+    except (OSError, ValueError):
         return False
 
 
@@ -273,10 +273,6 @@ class PairData:
     prompt_mismatch: float = 0.0         # max |prompt_chosen - prompt_rejected|
 
 
-def _decode(raw: np.ndarray, st: str) -> np.ndarray:
-    return to_float(raw, st, np.float32)
-
-
 def read_pairs(files: Any, regression: np.ndarray, *, need_prompts: bool = True, chunk_rows: int = 2048) -> PairData:
     """Reads prepared pair files: rewards `E W^T` [N, 2, K] and the chosen side's prompt embeddings."""
     paths = resolve_embedding_files(files)
@@ -307,15 +303,15 @@ def read_pairs(files: Any, regression: np.ndarray, *, need_prompts: bool = True,
         pp = np.empty((n, H) if need_prompts else (0, H), dtype=np.uint16 if pe.dtype == "BF16" else np.float32)
         for a in range(0, n, chunk_rows):
             b = min(n, a + chunk_rows)
-            x = _decode(f.read_rows("embeddings", a, b), e.dtype)
+            x = f.read("embeddings", a, b, dtype=np.float32)
             bad = ~np.isfinite(x).reshape(b - a, -1).all(axis=1)
             if bad.any():
                 raise ValueError(f"{p}: pair {a + int(np.flatnonzero(bad)[0])}: the embedding has a NaN or "
                                  "infinite value")
             r[a:b] = (x.reshape(-1, H) @ W.T).reshape(b - a, 2, K)
             if need_prompts:
-                raw = f.read_rows("prompt_embeddings", a, b)
-                xp = _decode(raw, pe.dtype)
+                raw = f.read("prompt_embeddings", a, b)
+                xp = to_float(raw, pe.dtype)
                 bad = ~np.isfinite(xp).reshape(b - a, -1).all(axis=1)
                 if bad.any():
                     raise ValueError(f"{p}: pair {a + int(np.flatnonzero(bad)[0])}: the prompt embedding has a "
@@ -334,7 +330,7 @@ def read_pairs(files: Any, regression: np.ndarray, *, need_prompts: bool = True,
         else:
             have_ids = False
     if len({pp.dtype for pp in prompts}) > 1:  # mixed stored dtypes: all float32
-        prompts = [to_float(pp, "BF16") if pp.dtype == np.uint16 else pp for pp in prompts]
+        prompts = [bf16_to_float32(pp) if pp.dtype == np.uint16 else pp for pp in prompts]
     P = np.concatenate(prompts, axis=0)
     pd = "BF16" if P.dtype == np.uint16 else "F32"
     return PairData(paths, np.concatenate(rewards, axis=0), P, pd, subsets if have_subsets else None,
@@ -348,7 +344,7 @@ def load_regression(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, Optional
     t = f.info("regression_layer.weight")
     if len(t.shape) != 2:
         raise ValueError(f"{path}: regression_layer.weight must be [K, H], got {list(t.shape)}")
-    W = to_float(f.read("regression_layer.weight"), t.dtype, np.float32)
+    W = f.read("regression_layer.weight", dtype=np.float32)
     if not np.isfinite(W).all():
         raise ValueError(f"{path}: regression_layer.weight has NaN or infinite values")
     names = None
@@ -465,7 +461,7 @@ class NumpyMatmul:
 
     @staticmethod
     def _f(a: np.ndarray) -> np.ndarray:
-        return (a.astype(np.uint32) << np.uint32(16)).view(np.float32) if a.dtype == np.uint16 else a
+        return bf16_to_float32(a) if a.dtype == np.uint16 else a
 
     def nt(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """a @ b^T"""
@@ -686,7 +682,7 @@ def _blas_limit(threads: Optional[int]):
 def _rows_f32(P: np.ndarray, idx: np.ndarray) -> np.ndarray:
     x = P[idx]
     if x.dtype == np.uint16:
-        return (x.astype(np.uint32) << np.uint32(16)).view(np.float32)
+        return bf16_to_float32(x)
     return x.astype(np.float32, copy=False)
 
 
@@ -792,14 +788,14 @@ def load_gating(path: Union[str, os.PathLike]) -> Tuple[Dict[str, np.ndarray], n
     if "reward_transform_matrix" not in f or "gating.logit_scale" not in f:
         raise ValueError(f"{path}: needs 'reward_transform_matrix' and 'gating.*' tensors "
                          "(a train-stage2 output)")
-    params = {k: to_float(f.read(k), f.info(k).dtype, np.float32) for k in f.keys() if k.startswith("gating.")}
+    params = {k: f.read(k, dtype=np.float32) for k in f.keys() if k.startswith("gating.")}
     n_hidden = int(f.metadata.get("gating_n_hidden", -1))
     layers = sorted(int(k.split(".")[2]) for k in params if k.endswith(".weight"))
     if n_hidden < 0:
         n_hidden = len(layers) - 1
     if layers != list(range(n_hidden + 1)):
         raise ValueError(f"{path}: gating layers {layers} do not match gating_n_hidden={n_hidden}")
-    T = to_float(f.read("reward_transform_matrix"), f.info("reward_transform_matrix").dtype, np.float32)
+    T = f.read("reward_transform_matrix", dtype=np.float32)
     K = T.shape[0]
     if T.shape != (K, K) or params[f"gating.layers.{n_hidden}.weight"].shape[0] != K:
         raise ValueError(f"{path}: reward_transform_matrix {list(T.shape)} does not match the gating output")
