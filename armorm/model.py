@@ -112,8 +112,9 @@ def _device_name(device_map: Any) -> str:
     m = re.fullmatch(r"cuda(?::(\d+))?", s)
     if m:
         if not _core.CUDA_BUILT:
-            raise RuntimeError(f"device_map={s!r}: this armorm build has no CUDA backend (nvcc was not found when it "
-                               "was built); use device_map='cpu'")
+            reason = getattr(_core, "CUDA_BUILD_REASON", "") or "its build recorded no reason"
+            raise RuntimeError(f"device_map={s!r}: this armorm build has no CUDA backend ({reason}); "
+                               "use device_map='cpu'")
         n = _core.cuda_device_count()
         idx = int(m.group(1) or 0)
         if idx >= n:
@@ -388,10 +389,12 @@ class ArmoRM:
 
     # ---- the packed-batch engine ---------------------------------------
 
-    def gating_positions(self, seqs: Sequence[np.ndarray], what: str = "sequence") -> np.ndarray:
+    def gating_positions(self, seqs: Sequence[np.ndarray], what: str = "sequence",
+                         names: Optional[Sequence[str]] = None) -> np.ndarray:
         """Start of the last gating-pattern occurrence in each sequence.
 
-        Raises GatingPatternError naming the first sequence (`what` i) without one.
+        Raises GatingPatternError naming the first sequence without one
+        (`names[i]` when given, else "`what` i").
         """
         if not self.gating_pattern:
             raise GatingPatternError(self._pattern_error or "no gating pattern: pass gating_pattern=[...]")
@@ -400,7 +403,7 @@ class ArmoRM:
             p = find_gating_position(s, self.gating_pattern)
             if p < 0:
                 raise GatingPatternError(
-                    f"{what} {i}: the gating pattern {self.gating_pattern} (the header that opens the final "
+                    f"{names[i] if names is not None else f'{what} {i}'}: the gating pattern {self.gating_pattern} (the header that opens the final "
                     "assistant turn) was not found; a conversation to score must end with an assistant message "
                     "in the model's chat format (pass gating_pattern= to override the pattern)")
             pos[i] = p
@@ -408,7 +411,8 @@ class ArmoRM:
 
     def score_sequences(self, sequences: Sequence[Any], reward_pos: Optional[Sequence[int]] = None,
                         fields: Optional[Iterable[str]] = None, batch_tokens: Optional[int] = None,
-                        progress: Optional[Callable[[int, int], None]] = None) -> RewardOutput:
+                        progress: Optional[Callable[[int, int], None]] = None,
+                        names: Optional[Sequence[str]] = None) -> RewardOutput:
         """Scores token-id sequences of any lengths, packed without padding.
 
         `reward_pos[i]` is where sequence i's reward is read (default: its last
@@ -416,8 +420,11 @@ class ArmoRM:
         produces but `all_hidden`; the core decides which: `_core.fields`).
         `batch_tokens` caps the tokens per packed group (default
         `max_batch_tokens`; a longer sequence runs alone). `progress(done,
-        total)` is called after each group with sequence counts.
+        total)` is called after each group with sequence counts. Errors
+        about one sequence name it `names[i]` (e.g. "file.jsonl:7") when given.
         """
+        if names is not None and len(names) != len(sequences):
+            raise ValueError("names must have one entry per sequence")
         seqs = [s if isinstance(s, np.ndarray) and s.dtype == np.int32 and s.ndim == 1
                 else _as_sequence(s, f"sequence {i}") for i, s in enumerate(sequences)]
         if not seqs:
@@ -432,27 +439,48 @@ class ArmoRM:
                 raise ValueError("reward_pos must have one entry per sequence")
         # which fields, and whether they read the gating position: the model description decides (model.c)
         wanted, gated = self._core.plan(None if fields is None else list(fields))
-        if gated:
-            try:
-                gpos = self.gating_positions(seqs)
-            except GatingPatternError:
-                # a sequence the core refuses (empty, too long, an id outside the vocabulary) is named first
-                self._core.validate(np.concatenate(seqs), cu_all, rpos)
+        tokens = np.concatenate(seqs)
+        try:
+            if gated:
+                try:
+                    gpos = self.gating_positions(seqs, names=names)
+                except GatingPatternError:
+                    # a sequence the core refuses (empty, too long, an id outside the vocabulary) is named first
+                    self._core.validate(tokens, cu_all, rpos)
+                    raise
+            else:
+                gpos = None
+            # the core checks the whole call once, then runs it in packed groups of at most `budget` tokens
+            budget = int(batch_tokens or self.max_batch_tokens)
+            out = self._core.forward(tokens, cu_all, rpos, gpos, wanted, batch_tokens=budget, progress=progress)
+        except ValueError as e:
+            renamed = _rename_sequence(str(e), names)
+            if renamed == str(e):  # not about one sequence, or already named (GatingPatternError)
                 raise
-        else:
-            gpos = None
-        # the core checks the whole call once, then runs it in packed groups of at most `budget` tokens
-        budget = int(batch_tokens or self.max_batch_tokens)
-        return RewardOutput(**self._core.forward(np.concatenate(seqs), cu_all, rpos, gpos, wanted,
-                                                 batch_tokens=budget, progress=progress))
+            raise ValueError(renamed) from None
+        return RewardOutput(**out)
 
     # ---- interpretation --------------------------------------------------
 
     def coefficients(self, gating_output: Any) -> np.ndarray:
-        """coeffs = gating_output @ T^T, so that score == sum(rewards * coeffs)."""
+        """coeffs = gating_output @ T^T, so that score == sum(rewards * coeffs).
+
+        Row by row in a fixed order (elementwise products and sums over the
+        objectives, k = 0..K-1), so a row's coefficients are bit-identical
+        whatever else is in the batch; a BLAS product's summation order
+        depends on the matrix shape.
+        """
         g = np.asarray(gating_output.detach().cpu().numpy() if _is_torch(gating_output) else gating_output,
                        dtype=np.float32)
-        return g @ self._core.tensor("reward_transform_matrix").T
+        if g.ndim != 2:
+            raise ValueError(f"gating_output must be [rows, objectives], got shape {g.shape}")
+        T = self._core.tensor("reward_transform_matrix")
+        if g.shape[1] != T.shape[1]:
+            raise ValueError(f"gating_output has {g.shape[1]} objectives, the model {T.shape[1]}")
+        out = np.zeros((g.shape[0], T.shape[0]), dtype=np.float32)
+        for k in range(T.shape[1]):
+            out += g[:, k:k + 1] * T[:, k]
+        return out
 
     def explain(self, output: Mapping, k: int = 3) -> List[List[Tuple[str, float]]]:
         """Top-`k` objectives by |coefficient| for each row, as the model card prints them."""
@@ -468,3 +496,10 @@ class ArmoRM:
     def __repr__(self) -> str:
         return f"ArmoRM({self.name_or_path!r}, architecture={self.architecture}, dtype={self.dtype})"
 
+
+def _rename_sequence(message: str, names: Optional[Sequence[str]]) -> str:
+    """The core names a bad sequence "sequence N"; with `names`, say names[N] instead."""
+    m = re.match(r"sequence (\d+)", message)
+    if names is None or not m or int(m.group(1)) >= len(names):
+        return message
+    return names[int(m.group(1))] + message[m.end():]

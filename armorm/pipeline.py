@@ -31,13 +31,14 @@ class ArmoRMPipeline:
                  torch_dtype: Any = "bfloat16", truncation: bool = True, trust_remote_code: bool = False,
                  max_length: int = 4096, *, tokenizer: Any = None, model: Optional[ArmoRM] = None,
                  num_threads: Optional[int] = None, gating_pattern: Optional[Sequence[int]] = None,
-                 batch_tokens: int = 8192) -> None:
+                 batch_tokens: int = 8192, check_finite: bool = True) -> None:
         if model is None:
             if model_id is None:
                 raise ValueError("give model_id (a model directory or hub id) or model=")
             model = ArmoRM.from_pretrained(model_id, device_map=device_map, torch_dtype=torch_dtype,
                                            trust_remote_code=trust_remote_code, num_threads=num_threads,
-                                           gating_pattern=gating_pattern, tokenizer=tokenizer)
+                                           gating_pattern=gating_pattern, tokenizer=tokenizer,
+                                           check_finite=check_finite)
         elif gating_pattern is not None:
             model.gating_pattern = [int(t) for t in gating_pattern]
         if tokenizer is None:
@@ -53,31 +54,37 @@ class ArmoRMPipeline:
         self.batch_tokens = int(batch_tokens)
         self.device = model.device
 
-    def encode(self, conversations: Sequence[Union[Conversation, Mapping[str, Any]]]) -> List[np.ndarray]:
+    def encode(self, conversations: Sequence[Union[Conversation, Mapping[str, Any]]],
+               names: Optional[Sequence[str]] = None) -> List[np.ndarray]:
         """Chat-formats and tokenizes conversations, checking the gating pattern.
 
         Raises GatingPatternError when a conversation has no final assistant
-        header, and ValueError when truncation to `max_length` would cut it.
+        header, and ValueError when truncation to `max_length` would cut it;
+        the message names the conversation `names[i]` when given (e.g.
+        "file.jsonl:7"), else "conversation i".
         """
+        if names is not None and len(names) != len(conversations):
+            raise ValueError("names must have one entry per conversation")
+        label = (lambda i: names[i]) if names is not None else (lambda i: f"conversation {i}")
         convs = [conversation_from_record(c) if isinstance(c, Mapping) else c for c in conversations]
-        ids = format_conversations(self.tokenizer, convs)
+        ids = format_conversations(self.tokenizer, convs, names=names)
         for i, conv in enumerate(convs):
             # an earlier assistant turn would still hold the pattern: score the wrong turn, silently
             last = conv[-1] if isinstance(conv, (list, tuple)) and conv else None
             role = last.get("role") if isinstance(last, Mapping) else None
             if role != "assistant":
                 raise GatingPatternError(
-                    f"conversation {i} ends with a {role!r} message; the reward model scores the final "
+                    f"{label(i)} ends with a {role!r} message; the reward model scores the final "
                     "assistant turn, so a conversation must end with an assistant message")
         seqs = [np.asarray(seq, dtype=np.int32) for seq in ids]
-        gpos = self.model.gating_positions(seqs, what="conversation")
+        gpos = self.model.gating_positions(seqs, what="conversation", names=names)
         n_pattern = len(self.model.gating_pattern)
         out = []
         for i, (arr, p) in enumerate(zip(seqs, gpos)):
             if self.truncation and arr.size > self.max_length:
                 if p + n_pattern > self.max_length:
                     raise ValueError(
-                        f"conversation {i}: truncation to max_length={self.max_length} tokens would cut off the "
+                        f"{label(i)}: truncation to max_length={self.max_length} tokens would cut off the "
                         f"final assistant header (it starts at token {p} of {arr.size}); raise max_length or "
                         "shorten the conversation")
                 arr = arr[: self.max_length]

@@ -431,7 +431,7 @@ int model_load(Model *m, const Config *cfg, const char *const *paths, int n_path
         if (x->job < 0) continue;
         uint64_t bad = jobs[x->job].nonfinite;
         if (bad) {
-            arm_fail(e, "%s: tensor '%s' holds %llu NaN/inf value%s (pass check_finite=False to load it anyway)",
+            arm_fail(e, "%s: tensor '%s' holds %llu NaN/inf value%s (check_finite=False in Python, --no-check-finite on the command line, loads it anyway)",
                      m->files[x->found_file].path, x->found->name, (unsigned long long)bad, bad == 1 ? "" : "s");
             goto fail;
         }

@@ -1282,11 +1282,11 @@ def test_cli_malformed_jsonl_line(l3_ckpt, tmp_path, capsys, bad, match):
 
 
 def test_cli_conversation_ending_with_user_turn(l3_ckpt, tmp_path, capsys):
-    inp = _write_jsonl(tmp_path / "in.jsonl", [GOOD_LINE, json.dumps({"messages": [U, A, U]})])
+    inp = _write_jsonl(tmp_path / "in.jsonl", [GOOD_LINE, "", json.dumps({"messages": [U, A, U]})])
     out = tmp_path / "out.jsonl"
     assert cli("score", "--model", l3_ckpt, "--input", inp, "--output", out, "--dtype", "float32") == 2
     err = capsys.readouterr().err
-    assert "conversation 1 ends with a 'user' message" in err
+    assert f"{inp}:3 ends with a 'user' message" in err  # file:line, blank lines counted
     assert not out.exists()
 
 
@@ -1397,7 +1397,7 @@ def test_nonfinite_weights_reported_at_load(tmp_path, dtype, bad):
     t.view(-1)[[3, 17]] = torch.tensor(bad, dtype=t.dtype)
     tensors[name] = t
     save_file(tensors, str(f))
-    with pytest.raises(armorm.CheckpointError, match=r"up_proj\.weight' holds 2 NaN/inf values.*check_finite=False"):
+    with pytest.raises(armorm.CheckpointError, match=r"up_proj\.weight' holds 2 NaN/inf values.*check_finite=False in Python, --no-check-finite"):
         armorm.ArmoRM.from_pretrained(tiny.path)
     # flagged by option: loads, and the NaN/inf reaches the outputs rather than being hidden
     model = armorm.ArmoRM.from_pretrained(tiny.path, check_finite=False, gating_pattern=[5])

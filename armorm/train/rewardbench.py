@@ -1,4 +1,4 @@
-"""RewardBench scoring (spec section 4).
+"""RewardBench scoring (docs/rewardbench.md).
 
 A row is correct when score(chosen) > score(rejected) (ties are wrong).
 Per-subset accuracy; each section is the mean of its subsets' accuracies
@@ -184,7 +184,7 @@ def scores_from_embeddings(embeddings: Any, regression: str, gating: str) -> Tup
 
 def scores_from_model(model: Any, dataset: Any, *, split: str = "filtered", batch_tokens: int = 8192,
                       num_threads: Optional[int] = None, torch_dtype: str = "bfloat16",
-                      progress: Any = False) -> Tuple[List[str], np.ndarray, np.ndarray]:
+                      progress: Any = False, check_finite: bool = True) -> Tuple[List[str], np.ndarray, np.ndarray]:
     """Scores RewardBench rows (prompt/chosen/rejected/subset) end to end with an ArmoRM checkpoint."""
     from ..data import open_dataset
     from ..model import ArmoRM
@@ -192,7 +192,8 @@ def scores_from_model(model: Any, dataset: Any, *, split: str = "filtered", batc
     from .stage2 import pair_conversations
     src = open_dataset(dataset, split=split, columns=["prompt", "chosen", "rejected", "subset", "id"])
     rm = model if isinstance(model, ArmoRM) else ArmoRM.from_pretrained(
-        model, torch_dtype=torch_dtype, num_threads=num_threads, max_batch_tokens=batch_tokens)
+        model, torch_dtype=torch_dtype, num_threads=num_threads, max_batch_tokens=batch_tokens,
+        check_finite=check_finite)
     if rm.architecture != "LlamaForRewardModelWithGating":
         raise ValueError(f"{rm.name_or_path} is a {rm.architecture}, not an ArmoRM checkpoint")
     if rm.tokenizer is None:

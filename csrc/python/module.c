@@ -17,6 +17,11 @@
 #else
 typedef struct CudaModel CudaModel;
 #endif
+// Why the CUDA backend is (not) in this build, as setup.py's build step found it
+// (build_tools/cuda_build.py); a build that bypassed it has no reason to give.
+#ifndef ARMORM_CUDA_BUILD_REASON
+#define ARMORM_CUDA_BUILD_REASON "built without setup.py's CUDA step"
+#endif
 
 typedef struct {
     PyObject_HEAD
@@ -144,8 +149,8 @@ static int PyModel_init(PyModel *self, PyObject *args, PyObject *kw) {
         return -1;
 #ifndef ARMORM_WITH_CUDA
     if (device >= 0) {
-        PyErr_SetString(PyExc_RuntimeError, "this armorm build has no CUDA backend (nvcc was not found when it was "
-                                            "built); use device_map='cpu'");
+        PyErr_SetString(PyExc_RuntimeError, "this armorm build has no CUDA backend (" ARMORM_CUDA_BUILD_REASON
+                                            "); use device_map='cpu'");
         return -1;
     }
 #endif
@@ -651,5 +656,6 @@ PyMODINIT_FUNC PyInit__core(void) {
 #else
     PyModule_AddIntConstant(mod, "CUDA_BUILT", 0);
 #endif
+    PyModule_AddStringConstant(mod, "CUDA_BUILD_REASON", ARMORM_CUDA_BUILD_REASON);
     return mod;
 }
