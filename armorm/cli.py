@@ -179,16 +179,20 @@ def _show_progress(args: argparse.Namespace) -> bool:
     return not args.no_progress and (args.progress or sys.stderr.isatty())
 
 
-def cmd_prepare_stage1(args: argparse.Namespace) -> int:
-    from .train import stage1
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """prepare-stage1 and prepare-stage2: the same sharded, resumable loop (armorm.train.prepare), each
+    stage's own options."""
+    import importlib
+    stage = importlib.import_module(f".train.{args.stage}", __package__)
+    own = {"objectives": args.objectives} if args.stage == "stage1" else {"seq_len": args.seq_len}
+    seed = None if getattr(args, "no_shuffle", False) else args.seed
     try:
-        path = stage1.prepare(args.model, args.dataset, args.output, n_shards=args.n_shards,
-                              shard_idx=args.shard_idx, split=args.split, name=args.name,
-                              objectives=args.objectives, batch_tokens=args.batch_tokens,
-                              embeddings_dtype=args.embeddings_dtype, torch_dtype=args.dtype, seed=args.seed,
-                              shard_mode=args.shard_mode, chunk_rows=args.chunk_rows, num_threads=args.threads,
-                              progress=_show_progress(args), overwrite=args.overwrite, restart=args.restart,
-                              quiet=False, check_finite=not args.no_check_finite)
+        path = stage.prepare(args.model, args.dataset, args.output, n_shards=args.n_shards, shard_idx=args.shard_idx,
+                             split=args.split, name=args.name, batch_tokens=args.batch_tokens,
+                             embeddings_dtype=args.embeddings_dtype, torch_dtype=args.dtype, seed=seed,
+                             shard_mode=args.shard_mode, chunk_rows=args.chunk_rows, num_threads=args.threads,
+                             progress=_show_progress(args), overwrite=args.overwrite, restart=args.restart,
+                             quiet=False, check_finite=not args.no_check_finite, **own)
     except ImportError as e:
         print(f"armorm: error: {e}", file=sys.stderr)
         return 2
@@ -209,26 +213,6 @@ def cmd_train_stage1(args: argparse.Namespace) -> int:
     print(result.table())
     print(f"wrote regression_layer.weight {list(result.weight.shape)} to {result.output} "
           f"and the report to {result.report_path}", file=sys.stderr)
-    return 0
-
-
-def cmd_prepare_stage2(args: argparse.Namespace) -> int:
-    from .train import stage2
-    try:
-        path = stage2.prepare(args.model, args.dataset, args.output, n_shards=args.n_shards,
-                              shard_idx=args.shard_idx, split=args.split, name=args.name, seq_len=args.seq_len,
-                              batch_tokens=args.batch_tokens, embeddings_dtype=args.embeddings_dtype,
-                              torch_dtype=args.dtype, seed=None if args.no_shuffle else args.seed,
-                              shard_mode=args.shard_mode, chunk_rows=args.chunk_rows, num_threads=args.threads,
-                              progress=_show_progress(args), overwrite=args.overwrite, restart=args.restart,
-                              quiet=False, check_finite=not args.no_check_finite)
-    except ImportError as e:
-        print(f"armorm: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("armorm: interrupted; finished chunks are kept: rerun the same command to resume", file=sys.stderr)
-        return 130
-    print(path)
     return 0
 
 
@@ -409,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare_arguments(s, chunk_rows=1024)
     s.add_argument("--objectives", nargs="+", metavar="NAME",
                    help="label columns, in order (names or comma lists; default: the 19 ArmoRM attributes)")
-    s.set_defaults(func=cmd_prepare_stage1)
+    s.set_defaults(func=cmd_prepare, stage="stage1")
 
     s = command("train-stage1", "stage 1: fit the regression layer (ridge per objective)",
                 "Ridge regression without intercept per objective on its labelled rows, alpha chosen by "
@@ -454,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=_int_at_least(1), default=8192,
                    help="skip pairs with a side longer than this many tokens")
     s.add_argument("--no-shuffle", action="store_true", help="keep the dataset order (RewardBench: use it)")
-    s.set_defaults(func=cmd_prepare_stage2)
+    s.set_defaults(func=cmd_prepare, stage="stage2")
 
     s = command("train-stage2", "stage 2: verbosity debiasing and the gating network",
                 "Computes reward_transform_matrix (verbosity debiasing) and trains the gating network on "

@@ -23,7 +23,9 @@ from armorm import cli
 from armorm.data import DatasetError, open_dataset
 from armorm.safetensors_io import (SafetensorsFile, bf16_to_float32, float32_to_bf16, load_file, save_file)
 from armorm.train import stage1
-from armorm.train.stage1 import DEFAULT_ALPHAS, shard_rows, train_test_split_indices
+from armorm.train import ridge
+from armorm.train.prepare import shard_rows
+from armorm.train.stage1 import DEFAULT_ALPHAS, train_test_split_indices
 from checkpoints import make_armorm, make_backbone
 
 OBJ = ["a-x", "a-y", "b-x", "c-x", "c-y"]
@@ -143,7 +145,7 @@ def synth(tmp_path_factory):
                                               ("eigh", "dual", "auto")])
 def test_ridge_matches_sklearn(synth, solver, form, gram, tmp_path):
     X, Y, glob, ref = synth
-    if gram == "bf16" and stage1._bf16_gemm_kernel() is None:  # this CPU has no AVX512_BF16
+    if gram == "bf16" and ridge.bf16_gemm_kernel() is None:  # this CPU has no AVX512_BF16
         with pytest.raises(ValueError, match="gram='bf16' is not available: this CPU has no AVX512_BF16"):
             stage1.train(glob, solver=solver, form=form, gram=gram)
         return
@@ -163,7 +165,7 @@ def test_ridge_matches_sklearn(synth, solver, form, gram, tmp_path):
     # ...except objective 1, labelled by two sources, which has its own mask
     assert sorted(len(g["objectives"]) for g in res.report["groups"]) == [1, 1, 1, 2]
     bf16 = gram == "bf16" or (gram == "auto" and solver in ("auto", "mixed")
-                              and stage1._bf16_gemm_kernel() is not None)
+                              and ridge.bf16_gemm_kernel() is not None)
     for g in res.report["groups"]:
         if g["form"] == "primal" and bf16:  # bf16 X^T X, then corrected against the exact rows
             assert g["gram"] == "bf16, refined" and 1 <= g["exact_passes"] <= 3
@@ -192,7 +194,7 @@ def test_mixed_solver_equals_float64_solves(threads):
     """float32 factors + float64 refinement give the float64 answer; alphas below the spectrum share a factor."""
     alphas = DEFAULT_ALPHAS
     M, B = spd(120, np.geomspace(5.0, 5e4, 120))
-    W, info, ms = stage1._solve_all_alphas(M, B, alphas, "mixed", threads)
+    W, info, ms = ridge.solve_all_alphas(M, B, alphas, "mixed", threads)
     for w, a in zip(W, alphas):
         assert rel(w, direct(M, B, a)) < 1e-9, a
     # 1e-4 .. 1e-1 are far below the smallest eigenvalue (5): one factorization serves them
@@ -205,7 +207,7 @@ def test_mixed_solver_equals_float64_solves(threads):
     # a zero right-hand side column is solved by zeros
     B0 = B.copy()
     B0[:, 1] = 0
-    W0, _, _ = stage1._solve_all_alphas(M, B0, alphas, "mixed", threads)
+    W0, _, _ = ridge.solve_all_alphas(M, B0, alphas, "mixed", threads)
     assert all(not w[:, 1].any() for w in W0)
 
 
@@ -213,7 +215,7 @@ def test_mixed_solver_ill_conditioned_uses_float64_factors():
     # condition numbers up to 1e13 at alpha 1e-4: float32 factors cannot refine, float64 ones can
     alphas = DEFAULT_ALPHAS
     M, B = spd(80, np.geomspace(1e-9, 1e9, 80), seed=1)
-    W, info, _ = stage1._solve_all_alphas(M, B, alphas, "mixed")
+    W, info, _ = ridge.solve_all_alphas(M, B, alphas, "mixed")
     assert info["mixed"] == 1 and info["float64 factorizations"] >= 1
     for w, a in zip(W, alphas):
         ref = direct(M, B, a)
@@ -221,14 +223,14 @@ def test_mixed_solver_ill_conditioned_uses_float64_factors():
         assert rel(w, ref) < max(1e-9, cond * 1e-14), a  # float64 accuracy for that conditioning
     # numerically singular (negative eigenvalues from rounding): no Cholesky factor exists -> eigh
     S, B = spd(40, np.r_[np.full(20, -1e-6), np.geomspace(1.0, 1e3, 20)], seed=2)
-    W, info, ms = stage1._solve_all_alphas(S, B, [1e-12, 1.0], "mixed")
+    W, info, ms = ridge.solve_all_alphas(S, B, [1e-12, 1.0], "mixed")
     assert info == {"eigh": 1} and ms is None
     lam, Q = np.linalg.eigh(S)
     np.testing.assert_allclose(W[1], Q @ ((Q.T @ B) / (np.maximum(lam, 0) + 1.0)[:, None]), rtol=1e-9)
 
 
 def test_lapack_wrapper_matches_numpy():
-    lapack = stage1._scipy_lapack()
+    lapack = ridge.scipy_lapack()
     assert lapack is not None  # scipy is a test dependency: the fast solver is tested, not skipped
     M, B = spd(50, np.geomspace(1.0, 100.0, 50), seed=3)
     for dt, tol in ((np.float32, 1e-4), (np.float64, 1e-12)):
@@ -248,7 +250,7 @@ def test_lapack_wrapper_matches_numpy():
 
 def test_bf16_gram_refinement_equals_float64_gram(synth, tmp_path, monkeypatch):
     X, Y, glob, ref = synth
-    if stage1._bf16_gemm_kernel() is None:
+    if ridge.bf16_gemm_kernel() is None:
         pytest.skip("this CPU has no AVX512_BF16: gram='bf16' is refused (test_ridge_matches_sklearn checks that)")
     exact = stage1.train(glob, gram="float64")
     fast = stage1.train(glob, gram="bf16", chunk_rows=333, max_workers=1)
@@ -281,7 +283,7 @@ def test_gram_and_solver_choices(synth, tmp_path, monkeypatch):
         alone = stage1.train(f32)
     np.testing.assert_allclose(alone.weight, res.weight, rtol=0, atol=1e-6 * np.abs(res.weight).max())
     # without scipy: one float64 Cholesky factorization per alpha, float64 X^T X
-    monkeypatch.setattr(stage1, "_scipy_lapack", lambda: None)
+    monkeypatch.setattr(ridge, "scipy_lapack", lambda: None)
     res = stage1.train(glob)
     assert res.report["solver"] == "cholesky" and {g["gram"] for g in res.report["groups"]} == {"float64"}
     with pytest.raises(ValueError, match="solver='mixed' needs scipy"):
@@ -485,6 +487,23 @@ def test_prepare_one_shard_contents(tiny, unsharded):
         assert tok(text)["input_ids"] == s
     hs = rm.score_sequences(ids, fields=["hidden_state"])["hidden_state"]
     np.testing.assert_array_equal(emb, bf16_to_float32(float32_to_bf16(hs)))
+
+
+def test_embed_chunk_is_one_chunk_of_prepare(tiny, unsharded):
+    """The per-chunk work by itself (what a distributed runner calls) gives the rows prepare wrote."""
+    from armorm.data import open_dataset
+    from armorm.train import prepare as prep
+    model_dir, data = tiny
+    src = open_dataset(str(data))
+    rows = np.random.default_rng(0).permutation(60)[16:32]  # the second chunk of 16
+    rm = prep.load_backbone(str(model_dir), "bfloat16", 1, 8192)
+    seen = []
+    chunk = prep.embed_chunk(stage1.Stage1Kind(OBJ), rm, src.take(rows), [src.where(int(r)) for r in rows], rows,
+                             batch_tokens=100, report=lambda n, t: seen.append((n, t)))
+    emb, lab = rows_of(unsharded)
+    np.testing.assert_array_equal(bf16_to_float32(float32_to_bf16(chunk.tensors["embeddings"])), emb[16:32])
+    np.testing.assert_array_equal(chunk.tensors["labels"], lab[16:32])
+    assert sum(n for n, _ in seen) == 16 and sum(t for _, t in seen) == int(chunk.metadata["tokens"])
 
 
 @pytest.mark.parametrize("mode", ["contiguous", "strided"])

@@ -140,6 +140,15 @@ static void convert_to(void *dst, int to_f64, const void *src, StDType d, uint64
     }
 }
 
+// NumPy type of tensor t as stored; -1 with a ValueError when NumPy has none (F8, unknown dtypes).
+static int stored_npy_type(PySTFile *self, const StTensor *t) {
+    const int type = npy_type_of(t->dtype);
+    if (type < 0)
+        PyErr_Format(PyExc_ValueError, "%U: tensor '%s' has dtype %s, which NumPy cannot hold", self->path, t->name,
+                     t->dtype_name);
+    return type;
+}
+
 static int st_check_open(PySTFile *self) {
     if (!self->opened) {
         PyErr_SetString(PyExc_ValueError, "SafetensorsFile is not open");
@@ -313,10 +322,8 @@ static PyObject *PySTFile_read(PySTFile *self, PyObject *args, PyObject *kw) {
         return NULL;
     const StTensor *t = st_get(self, name_o);
     if (!t) return NULL;
-    const int stored = npy_type_of(t->dtype);
-    if (stored < 0)
-        return PyErr_Format(PyExc_ValueError, "%U: tensor '%s' has dtype %s, which NumPy cannot hold", self->path,
-                            t->name, t->dtype_name);
+    const int stored = stored_npy_type(self, t);
+    if (stored < 0) return NULL;
     int want = stored;
     if (dtype_o != Py_None) {
         PyArray_Descr *d = NULL;
@@ -372,10 +379,8 @@ static PyObject *PySTFile_read(PySTFile *self, PyObject *args, PyObject *kw) {
 static PyObject *PySTFile_view(PySTFile *self, PyObject *name_o) {
     const StTensor *t = st_get(self, name_o);
     if (!t) return NULL;
-    const int stored = npy_type_of(t->dtype);
-    if (stored < 0)
-        return PyErr_Format(PyExc_ValueError, "%U: tensor '%s' has dtype %s, which NumPy cannot hold", self->path,
-                            t->name, t->dtype_name);
+    const int stored = stored_npy_type(self, t);
+    if (stored < 0) return NULL;
     npy_intp dims[ST_MAX_DIMS];
     for (int d = 0; d < t->ndim; d++) dims[d] = (npy_intp)t->shape[d];
     PyArray_Descr *descr = PyArray_DescrFromType(stored);
