@@ -32,6 +32,10 @@ ARCHITECTURES: Dict[str, int] = {
     "LlamaForCausalLM": _core.ARCH_CAUSALLM,
 }
 
+#: ArmoRM's head sizes when config.json does not give them (the released model's), from the model
+#: description (csrc/model.h): num_objectives, gating_temperature, gating_hidden_dim, gating_n_hidden.
+HEAD_DEFAULTS: Dict[str, Any] = dict(_core.HEAD_DEFAULTS)
+
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 
 
@@ -181,10 +185,10 @@ def load_config(model_dir: os.PathLike | str, architecture: Optional[str] = None
         "attention_bias": int(bool(raw.get("attention_bias", False))),
         "mlp_bias": int(bool(raw.get("mlp_bias", False))),
         "tie_word_embeddings": int(bool(raw.get("tie_word_embeddings", False))),
-        "num_objectives": _int(raw, "num_objectives", 19),
-        "gating_temperature": _float(raw, "gating_temperature", 10),
-        "gating_hidden_dim": _int(raw, "gating_hidden_dim", 1024),
-        "gating_n_hidden": _int(raw, "gating_n_hidden", 3),
+        "num_objectives": _int(raw, "num_objectives", HEAD_DEFAULTS["num_objectives"]),
+        "gating_temperature": _float(raw, "gating_temperature", HEAD_DEFAULTS["gating_temperature"]),
+        "gating_hidden_dim": _int(raw, "gating_hidden_dim", HEAD_DEFAULTS["gating_hidden_dim"]),
+        "gating_n_hidden": _int(raw, "gating_n_hidden", HEAD_DEFAULTS["gating_n_hidden"]),
         "num_labels": _num_labels(raw),
     }
     core.update(_rope(raw))

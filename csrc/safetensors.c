@@ -424,13 +424,14 @@ static int str_is(const StrOut *o, const char *lit) {
     return o->len == k && o->len <= o->cap && memcmp(o->buf, lit, k) == 0;
 }
 
-static void fmt_shape(char *out, size_t cap, const StTensor *t) {
+void st_fmt_shape(char *out, size_t cap, int ndim, const int64_t *shape) {
+    if (!out || cap == 0) return;
     size_t o = 0;
     int k = snprintf(out, cap, "[");
     if (k < 0 || (size_t)k >= cap) return;
     o = (size_t)k;
-    for (int i = 0; i < t->ndim; i++) {
-        k = snprintf(out + o, cap - o, "%s%" PRId64, i ? ", " : "", t->shape[i]);
+    for (int i = 0; i < ndim; i++) {
+        k = snprintf(out + o, cap - o, "%s%" PRId64, i ? ", " : "", shape[i]);
         if (k < 0 || (size_t)k >= cap - o) return;
         o += (size_t)k;
     }
@@ -683,7 +684,7 @@ static int parse_tensor(Parser *P, StTensor *t, const char *tname, uint64_t data
         }
         if (prod > (uint64_t)INT64_MAX / d) {
             char sh[256];
-            fmt_shape(sh, sizeof sh, t);
+            st_fmt_shape(sh, sizeof sh, t->ndim, t->shape);
             return fail(P, "tensor '%s': number of elements of shape %s overflows", tname, sh);
         }
         prod *= d;
@@ -697,13 +698,13 @@ static int parse_tensor(Parser *P, StTensor *t, const char *tname, uint64_t data
     if (isz) {
         char sh[256];
         if (t->numel > UINT64_MAX / isz) {
-            fmt_shape(sh, sizeof sh, t);
+            st_fmt_shape(sh, sizeof sh, t->ndim, t->shape);
             return fail(P, "tensor '%s': byte size of shape %s of %s overflows", tname, sh, t->dtype_name);
         }
         uint64_t need = t->numel * isz;
         uint64_t have = t->end - t->begin;
         if (have != need) {
-            fmt_shape(sh, sizeof sh, t);
+            st_fmt_shape(sh, sizeof sh, t->ndim, t->shape);
             return fail(P,
                         "tensor '%s': data_offsets [%" PRIu64 ", %" PRIu64 "] hold %" PRIu64
                         " bytes but shape %s of %s needs %" PRIu64,

@@ -64,6 +64,9 @@ int st_open(StFile *f, const char *path, char *err, size_t errlen);
 int st_parse_buffer(StFile *f, const void *data, size_t size, const char *label,
                     char *err, size_t errlen);
 
+// Writes "[d0, d1, ...]" into out (always NUL-terminated; cut when cap is short).
+void st_fmt_shape(char *out, size_t cap, int ndim, const int64_t *shape);
+
 // Binary search by name; NULL when absent.
 const StTensor *st_find(const StFile *f, const char *name);
 

@@ -46,6 +46,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..atomic import write_json_atomic
+from ..config import HEAD_DEFAULTS
 from ..data import DatasetError
 from ..model import default_num_threads
 from ..progress import Progress, ProgressArg
@@ -368,9 +369,12 @@ def reward_transform_matrix(lam: np.ndarray, verbosity_index: int = VERBOSITY_IN
 
 @dataclass
 class GatingConfig:
-    hidden_dim: int = 1024
-    n_hidden: int = 3
-    temperature: float = 10.0
+    """The gating network and its training; the defaults are the reference's (the head sizes the model
+    description's, `armorm.config.HEAD_DEFAULTS`). The CLI's train-stage2 defaults are these."""
+
+    hidden_dim: int = HEAD_DEFAULTS["gating_hidden_dim"]
+    n_hidden: int = HEAD_DEFAULTS["gating_n_hidden"]
+    temperature: float = HEAD_DEFAULTS["gating_temperature"]
     dropout: float = 0.2
     logit_scale_init: float = 1.0
     lr: float = 1e-3
@@ -729,7 +733,8 @@ def load_gating(path: Union[str, os.PathLike]) -> Tuple[Dict[str, np.ndarray], n
     K = T.shape[0]
     if T.shape != (K, K) or params[f"gating.layers.{n_hidden}.weight"].shape[0] != K:
         raise ValueError(f"{path}: reward_transform_matrix {list(T.shape)} does not match the gating output")
-    hcfg = {"temperature": float(f.metadata.get("gating_temperature", 10.0)), "n_hidden": n_hidden,
+    hcfg = {"temperature": float(f.metadata.get("gating_temperature", HEAD_DEFAULTS["gating_temperature"])),
+            "n_hidden": n_hidden,
             "hidden_dim": int(params["gating.layers.0.weight"].shape[0]), "num_objectives": K,
             "input_dim": int(params["gating.layers.0.weight"].shape[1])}
     return params, T, hcfg

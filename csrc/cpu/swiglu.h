@@ -5,15 +5,17 @@
 #include <math.h>
 #include <stdint.h>
 #include "cpu_features.h"
-#include "attention_simd.h"
+
+// g[i] = silu(g[i]) * u[i] for i in [0, n), AVX-512 (swiglu_avx512.c)
+void swiglu_avx512(float *g, const float *u, int64_t n);
 
 // Elementwise, so any split across threads gives the same bits. The avx512
-// paths use a vector exp (attention_avx512.c); the others libm's expf.
+// paths use a vector exp (vmath_avx512.h); the others libm's expf.
 static void swiglu(float *g, const float *u, int64_t n, int nthreads, int kernel) {
     if (kernel >= ARM_KERNEL_AVX512) {
         const int64_t chunk = 4096;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t i = 0; i < n; i += chunk) arm_swiglu_avx512(g + i, u + i, n - i < chunk ? n - i : chunk);
+        for (int64_t i = 0; i < n; i += chunk) swiglu_avx512(g + i, u + i, n - i < chunk ? n - i : chunk);
         return;
     }
 #pragma omp parallel for num_threads(nthreads) schedule(static)

@@ -1,18 +1,18 @@
-// forward_cpu.c: the whole CPU forward pass, top to bottom.
+// forward.c: the whole CPU forward pass (forward_cpu), top to bottom.
 //
 // Input: B token sequences packed end to end (no padding). For each layer:
 //   xn = rmsnorm(x); q,k,v = xn W^T; rope(q,k); a = attention(q,k,v)
 //   x += a Wo^T;  xn = rmsnorm(x);  x += down(silu(gate(xn)) * up(xn))
 // then the final norm at the rows the heads read, and the heads.
 // Activations are fp32 throughout; weights are read in their stored dtype.
-#include "model.h"
-#include "cpu/attention.h"
-#include "cpu/embedding.h"
-#include "cpu/head.h"
-#include "cpu/matmul.h"
-#include "cpu/rmsnorm.h"
-#include "cpu/rope.h"
-#include "cpu/swiglu.h"
+#include "../model.h"
+#include "attention.h"
+#include "embedding.h"
+#include "head.h"
+#include "matmul.h"
+#include "rmsnorm.h"
+#include "rope.h"
+#include "swiglu.h"
 
 #include <stdlib.h>
 #include <string.h>
