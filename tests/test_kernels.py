@@ -19,9 +19,8 @@ import torch
 
 import armorm
 from armorm import _core
-from checkpoints import make_armorm
-from conftest import LLAMA3_ROPE
-from test_parity import FIELDS, PATTERN, bf16_errors, random_conv, rel_err
+from checkpoints import LLAMA3_ROPE, make_armorm
+from reference import FIELDS, PATTERN, bf16_errors, random_conv, rel_err
 
 ALL_PATHS = ["portable", "avx2", "avx512", "avx512bf16"]
 

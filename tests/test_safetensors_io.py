@@ -1,7 +1,7 @@
 """The safetensors reader (the core's parser, armorm._core.SafetensorsFile) and writer (armorm.safetensors_io).
 
 Every file Python reads goes through the parser the checkpoints use; the
-hostile-file cases are in test_errors.py and tests/c.
+hostile-file cases are in tests/errors/ and tests/c.
 """
 import json
 import struct

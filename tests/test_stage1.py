@@ -27,9 +27,7 @@ from armorm.train import ridge
 from armorm.train.prepare import shard_rows
 from armorm.train.stage1 import DEFAULT_ALPHAS, train_test_split_indices
 from checkpoints import make_armorm, make_backbone
-
-OBJ = ["a-x", "a-y", "b-x", "c-x", "c-y"]
-
+from training_data import OBJ, make_records, write_jsonl
 
 # ----------------------------------------------------------------------------- split, shards
 
@@ -396,38 +394,6 @@ def test_objective_without_labels_is_an_error_or_a_marked_skip(tmp_path):
 
 
 # ----------------------------------------------------------------------------- prepare: end to end
-
-WORDS = ("the a cat dog runs quickly answer question because of this and that why how fine thanks "
-         "hello world python code list sort").split()
-
-
-def make_records(n, seed=0, objectives=OBJ):
-    rng = np.random.default_rng(seed)
-    recs = []
-    for i in range(n):
-        turns = [{"role": "user", "content": " ".join(rng.choice(WORDS, int(rng.integers(2, 9))))},
-                 {"role": "assistant", "content": " ".join(rng.choice(WORDS, int(rng.integers(1, 25))))}]
-        if i % 5 == 0:
-            turns = [{"role": "system", "content": "be brief"}] + turns
-        rec = {"messages": turns, "id": i}
-        src = i % 3
-        for k, o in enumerate(objectives):
-            labelled = (src == 0 and k < 2) or (src == 1 and k == 2) or (src == 2 and k >= 3)
-            rec[o] = float(np.round(rng.normal(), 3)) if labelled else None
-        if i % 7 == 0:
-            rec[objectives[2]] = int(rng.integers(0, 5)) if src == 1 else None  # ints are fine
-        recs.append(rec)
-    return recs
-
-
-def write_jsonl(path: Path, recs):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in recs:
-            f.write(json.dumps(r) + "\n")
-            if r["id"] % 11 == 0:
-                f.write("\n")  # blank lines are skipped
-    return path
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, llama3_dir):

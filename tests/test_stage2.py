@@ -25,7 +25,7 @@ from armorm.train import stage1, stage2
 from armorm.train.stage2 import (GatingConfig, bt_loss_and_grad, debias_penalties, init_gating,
                                  reward_transform_matrix, train_gating)
 from checkpoints import make_backbone
-from test_stage1 import OBJ, make_records, write_jsonl
+from training_data import OBJ, make_records, write_jsonl
 
 # the gating network's matmul backends this CPU uses ("core" needs AVX512_BF16)
 BACKENDS = ["numpy"] + (["core"] if armorm._core.gemm_kernel() != "portable" else [])
