@@ -15,12 +15,13 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import _core
-from .config import ATTRIBUTES, CheckpointError, ModelConfig, load_config, weight_files
+from .config import ATTRIBUTES, CheckpointError, ModelConfig, load_config, objective_names, weight_files
+from .display import Explanation, Explanations
 from .hub import resolve_model_path
 from .tokenizer import ChatTokenizer, find_gating_position
 from .tokenizer import gating_pattern as derive_gating_pattern
@@ -49,6 +50,9 @@ class RewardOutput(Mapping):
 
     def __init__(self, **fields: Any) -> None:
         self._fields = {k: v for k, v in fields.items() if v is not None}
+        #: what displays need beside the arrays ("objectives": names, "transform": the reward transform
+        #: matrix, "conversations": the scored inputs); filled by the model and the pipeline
+        self._display: Dict[str, Any] = {}
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -72,9 +76,25 @@ class RewardOutput(Mapping):
     def to_tuple(self) -> Tuple[Any, ...]:
         return tuple(self._fields.values())
 
+    def row(self, i: int) -> "RewardOutput":
+        """Row `i` as a one-row output (arrays keep their leading axis); in Jupyter it shows in detail."""
+        n = len(next(iter(self._fields.values()))) if self._fields else 0
+        if not -n <= i < n:
+            raise IndexError(f"row {i} of an output with {n} rows")
+        i %= n
+        out = RewardOutput(**{k: v[i:i + 1] for k, v in self._fields.items()})
+        out._display = dict(self._display)
+        if self._display.get("conversations") is not None:
+            out._display["conversations"] = [self._display["conversations"][i]]
+        return out
+
+    def _repr_html_(self) -> str:
+        from .display import reward_output_html
+        return reward_output_html(self)
+
     def __repr__(self) -> str:
-        parts = [f"{k}={getattr(v, 'shape', v)}" for k, v in self._fields.items()]
-        return f"RewardOutput({', '.join(parts)})"
+        from .display import reward_output_text
+        return reward_output_text(self)
 
 
 def _is_torch(x: Any) -> bool:
@@ -324,7 +344,9 @@ class ArmoRM:
         out = self.score_sequences(self._rows(input_ids, attention_mask))
         if as_torch:
             import torch
-            return RewardOutput(**{k: torch.from_numpy(v) for k, v in out.items()})
+            res = RewardOutput(**{k: torch.from_numpy(v) for k, v in out.items()})
+            res._display = out._display
+            return res
         return out
 
     forward = __call__
@@ -420,7 +442,7 @@ class ArmoRM:
         produces but `all_hidden`; the core decides which: `_core.fields`).
         `batch_tokens` caps the tokens per packed group (default
         `max_batch_tokens`; a longer sequence runs alone). `progress(done,
-        total)` is called after each group with sequence counts. Errors
+        total)` is called after each packed group with sequence counts. Errors
         about one sequence name it `names[i]` (e.g. "file.jsonl:7") when given.
         """
         if names is not None and len(names) != len(sequences):
@@ -458,7 +480,11 @@ class ArmoRM:
             if renamed == str(e):  # not about one sequence, or already named (GatingPatternError)
                 raise
             raise ValueError(renamed) from None
-        return RewardOutput(**out)
+        res = RewardOutput(**out)
+        if "gating_output" in res:  # what the rich display names and multiplies (armorm/display.py)
+            res._display.update(objectives=self.objective_names(res["gating_output"].shape[1]),
+                                transform=self._core.tensor("reward_transform_matrix"))
+        return res
 
     # ---- interpretation --------------------------------------------------
 
@@ -470,31 +496,63 @@ class ArmoRM:
         whatever else is in the batch; a BLAS product's summation order
         depends on the matrix shape.
         """
-        g = np.asarray(gating_output.detach().cpu().numpy() if _is_torch(gating_output) else gating_output,
-                       dtype=np.float32)
-        if g.ndim != 2:
-            raise ValueError(f"gating_output must be [rows, objectives], got shape {g.shape}")
-        T = self._core.tensor("reward_transform_matrix")
-        if g.shape[1] != T.shape[1]:
-            raise ValueError(f"gating_output has {g.shape[1]} objectives, the model {T.shape[1]}")
-        out = np.zeros((g.shape[0], T.shape[0]), dtype=np.float32)
-        for k in range(T.shape[1]):
-            out += g[:, k:k + 1] * T[:, k]
-        return out
+        return objective_coefficients(gating_output, self._core.tensor("reward_transform_matrix"))
+
+    def objective_names(self, k: int) -> List[str]:
+        """The names of `k` objectives: `attributes` when there are k of them, else objective-i."""
+        return objective_names(k, self.attributes)
 
     def explain(self, output: Mapping, k: int = 3) -> List[List[Tuple[str, float]]]:
-        """Top-`k` objectives by |coefficient| for each row, as the model card prints them."""
+        """Top-`k` objectives by |coefficient| for each row, as the model card prints them.
+
+        A list (one Explanation per row) of lists of (objective, coefficient);
+        in Jupyter each shows as a table with the rewards when `output` has them.
+        """
         coeffs = self.coefficients(output["gating_output"])
-        names = self.attributes if coeffs.shape[1] == len(self.attributes) else \
-            [f"objective-{i}" for i in range(coeffs.shape[1])]
-        result = []
-        for row in coeffs:
-            order = np.argsort(-np.abs(row), kind="stable")[:k]
-            result.append([(names[j], float(row[j])) for j in order])
+        names = self.objective_names(coeffs.shape[1])
+        rewards = output.get("rewards")
+        rewards = None if rewards is None else np.asarray(rewards.detach().cpu() if _is_torch(rewards) else rewards)
+        scores = output.get("score")
+        scores = None if scores is None else np.asarray(scores.detach().cpu() if _is_torch(scores) else scores)
+        convs = getattr(output, "_display", {}).get("conversations")
+        result = Explanations()
+        for i, row in enumerate(coeffs):
+            order = top_objectives(row, k)
+            result.append(Explanation(
+                [(names[j], float(row[j])) for j in order],
+                score=None if scores is None else float(scores[i]),
+                rewards=None if rewards is None else [float(rewards[i][j]) for j in order],
+                conversation=None if convs is None or len(convs) != len(coeffs) else convs[i]))
         return result
 
     def __repr__(self) -> str:
         return f"ArmoRM({self.name_or_path!r}, architecture={self.architecture}, dtype={self.dtype})"
+
+
+def objective_coefficients(gating_output: Any, transform: Any) -> np.ndarray:
+    """coeffs = gating_output @ T^T for a [rows, K] gating output and the [K, K] reward transform matrix.
+
+    Row by row in a fixed order (elementwise products and sums over the
+    objectives, k = 0..K-1), so a row's coefficients are bit-identical
+    whatever else is in the batch; a BLAS product's summation order depends
+    on the matrix shape.
+    """
+    g = np.asarray(gating_output.detach().cpu().numpy() if _is_torch(gating_output) else gating_output,
+                   dtype=np.float32)
+    if g.ndim != 2:
+        raise ValueError(f"gating_output must be [rows, objectives], got shape {g.shape}")
+    T = np.asarray(transform, dtype=np.float32)
+    if g.shape[1] != T.shape[1]:
+        raise ValueError(f"gating_output has {g.shape[1]} objectives, the model {T.shape[1]}")
+    out = np.zeros((g.shape[0], T.shape[0]), dtype=np.float32)
+    for k in range(T.shape[1]):
+        out += g[:, k:k + 1] * T[:, k]
+    return out
+
+
+def top_objectives(weights: Any, k: int) -> List[int]:
+    """Indexes of the `k` largest |weights|, largest first (ties: the lower index first)."""
+    return [int(j) for j in np.argsort(-np.abs(np.asarray(weights)), kind="stable")[:k]]
 
 
 def _rename_sequence(message: str, names: Optional[Sequence[str]]) -> str:
