@@ -107,21 +107,41 @@ static int npy_type_of(StDType d) {
     }
 }
 
+// Element i of stored data as type T. A tensor may start at any byte of the
+// file (safetensors does not align), so elements are read with memcpy, which
+// the compiler turns into a plain (unaligned-safe) load.
+#define DEFINE_LOAD(name, T)                                                  \
+    static inline T name(const void *p, uint64_t i) {                         \
+        T v;                                                                  \
+        memcpy(&v, (const unsigned char *)p + i * sizeof(T), sizeof(T));      \
+        return v;                                                             \
+    }
+DEFINE_LOAD(ld_f32, float)
+DEFINE_LOAD(ld_f64, double)
+DEFINE_LOAD(ld_i64, int64_t)
+DEFINE_LOAD(ld_i32, int32_t)
+DEFINE_LOAD(ld_i16, int16_t)
+DEFINE_LOAD(ld_i8, int8_t)
+DEFINE_LOAD(ld_u64, uint64_t)
+DEFINE_LOAD(ld_u32, uint32_t)
+DEFINE_LOAD(ld_u16, uint16_t)
+DEFINE_LOAD(ld_u8, uint8_t)
+
 // Element i of stored data as a double (numeric dtypes; the caller checked npy_type_of).
 static double load_as_f64(const void *p, StDType d, uint64_t i) {
     switch (d) {
-        case ST_F32: return ((const float *)p)[i];
-        case ST_BF16: return bf16_to_f32(((const uint16_t *)p)[i]);
-        case ST_F16: return f16_to_f32(((const uint16_t *)p)[i]);
-        case ST_F64: return ((const double *)p)[i];
-        case ST_I64: return (double)((const int64_t *)p)[i];
-        case ST_I32: return ((const int32_t *)p)[i];
-        case ST_I16: return ((const int16_t *)p)[i];
-        case ST_I8: return ((const int8_t *)p)[i];
-        case ST_U8: case ST_BOOL: return ((const uint8_t *)p)[i];
-        case ST_U16: return ((const uint16_t *)p)[i];
-        case ST_U32: return ((const uint32_t *)p)[i];
-        default: return (double)((const uint64_t *)p)[i];
+        case ST_F32: return ld_f32(p, i);
+        case ST_BF16: return bf16_to_f32(ld_u16(p, i));
+        case ST_F16: return f16_to_f32(ld_u16(p, i));
+        case ST_F64: return ld_f64(p, i);
+        case ST_I64: return (double)ld_i64(p, i);
+        case ST_I32: return ld_i32(p, i);
+        case ST_I16: return ld_i16(p, i);
+        case ST_I8: return ld_i8(p, i);
+        case ST_U8: case ST_BOOL: return ld_u8(p, i);
+        case ST_U16: return ld_u16(p, i);
+        case ST_U32: return ld_u32(p, i);
+        default: return (double)ld_u64(p, i);
     }
 }
 
@@ -129,8 +149,8 @@ static double load_as_f64(const void *p, StDType d, uint64_t i) {
 static void convert_to(void *dst, int to_f64, const void *src, StDType d, uint64_t n) {
     if (!to_f64) {
         float *o = dst;
-        if (d == ST_BF16) for (uint64_t i = 0; i < n; i++) o[i] = bf16_to_f32(((const uint16_t *)src)[i]);
-        else if (d == ST_F16) for (uint64_t i = 0; i < n; i++) o[i] = f16_to_f32(((const uint16_t *)src)[i]);
+        if (d == ST_BF16) for (uint64_t i = 0; i < n; i++) o[i] = bf16_to_f32(ld_u16(src, i));
+        else if (d == ST_F16) for (uint64_t i = 0; i < n; i++) o[i] = f16_to_f32(ld_u16(src, i));
         else if (d == ST_F32) memcpy(o, src, n * sizeof(float));
         else for (uint64_t i = 0; i < n; i++) o[i] = (float)load_as_f64(src, d, i);
     } else {
