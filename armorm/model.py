@@ -461,24 +461,26 @@ class ArmoRM:
                 raise ValueError("reward_pos must have one entry per sequence")
         # which fields, and whether they read the gating position: the model description decides (model.c)
         wanted, gated = self._core.plan(None if fields is None else list(fields))
+        tokens = np.concatenate(seqs)
         try:
             if gated:
                 try:
                     gpos = self.gating_positions(seqs, names=names)
                 except GatingPatternError:
                     # a sequence the core refuses (empty, too long, an id outside the vocabulary) is named first
-                    self._core.validate(np.concatenate(seqs), cu_all, rpos)
+                    self._core.validate(tokens, cu_all, rpos)
                     raise
             else:
                 gpos = None
             # the core checks the whole call once, then runs it in packed groups of at most `budget` tokens
             budget = int(batch_tokens or self.max_batch_tokens)
-            res = RewardOutput(**self._core.forward(np.concatenate(seqs), cu_all, rpos, gpos, wanted,
-                                                    batch_tokens=budget, progress=progress))
-        except GatingPatternError:
-            raise
+            out = self._core.forward(tokens, cu_all, rpos, gpos, wanted, batch_tokens=budget, progress=progress)
         except ValueError as e:
-            raise ValueError(_rename_sequence(str(e), names)) from None
+            renamed = _rename_sequence(str(e), names)
+            if renamed == str(e):  # not about one sequence, or already named (GatingPatternError)
+                raise
+            raise ValueError(renamed) from None
+        res = RewardOutput(**out)
         if "gating_output" in res:  # what the rich display names and multiplies (armorm/display.py)
             res._display.update(objectives=self.objective_names(res["gating_output"].shape[1]),
                                 transform=self._core.tensor("reward_transform_matrix"))

@@ -11,7 +11,7 @@
 // Query blocks start at each sequence's first token, so a sequence's result
 // does not depend on what else is in the batch. On the avx512 kernel paths a
 // task is (sequence, KV group, query block) and runs attention_avx512_task
-// (attention_avx512.c): the same scheme, vectorised.
+// (attention_avx512.c): the same scheme, vectorised; ATT_QB is shared.
 #ifndef ARMORM_CPU_ATTENTION_H
 #define ARMORM_CPU_ATTENTION_H
 
@@ -21,11 +21,10 @@
 #include <string.h>
 #include "../model.h"
 #include "cpu_features.h"
-#include "attention_simd.h"
+#include "attention_avx512.h"  // ATT_QB, the AVX-512 task
 #include "softcap.h"
 
-#define ATT_QB 16
-#define ATT_KB 64
+#define ATT_KB 64  // keys per block of the online softmax
 
 typedef struct {
     int64_t start;  // first token of the sequence
@@ -121,7 +120,7 @@ static int attention(float *out, const float *q, const float *k, const float *v,
                      int B, int nh, int nkv, int hd, const AttnParams *ap, int nthreads, int kernel,
                      int (*cancel)(void *), void *cancel_ctx) {
     const int simd = kernel >= ARM_KERNEL_AVX512;
-    const int qb = simd ? ATT5_QB : ATT_QB, per_block = simd ? nkv : nh;  // tasks per query block
+    const int qb = ATT_QB, per_block = simd ? nkv : nh;  // tasks per query block
     int64_t ntasks = 0;
     for (int b = 0; b < B; b++) ntasks += (cu_seqlens[b + 1] - cu_seqlens[b] + qb - 1) / qb * per_block;
     AttTask *tasks = malloc((size_t)ntasks * sizeof *tasks);

@@ -1,4 +1,4 @@
-// forward_cpu.c: the whole CPU forward pass, top to bottom, for every family.
+// forward.c: the whole CPU forward pass (forward_cpu), top to bottom, for every family.
 //
 // Input: B token sequences packed end to end (no padding). x = embed(tokens)
 // (times embed_scale). For each layer:
@@ -10,14 +10,14 @@
 // then the final norm at the rows the heads read, and the heads. The Config
 // switches in brackets are what distinguishes the families (model.h).
 // Activations are fp32 throughout; weights are read in their stored dtype.
-#include "model.h"
-#include "cpu/attention.h"
-#include "cpu/embedding.h"
-#include "cpu/glu.h"
-#include "cpu/head.h"
-#include "cpu/matmul.h"
-#include "cpu/rmsnorm.h"
-#include "cpu/rope.h"
+#include "../model.h"
+#include "attention.h"
+#include "embedding.h"
+#include "glu.h"
+#include "head.h"
+#include "matmul.h"
+#include "rmsnorm.h"
+#include "rope.h"
 
 #include <stdlib.h>
 #include <string.h>
