@@ -337,8 +337,8 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "%(default)" in text or "default" in text or action.default in (None, False, argparse.SUPPRESS) \
-                or not action.option_strings:
+        if "%(default)" in text or "default" in text or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS or not action.option_strings:
             return text
         default = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) \
             else action.default
