@@ -11,6 +11,8 @@
 #define ARMORM_BINDING_IMPORTS_ARRAY
 #include "binding.h"
 
+#include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef ARMORM_WITH_CUDA
 #include "../cuda/backend_cuda.h"
@@ -571,7 +573,22 @@ static PyObject *tensor_to_array(const StTensor *t) {
     PyObject *a = PyArray_SimpleNew(t->ndim, dims, NPY_FLOAT32);
     if (!a) return NULL;
     float *dst = PyArray_DATA((PyArrayObject *)a);
-    arm_convert_to_f32(dst, t->data, t->dtype, t->numel);
+    // a tensor at an address its element size does not divide is read through an aligned copy
+    // (typed loads from it are undefined behaviour; safetensors does not promise alignment)
+    const size_t esize = t->dtype == ST_F32 ? 4 : 2;
+    void *copy = NULL;
+    const void *src = t->data;
+    if ((uintptr_t)src % esize) {
+        copy = malloc(t->numel * esize + 1);
+        if (!copy) {
+            Py_DECREF(a);
+            return PyErr_NoMemory();
+        }
+        memcpy(copy, src, t->numel * esize);
+        src = copy;
+    }
+    arm_convert_to_f32(dst, src, t->dtype, t->numel);
+    free(copy);
     return a;
 }
 
