@@ -16,10 +16,16 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-SOURCES = ["csrc/python/module.c", "csrc/python/safetensors_file.c", "csrc/python/numeric.c", "csrc/model.c", "csrc/weight_pass.c", "csrc/safetensors.c", "csrc/forward_cpu.c",
-           "csrc/cpu/cpu_features.c", "csrc/cpu/gemm_driver.c", "csrc/cpu/matmul_avx512.c", "csrc/cpu/matmul_avx2.c",
-           "csrc/cpu/attention_avx512.c", "csrc/cpu/gemm_general.c",
-           "csrc/cpu/adamw.c"]
+SOURCES = [
+    # the model description, the checkpoint's parser and the load pass
+    "csrc/model.c", "csrc/safetensors.c", "csrc/weight_pass.c",
+    # the CPU backend: the forward pass and one file per operation
+    "csrc/cpu/forward.c", "csrc/cpu/cpu_features.c", "csrc/cpu/gemm_driver.c", "csrc/cpu/matmul_avx512.c",
+    "csrc/cpu/matmul_avx2.c", "csrc/cpu/attention_avx512.c", "csrc/cpu/glu_avx512.c", "csrc/cpu/gemm_general.c",
+    "csrc/cpu/adamw.c",
+    # the CPython binding (armorm._core)
+    "csrc/python/module.c", "csrc/python/safetensors_file.c", "csrc/python/numeric.c",
+]
 
 compile_args = ["-std=c11", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-function",
                 "-Wno-missing-field-initializers", "-Wno-cast-function-type"]

@@ -1,10 +1,11 @@
 """Writing output files so that they appear only complete, with the permissions the umask gives."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
-from typing import IO, Iterator, Union
+from typing import IO, Any, Iterator, Union
 
 
 def current_umask() -> int:
@@ -57,3 +58,10 @@ def atomic_open(path: Union[str, os.PathLike], binary: bool = False) -> Iterator
         except OSError:
             pass
         raise
+
+
+def write_json_atomic(path: Union[str, os.PathLike], obj: Any) -> None:
+    """Writes `obj` as indented JSON (UTF-8, one final newline); the file appears only complete."""
+    with atomic_open(path) as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")

@@ -49,34 +49,31 @@ def read_jsonl(path: str) -> Tuple[List[List[Dict[str, str]]], List[Any], List[s
 
     Returns the conversations, their ids and their "file:line" locations.
     """
+    from .data import DatasetError, iter_jsonl
     from .tokenizer import conversation_from_record
     if os.path.isdir(path):
         raise InputError(f"{path}: is a directory, not a JSONL file")
     convs, ids, where = [], [], []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            try:
-                conv = conversation_from_record(rec)
-                for j, m in enumerate(conv):
-                    if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                        raise ValueError(f"message {j} needs string 'role' and 'content'")
-                if not conv:
-                    raise ValueError("empty conversation")
-            except ValueError as e:
-                raise InputError(f"{path}:{lineno}: {e}") from None
-            convs.append(conv)
-            ids.append(rec.get("id"))
-            where.append(f"{path}:{lineno}")
+    lines = iter_jsonl(path)
+    while True:
+        try:
+            lineno, rec = next(lines)
+        except StopIteration:
+            break
+        except DatasetError as e:  # not UTF-8, not JSON: the message names path:line
+            raise InputError(str(e)) from None
+        try:
+            conv = conversation_from_record(rec)
+            for j, m in enumerate(conv):
+                if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                    raise ValueError(f"message {j} needs string 'role' and 'content'")
+            if not conv:
+                raise ValueError("empty conversation")
+        except ValueError as e:
+            raise InputError(f"{path}:{lineno}: {e}") from None
+        convs.append(conv)
+        ids.append(rec.get("id"))
+        where.append(f"{path}:{lineno}")
     if not convs:
         raise InputError(f"{path}: no conversations")
     return convs, ids, where
@@ -180,16 +177,20 @@ def _show_progress(args: argparse.Namespace) -> bool:
     return not args.no_progress and (args.progress or sys.stderr.isatty())
 
 
-def cmd_prepare_stage1(args: argparse.Namespace) -> int:
-    from .train import stage1
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """prepare-stage1 and prepare-stage2: the same sharded, resumable loop (armorm.train.prepare), each
+    stage's own options."""
+    import importlib
+    stage = importlib.import_module(f".train.{args.stage}", __package__)
+    own = {"objectives": args.objectives} if args.stage == "stage1" else {"seq_len": args.seq_len}
+    seed = None if getattr(args, "no_shuffle", False) else args.seed
     try:
-        path = stage1.prepare(args.model, args.dataset, args.output, n_shards=args.n_shards,
-                              shard_idx=args.shard_idx, split=args.split, name=args.name,
-                              objectives=args.objectives, batch_tokens=args.batch_tokens,
-                              embeddings_dtype=args.embeddings_dtype, torch_dtype=args.dtype, seed=args.seed,
-                              shard_mode=args.shard_mode, chunk_rows=args.chunk_rows, num_threads=args.threads,
-                              progress=_show_progress(args), overwrite=args.overwrite, restart=args.restart,
-                              quiet=False, check_finite=not args.no_check_finite)
+        path = stage.prepare(args.model, args.dataset, args.output, n_shards=args.n_shards, shard_idx=args.shard_idx,
+                             split=args.split, name=args.name, batch_tokens=args.batch_tokens,
+                             embeddings_dtype=args.embeddings_dtype, torch_dtype=args.dtype, seed=seed,
+                             shard_mode=args.shard_mode, chunk_rows=args.chunk_rows, num_threads=args.threads,
+                             progress=_show_progress(args), overwrite=args.overwrite, restart=args.restart,
+                             quiet=False, check_finite=not args.no_check_finite, **own)
     except ImportError as e:
         print(f"armorm: error: {e}", file=sys.stderr)
         return 2
@@ -210,26 +211,6 @@ def cmd_train_stage1(args: argparse.Namespace) -> int:
     print(result.table())
     print(f"wrote regression_layer.weight {list(result.weight.shape)} to {result.output} "
           f"and the report to {result.report_path}", file=sys.stderr)
-    return 0
-
-
-def cmd_prepare_stage2(args: argparse.Namespace) -> int:
-    from .train import stage2
-    try:
-        path = stage2.prepare(args.model, args.dataset, args.output, n_shards=args.n_shards,
-                              shard_idx=args.shard_idx, split=args.split, name=args.name, seq_len=args.seq_len,
-                              batch_tokens=args.batch_tokens, embeddings_dtype=args.embeddings_dtype,
-                              torch_dtype=args.dtype, seed=None if args.no_shuffle else args.seed,
-                              shard_mode=args.shard_mode, chunk_rows=args.chunk_rows, num_threads=args.threads,
-                              progress=_show_progress(args), overwrite=args.overwrite, restart=args.restart,
-                              quiet=False, check_finite=not args.no_check_finite)
-    except ImportError as e:
-        print(f"armorm: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("armorm: interrupted; finished chunks are kept: rerun the same command to resume", file=sys.stderr)
-        return 130
-    print(path)
     return 0
 
 
@@ -356,8 +337,8 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "%(default)" in text or "default" in text or action.default in (None, False, argparse.SUPPRESS) \
-                or not action.option_strings:
+        if "%(default)" in text or "default" in text or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS or not action.option_strings:
             return text
         default = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) \
             else action.default
@@ -504,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare_arguments(s, chunk_rows=1024)
     s.add_argument("--objectives", nargs="+", metavar="NAME",
                    help="label columns, in order (names or comma lists; default: the 19 ArmoRM attributes)")
-    s.set_defaults(func=cmd_prepare_stage1)
+    s.set_defaults(func=cmd_prepare, stage="stage1")
 
     s = command("train-stage1", "stage 1: fit the regression layer (ridge per objective)",
                 "Ridge regression without intercept per objective on its labelled rows, alpha chosen by "
@@ -549,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=_int_at_least(1), default=8192,
                    help="skip pairs with a side longer than this many tokens")
     s.add_argument("--no-shuffle", action="store_true", help="keep the dataset order (RewardBench: use it)")
-    s.set_defaults(func=cmd_prepare_stage2)
+    s.set_defaults(func=cmd_prepare, stage="stage2")
 
     s = command("train-stage2", "stage 2: verbosity debiasing and the gating network",
                 "Computes reward_transform_matrix (verbosity debiasing) and trains the gating network on "
@@ -560,27 +541,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", metavar="FILE", required=True, help="safetensors file for the gating network "
                    "and reward_transform_matrix")
     s.add_argument("--report", metavar="FILE", help="JSON report (default: OUTPUT with a .json suffix)")
-    s.add_argument("--verbosity-index", type=int, default=4,
+    from .train.stage2 import CORR_THRESHOLD, VERBOSITY_INDEX, GatingConfig
+    g = GatingConfig()  # the defaults below are the library's (the head sizes: the model description's)
+    s.add_argument("--verbosity-index", type=int, default=VERBOSITY_INDEX,
                    help="row of the verbosity objective among the regression layer's objectives")
-    s.add_argument("--corr-threshold", type=float, default=0.03,
+    s.add_argument("--corr-threshold", type=float, default=CORR_THRESHOLD,
                    help="debiasing: smallest penalty whose Spearman correlation with verbosity is at most this")
     s.add_argument("--no-debias", action="store_true", help="reward_transform_matrix = identity")
-    s.add_argument("--hidden-dim", type=_int_at_least(1), default=1024, help="width of the gating MLP's hidden "
-                   "layers")
-    s.add_argument("--n-hidden", type=_int_at_least(0), default=3, help="hidden layers of the gating MLP")
-    s.add_argument("--temperature", type=float, default=10.0, help="softmax temperature of the gating output")
-    s.add_argument("--dropout", type=float, default=0.2, help="dropout after each hidden ReLU")
-    s.add_argument("--logit-scale", type=float, default=1.0, help="initial logit_scale (learned)")
-    s.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine annealed)")
-    s.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    s.add_argument("--steps", type=_int_at_least(1), default=2000, help="training steps")
-    s.add_argument("--batch-size", type=_int_at_least(1), default=1024, help="pairs per step (sampled with "
-                   "replacement)")
-    s.add_argument("--val-fraction", type=float, default=0.2, help="validation fraction")
-    s.add_argument("--split-seed", type=int, default=0, help="train/validation split seed")
-    s.add_argument("--seed", type=int, default=0, help="initialisation, batch sampling and dropout seed")
-    s.add_argument("--eval-every", type=_int_at_least(0), default=250, help="validation every N steps (0: at the end)")
-    s.add_argument("--backend", choices=["auto", "core", "numpy"], default="auto",
+    s.add_argument("--hidden-dim", type=_int_at_least(1), default=g.hidden_dim, help="width of the gating MLP's "
+                   "hidden layers")
+    s.add_argument("--n-hidden", type=_int_at_least(0), default=g.n_hidden, help="hidden layers of the gating MLP")
+    s.add_argument("--temperature", type=float, default=g.temperature,
+                   help="softmax temperature of the gating output")
+    s.add_argument("--dropout", type=float, default=g.dropout, help="dropout after each hidden ReLU")
+    s.add_argument("--logit-scale", type=float, default=g.logit_scale_init, help="initial logit_scale (learned)")
+    s.add_argument("--lr", type=float, default=g.lr, help="AdamW learning rate (cosine annealed)")
+    s.add_argument("--weight-decay", type=float, default=g.weight_decay, help="AdamW weight decay")
+    s.add_argument("--steps", type=_int_at_least(1), default=g.steps, help="training steps")
+    s.add_argument("--batch-size", type=_int_at_least(1), default=g.batch_size, help="pairs per step (sampled "
+                   "with replacement)")
+    s.add_argument("--val-fraction", type=float, default=g.val_fraction, help="validation fraction")
+    s.add_argument("--split-seed", type=int, default=g.split_seed, help="train/validation split seed")
+    s.add_argument("--seed", type=int, default=g.seed, help="initialisation, batch sampling and dropout seed")
+    s.add_argument("--eval-every", type=_int_at_least(0), default=g.eval_every,
+                   help="validation every N steps (0: at the end)")
+    s.add_argument("--backend", choices=["auto", "core", "numpy"], default=g.backend,
                    help="gating matmuls: the C core's bf16 GEMMs (fp32 sums, fp32 weights and optimizer), NumPy "
                         "float32, or auto (core where the CPU has AVX512_BF16)")
     s.add_argument("--blas-threads", type=_int_at_least(1), default=None,

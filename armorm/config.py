@@ -43,11 +43,16 @@ HEADS: Dict[str, tuple] = {
     "ForCausalLM": (_core.ARCH_CAUSALLM, "causallm"),
 }
 
+
 #: Every supported class name -> the core's head code.
 ARCHITECTURES: Dict[str, int] = {f + h: code for f in FAMILIES for h, (code, _) in HEADS.items()}
 
 # transformers' names for the tanh approximation of GELU (the same function)
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu_new")
+
+#: ArmoRM's head sizes when config.json does not give them (the released model's), from the model
+#: description (csrc/model.h): num_objectives, gating_temperature, gating_hidden_dim, gating_n_hidden.
+HEAD_DEFAULTS: Dict[str, Any] = dict(_core.HEAD_DEFAULTS)
 
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 
@@ -342,10 +347,10 @@ def load_config(model_dir: os.PathLike | str, architecture: Optional[str] = None
         "max_position_embeddings": _int(raw, "max_position_embeddings", 2048),
         "rms_norm_eps": _float(raw, "rms_norm_eps", 1e-6),
         "tie_word_embeddings": int(bool(raw.get("tie_word_embeddings", family == "gemma2"))),
-        "num_objectives": _int(raw, "num_objectives", 19),
-        "gating_temperature": _float(raw, "gating_temperature", 10),
-        "gating_hidden_dim": _int(raw, "gating_hidden_dim", 1024),
-        "gating_n_hidden": _int(raw, "gating_n_hidden", 3),
+        "num_objectives": _int(raw, "num_objectives", HEAD_DEFAULTS["num_objectives"]),
+        "gating_temperature": _float(raw, "gating_temperature", HEAD_DEFAULTS["gating_temperature"]),
+        "gating_hidden_dim": _int(raw, "gating_hidden_dim", HEAD_DEFAULTS["gating_hidden_dim"]),
+        "gating_n_hidden": _int(raw, "gating_n_hidden", HEAD_DEFAULTS["gating_n_hidden"]),
         "num_labels": _num_labels(raw),
     }
     core.update(_family_switches(family, raw, n_layers, head_dim))

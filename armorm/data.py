@@ -1,6 +1,7 @@
 """Reading training datasets: JSONL, Parquet, `datasets` directories and hub ids.
 
-`open_dataset(source)` returns a `RecordSource`: its length, and `take(rows)`
+`iter_jsonl(path)` reads a JSON Lines file line by line (the CLI's
+conversations); `open_dataset(source)` returns a `RecordSource`: its length, and `take(rows)`
 giving those rows as dicts, read on demand (a JSONL file is indexed by line
 offsets, not loaded). `where(row)` describes a row for error messages
 ("data.jsonl line 18", "row 17").
@@ -22,7 +23,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -55,6 +56,27 @@ class RecordSource:
     def fingerprint(self) -> Dict[str, Any]:
         """What identifies this data for resuming an interrupted job."""
         return {"location": self.location, "rows": len(self)}
+
+
+def parse_json_line(raw: bytes, where: str) -> Any:
+    """One JSON Lines record; a DatasetError naming `where` when it is not UTF-8 or not JSON."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{where}: not valid UTF-8 (byte {e.start})") from None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{where}: not valid JSON ({e.msg})") from None
+
+
+def iter_jsonl(path: str) -> Iterator[Tuple[int, Any]]:
+    """(line number, record) for each non-blank line of a JSON Lines file, read as it goes; errors name
+    `path:line`."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.strip():
+                yield lineno, parse_json_line(raw, f"{path}:{lineno}")
 
 
 def _file_fingerprint(paths: Sequence[str]) -> List[List[Any]]:
@@ -110,13 +132,7 @@ class JsonlSource(RecordSource):
             for r in rows:
                 r = int(r)
                 f.seek(int(self._offsets[r]))
-                line = f.readline()
-                try:
-                    rec = json.loads(line.decode("utf-8"))
-                except UnicodeDecodeError:
-                    raise DatasetError(f"{self.where(r)}: not UTF-8 text") from None
-                except json.JSONDecodeError as e:
-                    raise DatasetError(f"{self.where(r)}: not valid JSON ({e.msg})") from None
+                rec = parse_json_line(f.readline(), self.where(r))
                 if not isinstance(rec, dict):
                     raise DatasetError(f"{self.where(r)}: expected a JSON object, got {type(rec).__name__}")
                 out.append(rec)

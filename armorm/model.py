@@ -477,13 +477,14 @@ class ArmoRM:
                 raise ValueError("reward_pos must have one entry per sequence")
         # which fields, and whether they read the gating position: the model description decides (model.c)
         wanted, gated = self._core.plan(None if fields is None else list(fields))
+        tokens = np.concatenate(seqs)
         try:
             if gated:
                 try:
                     gpos = self.gating_positions(seqs, names=names)
                 except GatingPatternError:
                     # a sequence the core refuses (empty, too long, an id outside the vocabulary) is named first
-                    self._core.validate(np.concatenate(seqs), cu_all, rpos)
+                    self._core.validate(tokens, cu_all, rpos)
                     raise
             else:
                 gpos = None
@@ -494,16 +495,17 @@ class ArmoRM:
             plan = plan_batches(seqs, budget, min_shared, rpos, gpos) if share else None
             if plan is None or plan.shared_segments == 0:
                 # the core checks the whole call once, then runs it in packed groups of at most `budget` tokens
-                res = RewardOutput(**self._core.forward(np.concatenate(seqs), cu_all, rpos, gpos, wanted,
-                                                        batch_tokens=budget, progress=progress))
+                out = self._core.forward(tokens, cu_all, rpos, gpos, wanted, batch_tokens=budget, progress=progress)
                 computed, shared = int(cu_all[-1]), 0
             else:
-                res = self._forward_shared(seqs, cu_all, rpos, plan, wanted, progress)
+                out = self._forward_shared(seqs, tokens, cu_all, rpos, plan, wanted, progress)
                 computed, shared = plan.tokens_computed, plan.shared_segments
-        except GatingPatternError:
-            raise
         except ValueError as e:
-            raise ValueError(_rename_sequence(str(e), names)) from None
+            renamed = _rename_sequence(str(e), names)
+            if renamed == str(e):  # not about one sequence, or already named (GatingPatternError)
+                raise
+            raise ValueError(renamed) from None
+        res = RewardOutput(**out)
         if stats is not None:
             stats.update(tokens_in=int(cu_all[-1]), tokens_computed=computed, shared_prefixes=shared)
         if "gating_output" in res:  # what the rich display names and multiplies (armorm/display.py)
@@ -511,17 +513,18 @@ class ArmoRM:
                                 transform=self._core.tensor("reward_transform_matrix"))
         return res
 
-    def _forward_shared(self, seqs: List[np.ndarray], cu_all: np.ndarray, rpos: Optional[np.ndarray], plan: Any,
-                        wanted: Sequence[str], progress: Optional[Callable[[int, int], None]]) -> RewardOutput:
+    def _forward_shared(self, seqs: List[np.ndarray], tokens: np.ndarray, cu_all: np.ndarray,
+                        rpos: Optional[np.ndarray], plan: Any, wanted: Sequence[str],
+                        progress: Optional[Callable[[int, int], None]]) -> Dict[str, np.ndarray]:
         """One core call of the plan's segments (prefixes once, docs/best_of_n.md); rows in the caller's order."""
         # the core names segments; the caller's sequences are checked (and named) here first
-        self._core.validate(np.concatenate(seqs), cu_all, rpos)
+        self._core.validate(tokens, cu_all, rpos)
         call = plan.call()
         n = len(seqs)
         on_group = None if progress is None else (lambda done, _total: progress(int(call.scored[done]), n))
         out = self._core.forward(call.tokens, call.cu_seqlens, call.reward_pos, call.gating_pos, wanted,
                                  progress=on_group, parent=call.parent, groups=call.groups)
-        return RewardOutput(**{f: v[call.rows] for f, v in out.items()})
+        return {f: v[call.rows] for f, v in out.items()}
 
     def score_responses(self, prompt_ids: Any, responses: Sequence[Any], fields: Optional[Iterable[str]] = None,
                         batch_tokens: Optional[int] = None,

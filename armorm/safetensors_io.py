@@ -1,25 +1,34 @@
-"""Reading and writing safetensors files with NumPy alone (no torch, no `safetensors`).
+"""Safetensors files from NumPy (no torch, no `safetensors`): the core reads, this module writes.
 
 The format: an 8-byte little-endian header length n, n bytes of JSON
 (`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__":
 {str: str}}`), then the tensor bytes (row-major, little-endian), offsets
-relative to the end of the header. bfloat16 has no NumPy dtype: it is read and
-written as its raw 16-bit patterns (uint16); `bf16_to_float32` /
-`float32_to_bf16` convert (round to nearest even, as torch does).
+relative to the end of the header.
 
-Writing goes to a temporary file in the destination's directory, which is
-fsynced and then renamed over the destination: a reader never sees a partial
-file under the final name.
+Reading: every file (checkpoints and what training writes) goes through the
+core's hardened parser, `SafetensorsFile` (armorm._core): `info(name)`,
+`read(name, start, stop, out=, dtype=)` (a copy of rows, optionally converted
+to float32/float64), `view(name)` (zero-copy), `metadata`, `keys()`.
+bfloat16 has no NumPy dtype: it is held as its raw 16-bit patterns (uint16);
+`bf16_to_float32` / `float32_to_bf16` convert (the core's rounding: nearest
+even, as torch).
+
+Writing (`save_file`) goes to a temporary file in the destination's directory,
+which is fsynced and then renamed over the destination: a reader never sees a
+partial file under the final name.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ._core import SafetensorsFile, bf16_to_float32, float32_to_bf16
 from .atomic import atomic_open
+
+__all__ = ["DTYPES", "SafetensorsFile", "bf16_to_float32", "float32_to_bf16", "load_file", "save_file", "to_float"]
 
 #: safetensors dtype name -> NumPy dtype of the stored bytes (BF16 as its raw uint16 bits).
 DTYPES: Dict[str, np.dtype] = {
@@ -32,152 +41,15 @@ _NUMPY_TO_ST = {np.dtype("float64"): "F64", np.dtype("float32"): "F32", np.dtype
                 np.dtype("int64"): "I64", np.dtype("int32"): "I32", np.dtype("int16"): "I16",
                 np.dtype("int8"): "I8", np.dtype("uint64"): "U64", np.dtype("uint32"): "U32",
                 np.dtype("uint16"): "U16", np.dtype("uint8"): "U8", np.dtype("bool"): "BOOL"}
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-
-class SafetensorsError(ValueError):
-    """A file that is not a well-formed safetensors file."""
-
-
-def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
-    """Raw bfloat16 bit patterns (uint16) -> float32, exactly."""
-    bits = np.ascontiguousarray(bits, dtype=np.uint16)
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def float32_to_bf16(x: np.ndarray) -> np.ndarray:
-    """float32 -> raw bfloat16 bits (uint16), rounding to nearest even; NaN stays NaN."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    u = x.view(np.uint32)
-    rounded = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
-    nan = np.isnan(x)
-    if nan.any():
-        rounded[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(0x0040)).astype(np.uint16)  # quiet NaN, sign kept
-    return rounded
-
 
 def to_float(raw: np.ndarray, st_dtype: str, out_dtype: Any = np.float32) -> np.ndarray:
-    """Stored values (as read from a file) -> floating point of `out_dtype`."""
+    """Stored values already in memory (BF16 as uint16 bits) -> floating point of `out_dtype`.
+
+    Reading from a file converts on the way instead: `SafetensorsFile.read(name, dtype=...)`.
+    """
     if st_dtype == "BF16":
         return bf16_to_float32(raw).astype(out_dtype, copy=False)
     return np.asarray(raw).astype(out_dtype, copy=False)
-
-
-class TensorInfo:
-    __slots__ = ("name", "dtype", "shape", "begin", "end")
-
-    def __init__(self, name: str, dtype: str, shape: Tuple[int, ...], begin: int, end: int) -> None:
-        self.name, self.dtype, self.shape, self.begin, self.end = name, dtype, shape, begin, end
-
-    @property
-    def np_dtype(self) -> np.dtype:
-        return DTYPES[self.dtype]
-
-    @property
-    def row_bytes(self) -> int:
-        n = self.np_dtype.itemsize
-        for d in self.shape[1:]:
-            n *= d
-        return n
-
-
-class SafetensorsFile:
-    """A parsed safetensors header; tensors (or row ranges of them) are read on demand.
-
-    `read(name)` returns the stored values (BF16 as uint16 bits);
-    `read_rows(name, start, stop)` reads rows [start, stop) of the first axis
-    with one contiguous read, without mapping the whole file.
-    """
-
-    def __init__(self, path: Union[str, os.PathLike]) -> None:
-        self.path = os.fspath(path)
-        try:
-            size = os.path.getsize(self.path)
-            with open(self.path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise SafetensorsError(f"{self.path}: not a safetensors file (shorter than 8 bytes)")
-                n = int.from_bytes(head, "little")
-                if n > MAX_HEADER_BYTES or n + 8 > size:
-                    raise SafetensorsError(f"{self.path}: not a safetensors file (header length {n} "
-                                           f"does not fit the file's {size} bytes)")
-                raw = f.read(n)
-        except OSError as e:
-            raise SafetensorsError(f"cannot read {self.path}: {e.strerror or e}") from None
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise SafetensorsError(f"{self.path}: not a safetensors file (header is not JSON)") from None
-        if not isinstance(header, dict):
-            raise SafetensorsError(f"{self.path}: safetensors header is not a JSON object")
-        self.data_start = 8 + n
-        data_size = size - self.data_start
-        meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict):
-            raise SafetensorsError(f"{self.path}: __metadata__ must be an object")
-        self.metadata: Dict[str, str] = {str(k): str(v) for k, v in meta.items()}
-        self.tensors: Dict[str, TensorInfo] = {}
-        for name, e in header.items():
-            try:
-                dtype, shape, (b, end) = e["dtype"], tuple(int(d) for d in e["shape"]), e["data_offsets"]
-                b, end = int(b), int(end)
-            except (KeyError, TypeError, ValueError):
-                raise SafetensorsError(f"{self.path}: malformed header entry for tensor {name!r}") from None
-            if dtype not in DTYPES:
-                raise SafetensorsError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
-            count = 1
-            for d in shape:
-                if d < 0:
-                    raise SafetensorsError(f"{self.path}: tensor {name!r} has a negative dimension")
-                count *= d
-            if not (0 <= b <= end <= data_size) or end - b != count * DTYPES[dtype].itemsize:
-                raise SafetensorsError(f"{self.path}: tensor {name!r} ({dtype} {list(shape)}) has data offsets "
-                                       f"[{b}, {end}] that do not match its size or the file (truncated file?)")
-            self.tensors[name] = TensorInfo(name, dtype, shape, b, end)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def keys(self) -> List[str]:
-        return list(self.tensors)
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise SafetensorsError(f"{self.path}: no tensor named {name!r} "
-                                   f"(it has {', '.join(self.tensors) or 'none'})") from None
-
-    def read(self, name: str) -> np.ndarray:
-        t = self.info(name)
-        return self.read_rows(name, 0, t.shape[0] if t.shape else 1) if t.shape else \
-            self._read_bytes(t.begin, t.end, t.np_dtype).reshape(())
-
-    def read_rows(self, name: str, start: int, stop: int, out: Optional[np.ndarray] = None) -> np.ndarray:
-        t = self.info(name)
-        if not t.shape:
-            raise SafetensorsError(f"{self.path}: tensor {name!r} is a scalar")
-        if not 0 <= start <= stop <= t.shape[0]:
-            raise IndexError(f"rows [{start}, {stop}) out of range for {name!r} with {t.shape[0]} rows")
-        rb = t.row_bytes
-        shape = (stop - start,) + t.shape[1:]
-        if out is None:
-            out = np.empty(shape, dtype=t.np_dtype)
-        elif out.shape != shape or out.dtype != t.np_dtype or not out.flags.c_contiguous:
-            raise ValueError("read_rows: `out` has the wrong shape, dtype or layout")
-        if out.size:
-            with open(self.path, "rb") as f:
-                f.seek(self.data_start + t.begin + start * rb)
-                got = f.readinto(memoryview(out).cast("B"))
-            if got != (stop - start) * rb:
-                raise SafetensorsError(f"{self.path}: file is truncated")
-        return out
-
-    def _read_bytes(self, b: int, e: int, dtype: np.dtype) -> np.ndarray:
-        with open(self.path, "rb") as f:
-            f.seek(self.data_start + b)
-            data = f.read(e - b)
-        return np.frombuffer(data, dtype=dtype).copy()
 
 
 #: A tensor to write: an array (its own dtype), or (st_dtype, shape, iterable of arrays) streamed in order.
@@ -246,10 +118,7 @@ def save_file(tensors: Mapping[str, Any], path: Union[str, os.PathLike],
 
 
 def load_file(path: Union[str, os.PathLike], as_float32: bool = False) -> Dict[str, np.ndarray]:
-    """All tensors of a file; BF16 as uint16 bits unless `as_float32`."""
+    """All tensors of a file, copied; BF16 as uint16 bits unless `as_float32`."""
     f = SafetensorsFile(path)
-    out = {}
-    for name, t in f.tensors.items():
-        a = f.read(name)
-        out[name] = to_float(a, t.dtype) if as_float32 and t.dtype == "BF16" else a
-    return out
+    return {name: f.read(name, dtype=np.float32 if as_float32 and f.info(name).dtype == "BF16" else None)
+            for name in f.keys()}

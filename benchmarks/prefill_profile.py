@@ -197,7 +197,7 @@ def categorize(dso: str, sym: str) -> str:
         return "GEMM driver/epilogue"
     if sym.startswith("attention"):
         return "attention"
-    if sym.startswith(("rmsnorm", "rope", "glu", "arm_glu")):
+    if sym.startswith(("rmsnorm", "rope", "glu")):
         return "norms/rope/glu"
     if "libgomp" in dso:
         return "OpenMP runtime (waits, forks)"

@@ -48,7 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from armorm.config import ATTRIBUTES  # noqa: E402
-from armorm.safetensors_io import SafetensorsFile, float32_to_bf16, save_file  # noqa: E402
+from armorm.safetensors_io import SafetensorsFile, bf16_to_float32, float32_to_bf16, save_file  # noqa: E402
 
 ALPHAS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4]
 # (source, objective indices, share of the rows): uneven, UltraFeedback largest, as in the real data
@@ -82,7 +82,7 @@ def make_data(d: str, rows: int, dim: int, files: int = 4, seed: int = 0, chunk:
                 e = min(b, s + chunk)
                 r = np.random.default_rng([seed, s])
                 X = r.standard_normal((e - s, dim), dtype=np.float32) * spectrum
-                X = (float32_to_bf16(X).astype(np.uint32) << 16).view(np.float32)  # the stored values
+                X = bf16_to_float32(float32_to_bf16(X))  # the stored values
                 Y = np.full((e - s, K), np.nan, dtype=np.float32)
                 src = source_of_row[s:e]
                 for si, (_, ks, _) in enumerate(SOURCES):

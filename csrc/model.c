@@ -239,14 +239,6 @@ static int cmp_file_order(const void *a, const void *b) {
     return x->found->begin < y->found->begin ? -1 : x->found->begin > y->found->begin;
 }
 
-static void fmt_shape(char *buf, size_t len, int ndim, const int64_t *shape) {
-    size_t o = 0;
-    o += (size_t)snprintf(buf + o, len - o, "[");
-    for (int i = 0; i < ndim && o < len; i++)
-        o += (size_t)snprintf(buf + o, len - o, "%s%lld", i ? ", " : "", (long long)shape[i]);
-    if (o < len) snprintf(buf + o, len - o, "]");
-}
-
 static void compute_inv_freq(Model *m) {
     const Config *c = &m->cfg;
     int half = c->head_dim / 2;
@@ -413,8 +405,8 @@ int model_load(Model *m, const Config *cfg, const char *const *paths, int n_path
             int same = st->ndim == x->ndim;
             for (int d = 0; same && d < x->ndim; d++) same = st->shape[d] == x->shape[d];
             if (!same) {
-                fmt_shape(sh1, sizeof sh1, st->ndim, st->shape);
-                fmt_shape(sh2, sizeof sh2, x->ndim, x->shape);
+                st_fmt_shape(sh1, sizeof sh1, st->ndim, st->shape);
+                st_fmt_shape(sh2, sizeof sh2, x->ndim, x->shape);
                 arm_fail(e, "%s: tensor '%s' has shape %s, expected %s from config.json", sf->path,
                          st->name, sh1, sh2);
                 goto fail;

@@ -36,6 +36,7 @@ typedef enum {
 
 typedef enum { ROPE_DEFAULT = 0, ROPE_LLAMA3 = 1, ROPE_LINEAR = 2 } RopeType;
 
+
 // The MLP's gate activation: h = act(gate(x)) * up(x).
 typedef enum {
     ACT_SILU = 0,       // SwiGLU (Llama, Qwen)
@@ -43,6 +44,15 @@ typedef enum {
 } Activation;
 
 #define ARM_MAX_LAYERS 4096
+
+// ArmoRM's head sizes when config.json does not give them (the released
+// model's: 19 objectives, a 3 x 1024 gating MLP, softmax temperature 10). The
+// one place they are written: the binding exposes them as _core.HEAD_DEFAULTS,
+// which armorm.config, stage-2 training (GatingConfig) and the CLI read.
+#define DEFAULT_NUM_OBJECTIVES 19
+#define DEFAULT_GATING_TEMPERATURE 10.0
+#define DEFAULT_GATING_HIDDEN_DIM 1024
+#define DEFAULT_GATING_N_HIDDEN 3
 
 typedef struct {
     char model_class[64];      // config.json's class name, for messages ("" = the Llama name of `arch`)

@@ -424,24 +424,50 @@ static int str_is(const StrOut *o, const char *lit) {
     return o->len == k && o->len <= o->cap && memcmp(o->buf, lit, k) == 0;
 }
 
-static void fmt_shape(char *out, size_t cap, const StTensor *t) {
+void st_fmt_shape(char *out, size_t cap, int ndim, const int64_t *shape) {
+    if (!out || cap == 0) return;
     size_t o = 0;
     int k = snprintf(out, cap, "[");
     if (k < 0 || (size_t)k >= cap) return;
     o = (size_t)k;
-    for (int i = 0; i < t->ndim; i++) {
-        k = snprintf(out + o, cap - o, "%s%" PRId64, i ? ", " : "", t->shape[i]);
+    for (int i = 0; i < ndim; i++) {
+        k = snprintf(out + o, cap - o, "%s%" PRId64, i ? ", " : "", shape[i]);
         if (k < 0 || (size_t)k >= cap - o) return;
         o += (size_t)k;
     }
     snprintf(out + o, cap - o, "]");
 }
 
-static int parse_metadata(Parser *P) {
-    char kbuf[ST_SHOWN_NAME];
-    StrOut key = {kbuf, sizeof kbuf, 0, 0};
-    StrOut none = {NULL, 0, 0, 0};
+// Decodes the string at the cursor into a new NUL-terminated buffer (*out, *len bytes).
+static int parse_string_alloc(Parser *P, char **out, size_t *len) {
+    const size_t start = P->pos;
+    StrOut probe = {NULL, 0, 0, 0};
+    if (parse_string(P, &probe)) return -1;
+    char *buf = malloc(probe.len + 1);
+    if (!buf) return fail(P, "out of memory");
+    StrOut o = {buf, probe.len, 0, 0};
+    P->pos = start;
+    parse_string(P, &o);  // the same bytes again: cannot fail
+    buf[probe.len] = '\0';
+    *out = buf;
+    *len = probe.len;
+    return 0;
+}
+
+static void free_meta(StMeta *m, int n) {
+    if (!m) return;
+    for (int i = 0; i < n; i++) {
+        free(m[i].key);
+        free(m[i].value);
+    }
+    free(m);
+}
+
+// The __metadata__ object: string keys to string values, kept in *out (header order).
+static int parse_metadata(Parser *P, StMeta **out, int *n_out) {
     char shown[ST_SHOWN_NAME * 4 + 8];
+    StMeta *m = NULL;
+    int n = 0, cap = 0;
     skip_ws(P);
     if (peek(P) != '{') return fail(P, "__metadata__ is not a JSON object");
     P->pos++;
@@ -451,15 +477,32 @@ static int parse_metadata(Parser *P) {
         return 0;
     }
     for (;;) {
+        if (n == cap) {
+            if (cap > INT_MAX / 2 || (size_t)(cap ? cap * 2 : 8) > SIZE_MAX / sizeof *m) {
+                fail(P, "too many __metadata__ entries");
+                goto fail;
+            }
+            int ncap = cap ? cap * 2 : 8;
+            StMeta *nm = realloc(m, (size_t)ncap * sizeof *m);
+            if (!nm) {
+                fail(P, "out of memory");
+                goto fail;
+            }
+            m = nm;
+            cap = ncap;
+        }
+        StMeta *e = &m[n];
+        memset(e, 0, sizeof *e);
         skip_ws(P);
-        if (parse_string(P, &key)) return -1;
-        if (expect_char(P, ':', "expected ':' after object key")) return -1;
+        if (parse_string_alloc(P, &e->key, &e->key_len)) goto fail;
+        n++;  // owned from here: freed with the others
+        if (expect_char(P, ':', "expected ':' after object key")) goto fail;
         skip_ws(P);
         if (peek(P) != '"') {
-            size_t kl = key.len < key.cap ? key.len : key.cap;
-            return fail(P, "__metadata__ entry '%s' is not a string", show(shown, sizeof shown, kbuf, kl));
+            fail(P, "__metadata__ entry '%s' is not a string", show(shown, sizeof shown, e->key, e->key_len));
+            goto fail;
         }
-        if (parse_string(P, &none)) return -1;
+        if (parse_string_alloc(P, &e->value, &e->value_len)) goto fail;
         skip_ws(P);
         int c = peek(P);
         if (c == ',') {
@@ -468,10 +511,16 @@ static int parse_metadata(Parser *P) {
         }
         if (c == '}') {
             P->pos++;
+            *out = m;
+            *n_out = n;
             return 0;
         }
-        return syntax(P, "expected ',' or '}' in object");
+        syntax(P, "expected ',' or '}' in object");
+        goto fail;
     }
+fail:
+    free_meta(m, n);
+    return -1;
 }
 
 // Parse one non-negative integer array element; `what` names the field.
@@ -635,7 +684,7 @@ static int parse_tensor(Parser *P, StTensor *t, const char *tname, uint64_t data
         }
         if (prod > (uint64_t)INT64_MAX / d) {
             char sh[256];
-            fmt_shape(sh, sizeof sh, t);
+            st_fmt_shape(sh, sizeof sh, t->ndim, t->shape);
             return fail(P, "tensor '%s': number of elements of shape %s overflows", tname, sh);
         }
         prod *= d;
@@ -649,13 +698,13 @@ static int parse_tensor(Parser *P, StTensor *t, const char *tname, uint64_t data
     if (isz) {
         char sh[256];
         if (t->numel > UINT64_MAX / isz) {
-            fmt_shape(sh, sizeof sh, t);
+            st_fmt_shape(sh, sizeof sh, t->ndim, t->shape);
             return fail(P, "tensor '%s': byte size of shape %s of %s overflows", tname, sh, t->dtype_name);
         }
         uint64_t need = t->numel * isz;
         uint64_t have = t->end - t->begin;
         if (have != need) {
-            fmt_shape(sh, sizeof sh, t);
+            st_fmt_shape(sh, sizeof sh, t->ndim, t->shape);
             return fail(P,
                         "tensor '%s': data_offsets [%" PRIu64 ", %" PRIu64 "] hold %" PRIu64
                         " bytes but shape %s of %s needs %" PRIu64,
@@ -723,7 +772,8 @@ static int parse_file(StFile *f, const unsigned char *base, size_t size, const c
     // pass 2: schema
     P.pos = 1;
     StTensor *ts = NULL;
-    int nt = 0, cap = 0, seen_meta = 0;
+    StMeta *meta = NULL;
+    int nt = 0, cap = 0, seen_meta = 0, n_meta = 0;
     char nbuf[ST_MAX_NAME_BYTES + 1];
     char shown[ST_SHOWN_NAME * 4 + 8];
     StrOut name = {nbuf, ST_MAX_NAME_BYTES, 0, 0};
@@ -740,7 +790,7 @@ static int parse_file(StFile *f, const unsigned char *base, size_t size, const c
                 goto fail;
             }
             seen_meta = 1;
-            if (parse_metadata(&P)) goto fail;
+            if (parse_metadata(&P, &meta, &n_meta)) goto fail;
         } else {
             size_t shown_len = name.len < name.cap ? name.len : name.cap;
             show(shown, sizeof shown, nbuf, shown_len);
@@ -838,11 +888,14 @@ parsed:
     }
     f->tensors = ts;
     f->n_tensors = nt;
+    f->meta = meta;
+    f->n_meta = n_meta;
     f->header_len = n;
     return 0;
 
 fail:
     free_tensors(ts, nt);
+    free_meta(meta, n_meta);
     return -1;
 }
 
@@ -941,6 +994,7 @@ const StTensor *st_find(const StFile *f, const char *name) {
 void st_close(StFile *f) {
     if (!f) return;
     free_tensors(f->tensors, f->n_tensors);
+    free_meta(f->meta, f->n_meta);
     if (f->map && f->map_size) munmap(f->map, f->map_size);
     // st_open never keeps the descriptor; only close one that comes with a
     // mapping, so a zeroed StFile (fd 0) never closes stdin.

@@ -32,6 +32,12 @@ typedef struct {
     const void *data;      // points into the mapping: base + 8 + header_len + begin
 } StTensor;
 
+// One __metadata__ entry (JSON strings, decoded: may hold NUL bytes, hence the lengths).
+typedef struct {
+    char *key, *value;     // owned, NUL-terminated
+    size_t key_len, value_len;
+} StMeta;
+
 typedef struct {
     char *path;            // owned copy
     int fd;                // -1 when closed
@@ -40,6 +46,8 @@ typedef struct {
     uint64_t header_len;
     StTensor *tensors;     // owned array, sorted by name
     int n_tensors;
+    StMeta *meta;          // owned array, in header order
+    int n_meta;
 } StFile;
 
 // Returns the element size in bytes for a known dtype, 0 for ST_OTHER.
@@ -55,6 +63,9 @@ int st_open(StFile *f, const char *path, char *err, size_t errlen);
 // and tensors point into `data`.
 int st_parse_buffer(StFile *f, const void *data, size_t size, const char *label,
                     char *err, size_t errlen);
+
+// Writes "[d0, d1, ...]" into out (always NUL-terminated; cut when cap is short).
+void st_fmt_shape(char *out, size_t cap, int ndim, const int64_t *shape);
 
 // Binary search by name; NULL when absent.
 const StTensor *st_find(const StFile *f, const char *name);

@@ -21,6 +21,10 @@ from safetensors.torch import save_file
 import transformers
 from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaModel
 
+#: Llama-3's rope_scaling, scaled down to the tiny checkpoints' context.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
 ST_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -9,10 +9,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64}
-
-
 def test_cache_root() -> Path:
     root = Path(os.environ.get("ARMORM_TEST_CACHE", Path.home() / ".cache" / "armorm-tests"))
     root.mkdir(parents=True, exist_ok=True)

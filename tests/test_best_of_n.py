@@ -18,9 +18,9 @@ from armorm import ArmoRMPipeline
 from armorm.model import GatingPatternError
 from armorm.prefix import plan_batches
 from checkpoints import make_armorm, make_seqcls
-from test_kernels import ALL_PATHS, PATHS
-from test_parity import PATTERN
+from reference import ALL_PATHS, PATTERN, runnable_paths
 
+PATHS = runnable_paths()
 PATH_PARAMS = [pytest.param(p, marks=pytest.mark.skipif(p not in PATHS, reason=f"this CPU cannot run the {p} "
                                                                                  "kernel path"))
                for p in ALL_PATHS]

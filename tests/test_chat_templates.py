@@ -22,7 +22,7 @@ from armorm.tokenizer import ChatTemplateError, ChatTokenizer, find_gating_posit
     gating_pattern
 from chat_templates import (GEMMA2, GEMMA_GATING, GEMMA_SPECIALS, GEMMA_WORDS, LLAMA31, LLAMA32, QWEN3,
                             QWEN3_THINKING_2507, QWEN_GATING, QWEN_SPECIALS, QWEN_WORDS, synthetic_tokenizer_dir)
-from test_tokenizer import LLAMA3_GATING, A, S, U, hf_ids
+from chat_data import LLAMA3_GATING, A, S, U, hf_ids
 
 
 def T(content, **extra):

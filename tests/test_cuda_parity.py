@@ -31,8 +31,7 @@ if N_DEV and not torch.cuda.is_available():
     pytest.skip("torch has no CUDA here: the transformers reference cannot run on the GPU", allow_module_level=True)
 
 import armorm  # noqa: E402
-from checkpoints import make_armorm, make_seqcls, reference_armorm_head  # noqa: E402
-from conftest import LLAMA3_ROPE  # noqa: E402
+from checkpoints import LLAMA3_ROPE, make_armorm, make_seqcls, reference_armorm_head  # noqa: E402
 
 PATTERN = [5, 6, 7]
 FIELDS = ["rewards", "gating_output", "score", "hidden_state", "prompt_embedding"]

@@ -35,8 +35,7 @@ import armorm
 from armorm.config import CheckpointError
 from checkpoints import (FAMILIES, hf_class, make_armorm, make_backbone, make_causallm, make_seqcls,
                          reference_armorm_head)
-from test_kernels import runnable_paths
-from test_parity import FIELDS, PATTERN, bf16_errors, random_conv, reference, rel_err
+from reference import FIELDS, PATTERN, bf16_errors, random_conv, reference, rel_err, runnable_paths
 
 # tiny shapes per family; Gemma-2's window (48) is much shorter than the sequences below
 SHAPES = {

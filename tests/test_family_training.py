@@ -26,8 +26,7 @@ from armorm.train import stage2
 from chat_templates import (GEMMA2, GEMMA_GATING, GEMMA_SPECIALS, GEMMA_WORDS, QWEN3, QWEN_GATING, QWEN_SPECIALS,
                             QWEN_WORDS, synthetic_tokenizer_dir)
 from checkpoints import make_causallm
-from test_stage1 import OBJ, make_records, write_jsonl
-from test_stage2 import pair_records
+from training_data import OBJ, make_records, pair_records, write_jsonl
 
 FAMILY_SETUP = {
     # family: (tokenizer args, gating pattern, vocab, class prefix)

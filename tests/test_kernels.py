@@ -19,45 +19,8 @@ import torch
 
 import armorm
 from armorm import _core
-from checkpoints import make_armorm
-from conftest import LLAMA3_ROPE
-from test_parity import FIELDS, PATTERN, bf16_errors, random_conv, rel_err
-
-ALL_PATHS = ["portable", "avx2", "avx512", "avx512bf16"]
-
-
-def runnable_paths():
-    """The paths this CPU runs: loading with a path it lacks raises ValueError naming ARMORM_KERNEL."""
-    return [p for p in ALL_PATHS if _probe(p)]
-
-
-_probe_cache = {}
-
-
-def _probe(path):
-    if path not in _probe_cache:
-        import os
-        import tempfile
-        from pathlib import Path
-        old = os.environ.get("ARMORM_KERNEL")
-        os.environ["ARMORM_KERNEL"] = path
-        try:
-            with tempfile.TemporaryDirectory() as d:
-                tiny = make_armorm(Path(d) / "m", layers=1, hidden=16, heads=2, kv_heads=1, inter=16, vocab=20)
-                try:
-                    m = armorm.ArmoRM.from_pretrained(tiny.path, gating_pattern=PATTERN)
-                    _probe_cache[path] = m._core.kernel == path
-                    m.close()
-                except ValueError as e:
-                    assert "ARMORM_KERNEL" in str(e)
-                    _probe_cache[path] = False
-        finally:
-            if old is None:
-                os.environ.pop("ARMORM_KERNEL", None)
-            else:
-                os.environ["ARMORM_KERNEL"] = old
-    return _probe_cache[path]
-
+from checkpoints import LLAMA3_ROPE, make_armorm
+from reference import ALL_PATHS, FIELDS, PATTERN, bf16_errors, random_conv, rel_err, runnable_paths
 
 PATHS = runnable_paths()
 SIMD_PATHS = [p for p in PATHS if p != "portable"]

@@ -144,6 +144,7 @@ def test_misaligned_tensors_load_and_scan(tmp_path, stored, held):
     tiny = make_armorm(tmp_path / "m", dtype=stored, **BIG_EMBED)
     good = armorm.ArmoRM.from_pretrained(tiny.path, gating_pattern=PATTERN, torch_dtype=held)
     want = good.score_sequences(seqs())
+    good_T = np.array(good.reward_transform_matrix)
     good.close()
     odd = tmp_path / "odd"
     odd.mkdir()
@@ -155,6 +156,8 @@ def test_misaligned_tensors_load_and_scan(tmp_path, stored, held):
     got = armorm.ArmoRM.from_pretrained(odd, gating_pattern=PATTERN, torch_dtype=held, num_threads=2)
     for f in ("hidden_state", "score"):
         np.testing.assert_array_equal(got.score_sequences(seqs())[f], want[f])
+    # head tensors read back through the binding (aligned copies of the odd addresses)
+    np.testing.assert_array_equal(np.asarray(got.reward_transform_matrix), np.asarray(good_T))
     got.close()
     n = load_file(str(tiny.path / "model.safetensors"))[EMBED].numel()
     put_nonfinite(odd / "model.safetensors", EMBED, getattr(torch, stored), [0, n // 2, n - 1], [float("nan")] * 3)

@@ -19,51 +19,8 @@ import pytest
 import torch
 
 import armorm
-from checkpoints import make_armorm, make_backbone, make_seqcls, reference_armorm_head
-from conftest import LLAMA3_ROPE
-
-PATTERN = [5, 6, 7]  # tiny checkpoints' gating pattern (the real one is tested with the real tokenizer)
-FIELDS = ["rewards", "gating_output", "score", "hidden_state", "prompt_embedding"]
-
-
-def rel_err(a, b) -> float:
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-
-
-def random_conv(rng, length, vocab, gating_at=None):
-    ids = rng.integers(10, vocab, size=length)
-    g = gating_at if gating_at is not None else max(0, length - len(PATTERN) - rng.integers(0, max(1, length // 3)))
-    ids[g:g + len(PATTERN)] = PATTERN[: length - g]
-    return ids
-
-
-def reference(tiny, ids, dtype=torch.float32):
-    """Reference outputs for one sequence, from transformers + the docs/model.md head, in `dtype`."""
-    # a copy: .to(bfloat16) also rounds the RoPE frequency buffer, for good
-    bb = copy.deepcopy(tiny.backbone).to(dtype) if dtype != torch.float32 else tiny.backbone
-    head = {k: v.to(dtype) for k, v in tiny.head.items()}
-    with torch.no_grad():
-        hs = bb(torch.tensor(np.asarray(ids)[None])).last_hidden_state[0]
-        p_g = armorm.model.find_gating_position(ids, PATTERN)
-        out = reference_armorm_head(hs, len(ids) - 1, p_g, head, tiny.head_cfg["temperature"],
-                                    tiny.head_cfg["n_hidden"])
-    return {k: v.float().numpy() for k, v in out.items()}
-
-
-def bf16_errors(out, tiny, seqs):
-    """{field: (armorm's error, transformers bf16's error)} against the fp32 computation on the same
-    bf16 weights, each normwise over the whole batch: max |diff| / max |reference| over all sequences."""
-    refs = [reference(tiny, s) for s in seqs]
-    theirs = [reference(tiny, s, torch.bfloat16) for s in seqs]
-    errs = {}
-    for f in FIELDS:
-        ref = np.stack([r[f] for r in refs])
-        ours = np.stack([np.asarray(out[f])[i] for i in range(len(seqs))])
-        errs[f] = (rel_err(ours, ref), rel_err(np.stack([t[f] for t in theirs]), ref))
-    return errs
-
+from checkpoints import LLAMA3_ROPE, make_armorm, make_backbone, make_seqcls, reference_armorm_head
+from reference import FIELDS, PATTERN, bf16_errors, random_conv, reference, rel_err
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):

@@ -23,11 +23,11 @@ from armorm import cli
 from armorm.data import DatasetError, open_dataset
 from armorm.safetensors_io import (SafetensorsFile, bf16_to_float32, float32_to_bf16, load_file, save_file)
 from armorm.train import stage1
-from armorm.train.stage1 import DEFAULT_ALPHAS, shard_rows, train_test_split_indices
+from armorm.train import ridge
+from armorm.train.prepare import shard_rows
+from armorm.train.stage1 import DEFAULT_ALPHAS, train_test_split_indices
 from checkpoints import make_armorm, make_backbone
-
-OBJ = ["a-x", "a-y", "b-x", "c-x", "c-y"]
-
+from training_data import OBJ, make_records, write_jsonl
 
 # ----------------------------------------------------------------------------- split, shards
 
@@ -74,48 +74,6 @@ def test_shard_rows_equal_datasets_library():
         for mode, contiguous in (("contiguous", True), ("strided", False)):
             want = ds.shard(num_shards=3, index=i - 1, contiguous=contiguous)["i"]
             assert shard_rows(57, n_shards=3, shard_idx=i, shard_mode=mode).tolist() == want
-
-
-# ----------------------------------------------------------------------------- safetensors io
-
-
-def test_safetensors_roundtrip_and_bf16_rounding(tmp_path):
-    torch = pytest.importorskip("torch")
-    from safetensors.torch import load_file as torch_load
-    x = np.random.default_rng(0).normal(size=(7, 5)).astype(np.float32) * 1e3
-    x[0, 0] = np.nan
-    x[0, 1] = np.inf
-    x[0, 2] = -0.0
-    bits = float32_to_bf16(x)
-    ref = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    finite = np.isfinite(x)
-    assert np.array_equal(bits[finite], ref[finite])
-    assert np.isnan(bf16_to_float32(bits)[0, 0]) and bf16_to_float32(bits)[0, 1] == np.inf
-    p = tmp_path / "t.safetensors"
-    save_file({"e": x, "l": np.arange(6, dtype=np.int64).reshape(2, 3)}, p, metadata={"k": "v"}, dtypes={"e": "BF16"})
-    t = torch_load(str(p))
-    assert t["e"].dtype == torch.bfloat16 and t["l"].tolist() == [[0, 1, 2], [3, 4, 5]]
-    f = SafetensorsFile(p)
-    assert f.metadata == {"k": "v"} and f.info("e").dtype == "BF16"
-    assert np.array_equal(f.read_rows("e", 2, 5), bits[2:5])
-    back = load_file(p, as_float32=True)["e"]
-    assert np.array_equal(back[finite], torch.from_numpy(x).to(torch.bfloat16).float().numpy()[finite])
-    assert [q.name for q in tmp_path.iterdir()] == ["t.safetensors"]  # no temporary left behind
-
-
-def test_safetensors_write_is_atomic(tmp_path):
-    p = tmp_path / "t.safetensors"
-
-    def parts():
-        yield np.zeros((2, 3), np.float32)
-        raise RuntimeError("disk on fire")
-
-    with pytest.raises(RuntimeError, match="disk on fire"):
-        save_file({"x": ("F32", (4, 3), parts())}, p)
-    assert list(tmp_path.iterdir()) == []  # neither the file nor a temporary
-    p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
-    with pytest.raises(ValueError, match="not a safetensors file"):
-        SafetensorsFile(p)
 
 
 # ----------------------------------------------------------------------------- ridge vs scikit-learn
@@ -185,7 +143,7 @@ def synth(tmp_path_factory):
                                               ("eigh", "dual", "auto")])
 def test_ridge_matches_sklearn(synth, solver, form, gram, tmp_path):
     X, Y, glob, ref = synth
-    if gram == "bf16" and stage1._bf16_gemm_kernel() is None:  # this CPU has no AVX512_BF16
+    if gram == "bf16" and ridge.bf16_gemm_kernel() is None:  # this CPU has no AVX512_BF16
         with pytest.raises(ValueError, match="gram='bf16' is not available: this CPU has no AVX512_BF16"):
             stage1.train(glob, solver=solver, form=form, gram=gram)
         return
@@ -205,7 +163,7 @@ def test_ridge_matches_sklearn(synth, solver, form, gram, tmp_path):
     # ...except objective 1, labelled by two sources, which has its own mask
     assert sorted(len(g["objectives"]) for g in res.report["groups"]) == [1, 1, 1, 2]
     bf16 = gram == "bf16" or (gram == "auto" and solver in ("auto", "mixed")
-                              and stage1._bf16_gemm_kernel() is not None)
+                              and ridge.bf16_gemm_kernel() is not None)
     for g in res.report["groups"]:
         if g["form"] == "primal" and bf16:  # bf16 X^T X, then corrected against the exact rows
             assert g["gram"] == "bf16, refined" and 1 <= g["exact_passes"] <= 3
@@ -234,7 +192,7 @@ def test_mixed_solver_equals_float64_solves(threads):
     """float32 factors + float64 refinement give the float64 answer; alphas below the spectrum share a factor."""
     alphas = DEFAULT_ALPHAS
     M, B = spd(120, np.geomspace(5.0, 5e4, 120))
-    W, info, ms = stage1._solve_all_alphas(M, B, alphas, "mixed", threads)
+    W, info, ms = ridge.solve_all_alphas(M, B, alphas, "mixed", threads)
     for w, a in zip(W, alphas):
         assert rel(w, direct(M, B, a)) < 1e-9, a
     # 1e-4 .. 1e-1 are far below the smallest eigenvalue (5): one factorization serves them
@@ -247,7 +205,7 @@ def test_mixed_solver_equals_float64_solves(threads):
     # a zero right-hand side column is solved by zeros
     B0 = B.copy()
     B0[:, 1] = 0
-    W0, _, _ = stage1._solve_all_alphas(M, B0, alphas, "mixed", threads)
+    W0, _, _ = ridge.solve_all_alphas(M, B0, alphas, "mixed", threads)
     assert all(not w[:, 1].any() for w in W0)
 
 
@@ -255,7 +213,7 @@ def test_mixed_solver_ill_conditioned_uses_float64_factors():
     # condition numbers up to 1e13 at alpha 1e-4: float32 factors cannot refine, float64 ones can
     alphas = DEFAULT_ALPHAS
     M, B = spd(80, np.geomspace(1e-9, 1e9, 80), seed=1)
-    W, info, _ = stage1._solve_all_alphas(M, B, alphas, "mixed")
+    W, info, _ = ridge.solve_all_alphas(M, B, alphas, "mixed")
     assert info["mixed"] == 1 and info["float64 factorizations"] >= 1
     for w, a in zip(W, alphas):
         ref = direct(M, B, a)
@@ -263,14 +221,14 @@ def test_mixed_solver_ill_conditioned_uses_float64_factors():
         assert rel(w, ref) < max(1e-9, cond * 1e-14), a  # float64 accuracy for that conditioning
     # numerically singular (negative eigenvalues from rounding): no Cholesky factor exists -> eigh
     S, B = spd(40, np.r_[np.full(20, -1e-6), np.geomspace(1.0, 1e3, 20)], seed=2)
-    W, info, ms = stage1._solve_all_alphas(S, B, [1e-12, 1.0], "mixed")
+    W, info, ms = ridge.solve_all_alphas(S, B, [1e-12, 1.0], "mixed")
     assert info == {"eigh": 1} and ms is None
     lam, Q = np.linalg.eigh(S)
     np.testing.assert_allclose(W[1], Q @ ((Q.T @ B) / (np.maximum(lam, 0) + 1.0)[:, None]), rtol=1e-9)
 
 
 def test_lapack_wrapper_matches_numpy():
-    lapack = stage1._scipy_lapack()
+    lapack = ridge.scipy_lapack()
     assert lapack is not None  # scipy is a test dependency: the fast solver is tested, not skipped
     M, B = spd(50, np.geomspace(1.0, 100.0, 50), seed=3)
     for dt, tol in ((np.float32, 1e-4), (np.float64, 1e-12)):
@@ -290,7 +248,7 @@ def test_lapack_wrapper_matches_numpy():
 
 def test_bf16_gram_refinement_equals_float64_gram(synth, tmp_path, monkeypatch):
     X, Y, glob, ref = synth
-    if stage1._bf16_gemm_kernel() is None:
+    if ridge.bf16_gemm_kernel() is None:
         pytest.skip("this CPU has no AVX512_BF16: gram='bf16' is refused (test_ridge_matches_sklearn checks that)")
     exact = stage1.train(glob, gram="float64")
     fast = stage1.train(glob, gram="bf16", chunk_rows=333, max_workers=1)
@@ -323,7 +281,7 @@ def test_gram_and_solver_choices(synth, tmp_path, monkeypatch):
         alone = stage1.train(f32)
     np.testing.assert_allclose(alone.weight, res.weight, rtol=0, atol=1e-6 * np.abs(res.weight).max())
     # without scipy: one float64 Cholesky factorization per alpha, float64 X^T X
-    monkeypatch.setattr(stage1, "_scipy_lapack", lambda: None)
+    monkeypatch.setattr(ridge, "scipy_lapack", lambda: None)
     res = stage1.train(glob)
     assert res.report["solver"] == "cholesky" and {g["gram"] for g in res.report["groups"]} == {"float64"}
     with pytest.raises(ValueError, match="solver='mixed' needs scipy"):
@@ -437,38 +395,6 @@ def test_objective_without_labels_is_an_error_or_a_marked_skip(tmp_path):
 
 # ----------------------------------------------------------------------------- prepare: end to end
 
-WORDS = ("the a cat dog runs quickly answer question because of this and that why how fine thanks "
-         "hello world python code list sort").split()
-
-
-def make_records(n, seed=0, objectives=OBJ):
-    rng = np.random.default_rng(seed)
-    recs = []
-    for i in range(n):
-        turns = [{"role": "user", "content": " ".join(rng.choice(WORDS, int(rng.integers(2, 9))))},
-                 {"role": "assistant", "content": " ".join(rng.choice(WORDS, int(rng.integers(1, 25))))}]
-        if i % 5 == 0:
-            turns = [{"role": "system", "content": "be brief"}] + turns
-        rec = {"messages": turns, "id": i}
-        src = i % 3
-        for k, o in enumerate(objectives):
-            labelled = (src == 0 and k < 2) or (src == 1 and k == 2) or (src == 2 and k >= 3)
-            rec[o] = float(np.round(rng.normal(), 3)) if labelled else None
-        if i % 7 == 0:
-            rec[objectives[2]] = int(rng.integers(0, 5)) if src == 1 else None  # ints are fine
-        recs.append(rec)
-    return recs
-
-
-def write_jsonl(path: Path, recs):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in recs:
-            f.write(json.dumps(r) + "\n")
-            if r["id"] % 11 == 0:
-                f.write("\n")  # blank lines are skipped
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, llama3_dir):
     d = tmp_path_factory.mktemp("stage1") / "tiny-backbone"
@@ -527,6 +453,23 @@ def test_prepare_one_shard_contents(tiny, unsharded):
         assert tok(text)["input_ids"] == s
     hs = rm.score_sequences(ids, fields=["hidden_state"])["hidden_state"]
     np.testing.assert_array_equal(emb, bf16_to_float32(float32_to_bf16(hs)))
+
+
+def test_embed_chunk_is_one_chunk_of_prepare(tiny, unsharded):
+    """The per-chunk work by itself (what a distributed runner calls) gives the rows prepare wrote."""
+    from armorm.data import open_dataset
+    from armorm.train import prepare as prep
+    model_dir, data = tiny
+    src = open_dataset(str(data))
+    rows = np.random.default_rng(0).permutation(60)[16:32]  # the second chunk of 16
+    rm = prep.load_backbone(str(model_dir), "bfloat16", 1, 8192)
+    seen = []
+    chunk = prep.embed_chunk(stage1.Stage1Kind(OBJ), rm, src.take(rows), [src.where(int(r)) for r in rows], rows,
+                             batch_tokens=100, report=lambda n, t: seen.append((n, t)))
+    emb, lab = rows_of(unsharded)
+    np.testing.assert_array_equal(bf16_to_float32(float32_to_bf16(chunk.tensors["embeddings"])), emb[16:32])
+    np.testing.assert_array_equal(chunk.tensors["labels"], lab[16:32])
+    assert sum(n for n, _ in seen) == 16 and sum(t for _, t in seen) == int(chunk.metadata["tokens"])
 
 
 @pytest.mark.parametrize("mode", ["contiguous", "strided"])

@@ -25,7 +25,7 @@ from armorm.train import stage1, stage2
 from armorm.train.stage2 import (GatingConfig, bt_loss_and_grad, debias_penalties, init_gating,
                                  reward_transform_matrix, train_gating)
 from checkpoints import make_backbone
-from test_stage1 import OBJ, make_records, write_jsonl
+from training_data import OBJ, SUBSETS, make_records, pair_records, write_jsonl
 
 # the gating network's matmul backends this CPU uses ("core" needs AVX512_BF16)
 BACKENDS = ["numpy"] + (["core"] if armorm._core.gemm_kernel() != "portable" else [])
@@ -318,26 +318,6 @@ def tiny2(tmp_path_factory, llama3_dir):
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(llama3_dir / f, d / f)
     return d
-
-
-SUBSETS = ["alpacaeval-easy", "mt-bench-hard", "donotanswer", "math-prm", "hep-go"]
-
-
-def pair_records(n, seed=0):
-    recs = make_records(n, seed)
-    rng = np.random.default_rng(seed + 1)
-    out = []
-    for i, r in enumerate(recs):
-        a = r["messages"][-1]["content"]
-        b = " ".join(rng.choice(a.split() + ["no", "maybe"], 6))
-        if i % 2:
-            out.append({"prompt": r["messages"][-2]["content"], "chosen": a, "rejected": b, "id": 1000 + i,
-                        "subset": SUBSETS[i % len(SUBSETS)]})
-        else:
-            out.append({"chosen": r["messages"], "rejected": r["messages"][:-1] + [{"role": "assistant",
-                                                                                    "content": b}],
-                        "id": 1000 + i, "subset": SUBSETS[i % len(SUBSETS)]})
-    return out
 
 
 def test_end_to_end_prepare_train_assemble_load(tiny2, tmp_path, capsys):

@@ -22,9 +22,9 @@ from armorm.tokenizer import (
     format_conversations,
     gating_pattern,
 )
+from chat_data import LLAMA3_GATING, A, S, U, hf_ids
 from llama3_tokenizer import LLAMA3_CHAT_TEMPLATE, LLAMA3_PATTERN, load_llama3_ranks, llama3_tokenizer_dir
 
-LLAMA3_GATING = [128009, 128006, 78191, 128007, 271]
 GATING_TEXT = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
 
 
@@ -52,27 +52,6 @@ def hf_tok(llama3_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(llama3_dir))
-
-
-def hf_ids(hf, conv, **kw):
-    """transformers apply_chat_template as plain ids (5.x returns a BatchEncoding by default)."""
-    kw.setdefault("return_dict", False)
-    out = hf.apply_chat_template(conv, **kw)
-    if hasattr(out, "keys"):
-        out = out["input_ids"]
-    return out
-
-
-def U(text):
-    return {"role": "user", "content": text}
-
-
-def A(text):
-    return {"role": "assistant", "content": text}
-
-
-def S(text):
-    return {"role": "system", "content": text}
 
 
 LONG = ("The quick brown fox jumps over the lazy dog. " * 600) + ("1234567890" * 300) + (" " * 3000) + "end"

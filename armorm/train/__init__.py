@@ -1,13 +1,20 @@
-"""Training ArmoRM-style heads on armorm's engine.
+"""Training ArmoRM-style heads on armorm's engine, for notebooks as for the command line.
 
-Stage 1 (docs/stage1.md), for notebooks as for the command line:
-
-    from armorm.train import stage1
-    path = stage1.prepare("FsfairX-LLaMA3-RM-v0.1/", "data.jsonl", "embeddings/")
+    from armorm.train import stage1, stage2
+    path = stage1.prepare("FsfairX-LLaMA3-RM-v0.1/", "data.jsonl", "embeddings/")   # docs/stage1.md
     result = stage1.train("embeddings/*.safetensors", "regression.safetensors")
     print(result.table())
-"""
-from . import stage1
-from .stage1 import DEFAULT_ALPHAS, Stage1Result, prepare, train, train_test_split_indices
+    stage2.prepare(...); stage2.train(...)                                          # docs/stage2.md
 
-__all__ = ["DEFAULT_ALPHAS", "Stage1Result", "prepare", "stage1", "train", "train_test_split_indices"]
+- `stage1`: stage 1, embeddings and the multi-objective ridge regression;
+- `stage2`: stage 2, pair embeddings, verbosity debiasing, the gating network;
+- `prepare`: the sharded, resumable embedding loop both stages' `prepare` run;
+- `ridge`: the linear algebra of stage 1 (Gram accumulation, solvers);
+- `rewardbench`: RewardBench scoring; `assemble`: a checkpoint from the parts.
+
+Each stage's functions keep its module's name (`stage1.train`, `stage2.train`):
+nothing here is a bare `train` or `prepare` that would mean one stage.
+"""
+from . import stage1, stage2
+
+__all__ = ["stage1", "stage2"]

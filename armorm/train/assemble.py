@@ -33,7 +33,7 @@ import numpy as np
 
 from ..atomic import make_temp_dir
 from ..config import FAMILIES, ModelConfig, load_config, weight_files
-from ..safetensors_io import SafetensorsFile, save_file
+from ..safetensors_io import DTYPES, SafetensorsFile, save_file
 from .stage2 import load_gating, load_regression
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -62,9 +62,10 @@ def _rows(f: SafetensorsFile, name: str, budget: int = 64 << 20) -> Iterator[np.
     if not t.shape:
         yield f.read(name)
         return
-    step = max(1, budget // max(t.row_bytes, 1))
+    row_bytes = DTYPES[t.dtype].itemsize * int(np.prod(t.shape[1:], dtype=np.int64))
+    step = max(1, budget // max(row_bytes, 1))
     for a in range(0, t.shape[0], step):
-        yield f.read_rows(name, a, min(t.shape[0], a + step))
+        yield f.read(name, a, min(t.shape[0], a + step))
 
 
 def _link_or_copy(src: str, dst: str) -> str:
@@ -123,7 +124,8 @@ def assemble(backbone: Union[str, os.PathLike], regression: Union[str, os.PathLi
                 if m in weight_map:
                     raise ValueError(f"tensor {m} occurs in two backbone files ({weight_map[m]}, {base})")
                 weight_map[m] = base
-                total += f.info(n).end - f.info(n).begin
+                begin, end = f.info(n).data_offsets
+                total += end - begin
         if "model.embed_tokens.weight" not in weight_map:
             raise ValueError(f"{backbone}: no embed_tokens.weight among its tensors; is it a {cfg.architecture} "
                              "backbone?")

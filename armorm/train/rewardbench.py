@@ -226,7 +226,8 @@ def scores_from_model(model: Any, dataset: Any, *, split: str = "filtered", batc
     """Scores RewardBench rows (prompt/chosen/rejected/subset) end to end with an ArmoRM checkpoint."""
     from ..data import open_dataset
     from ..model import ArmoRM
-    from .stage1 import _Progress, _tokenize
+    from ..progress import Progress
+    from .prepare import tokenize
     from .stage2 import pair_conversations
     src = open_dataset(dataset, split=split, columns=["prompt", "chosen", "rejected", "subset", "id"])
     rm = model if isinstance(model, ArmoRM) else ArmoRM.from_pretrained(
@@ -240,7 +241,7 @@ def scores_from_model(model: Any, dataset: Any, *, split: str = "filtered", batc
     subsets: List[str] = []
     c = np.empty(N)
     r = np.empty(N)
-    bar = _Progress(progress, N, 0, desc="scoring RewardBench", unit="pair")
+    bar = Progress(N, show=progress, desc="scoring RewardBench", unit="pair")
     try:
         step = 256
         for a in range(0, N, step):
@@ -255,7 +256,7 @@ def scores_from_model(model: Any, dataset: Any, *, split: str = "filtered", batc
                 convs += [ch, rj]
                 where += [f"{w} (chosen)", f"{w} (rejected)"]
                 subsets.append(str(rec["subset"]))
-            seqs = _tokenize(rm.tokenizer, convs, where)
+            seqs = tokenize(rm.tokenizer, convs, where)
             s = np.asarray(rm.score_sequences(seqs, fields=["score"], batch_tokens=batch_tokens)["score"],
                            dtype=np.float64)
             c[a:a + len(idx)] = s[0::2]
@@ -284,7 +285,7 @@ def load_prior(arg: Optional[str]) -> Optional[Union[float, Dict[str, float]]]:
 
 
 def write_json(path: str, res: Mapping[str, Any]) -> None:
-    from .stage1 import _write_json_atomic
+    from ..atomic import write_json_atomic
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    _write_json_atomic(path, dict(res))
+    write_json_atomic(path, dict(res))

@@ -597,10 +597,8 @@ def prepare(model: Any, dataset: Any, output: Union[str, os.PathLike], *, split:
     """
     from ..model import ArmoRM
     from ..safetensors_io import save_file
-    from .stage1 import EMBEDDING_DTYPES, shard_file_name
-    st_dtype = EMBEDDING_DTYPES.get(str(embeddings_dtype).lower())
-    if st_dtype is None:
-        raise ValueError(f"embeddings_dtype must be 'bfloat16' or 'float32', got {embeddings_dtype!r}")
+    from .prepare import resolve_embeddings_dtype, shard_file_name
+    st_dtype, _ = resolve_embeddings_dtype(embeddings_dtype)
     src, rows = _read_rows(dataset, split)
     output = os.fspath(output)
     final = os.path.join(output, shard_file_name(name or src.name, 1, 1))
@@ -637,9 +635,9 @@ def scores_from_embeddings(embeddings: Any, regression: Union[str, os.PathLike],
                            gating: Union[str, os.PathLike]) -> ScoredPrompts:
     """Scores from `prepare` files (a glob, directory, file or list; prompts in sorted-path order) with the
     head computed from the regression and gating files of training, as the assembled model computes it."""
-    from ..safetensors_io import SafetensorsFile, to_float
+    from ..safetensors_io import SafetensorsFile
+    from .prepare import resolve_embedding_files
     from .rewardbench import load_head
-    from .stage1 import resolve_embedding_files
     from .stage2 import head_scores
     W, params, T, hc = load_head(os.fspath(regression), os.fspath(gating))
     H = W.shape[1]
@@ -664,8 +662,8 @@ def scores_from_embeddings(embeddings: Any, regression: Union[str, os.PathLike],
         if e.shape[1] != H or pe.shape[1] != H:
             raise ValueError(f"{path}: hidden size {e.shape[1]}, but the regression weight is {list(W.shape)}; "
                              "were they made with the same backbone?")
-        E = to_float(f.read("embeddings"), e.dtype, np.float32)
-        Pm = to_float(f.read("prompt_embeddings"), pe.dtype, np.float32)
+        E = f.read("embeddings", dtype=np.float32)
+        Pm = f.read("prompt_embeddings", dtype=np.float32)
         for what, x in (("embeddings", E), ("prompt_embeddings", Pm)):
             if not np.isfinite(x).all():
                 raise ValueError(f"{path}: {what} has NaN or infinite values")

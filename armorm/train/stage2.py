@@ -14,8 +14,8 @@ tokens is skipped and counted. Output
 `row_index` [N] (the dataset row), `id` [N] when the dataset has an integer
 `id` column, and `subset` [N] (int32 codes; the names in the metadata key
 `subsets`) when it has a `subset` column. Shuffling, sharding, chunked
-resumable work and the atomic final write are stage 1's (see
-`armorm.train.stage1`).
+resumable work and the atomic final write are the preparation loop's
+(`armorm.train.prepare`).
 
 `train(preference, regression, output)` -- the reference's
 `stage-2_train.py`, with its two defects fixed (docs/stage2.md, 'Defects of the public script'):
@@ -39,20 +39,21 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..data import DatasetError, open_dataset
+from ..atomic import write_json_atomic
+from ..config import HEAD_DEFAULTS
+from ..data import DatasetError
 from ..model import default_num_threads
-from ..safetensors_io import SafetensorsError, SafetensorsFile, save_file, to_float
-from .stage1 import (EMBEDDING_DTYPES, ProgressArg, _Progress, _already_done, _chunk_path, _load_model, _log,
-                     _model_fingerprint, _tokenize, _work_dir, _write_json_atomic, resolve_embedding_files,
-                     shard_file_name, shard_rows, train_test_split_indices)
+from ..progress import Progress, ProgressArg
+from ..safetensors_io import SafetensorsFile, bf16_to_float32, save_file, to_float
+from . import prepare as prep
+from .prepare import resolve_embedding_files
+from .stage1 import train_test_split_indices
 
 FORMAT_VERSION = 1
 _META_KEY = "armorm_stage2"
@@ -97,12 +98,91 @@ def pair_conversations(rec: Dict[str, Any], where: str) -> Tuple[List[Dict[str, 
     return out[0], out[1]
 
 
-def _valid_chunk2(path: str, rows_in: int) -> bool:
-    try:
-        f = SafetensorsFile(path)
-        return int(f.metadata.get("rows_in", -1)) == rows_in and "row_index" in f
-    except (SafetensorsError, OSError, ValueError):
-        return False
+class PairsKind(prep.Kind):
+    """Stage 2's preparation: both sides of each pair -> the last token's and the gating position's final
+    hidden states; a pair with a side longer than `seq_len` tokens is skipped and counted."""
+
+    title, command, meta_key, version = "stage 2", "prepare-stage2", _META_KEY, FORMAT_VERSION
+    columns = ["prompt", "chosen", "rejected", "id", "subset"]
+    required = ["chosen", "rejected"]
+    missing_hint = "stage 2 needs preference pairs"
+    unit = "pair"
+    embedding_tensors = ("embeddings", "prompt_embeddings")
+
+    def __init__(self, seq_len: int) -> None:
+        if seq_len < 1:
+            raise ValueError("seq_len must be >= 1")
+        self.seq_len = seq_len
+
+    def settings(self) -> Dict[str, Any]:
+        return {"seq_len": self.seq_len}
+
+    def parse(self, records: List[Dict[str, Any]], wheres: List[str]) -> Any:
+        convs, cw = [], []
+        for rec, where in zip(records, wheres):
+            ch, rj = pair_conversations(rec, where)
+            convs += [ch, rj]
+            cw += [f"{where} (chosen)", f"{where} (rejected)"]
+        return records, convs, cw
+
+    def embed(self, model: Any, work: Any, rows: np.ndarray, batch_tokens: int, report: prep.Report) -> prep.Chunk:
+        from ..model import GatingPatternError
+        recs, convs, cw = work
+        seqs = prep.tokenize(model.tokenizer, convs, cw)
+        keep = [j for j in range(len(recs)) if max(seqs[2 * j].size, seqs[2 * j + 1].size) <= self.seq_len]
+        kseqs = [seqs[2 * j + s] for j in keep for s in (0, 1)]
+        kw = [cw[2 * j + s] for j in keep for s in (0, 1)]
+        prep.check_lengths(model, kseqs, kw, "; lower --seq-len to skip it")
+        for s, where in zip(kseqs, kw):
+            try:
+                model.gating_positions([s], what=where)
+            except GatingPatternError as e:
+                raise DatasetError(str(e).replace(f"{where} 0", where)) from None
+        tensors: Dict[str, Any] = {}
+        if kseqs:
+            out = prep.embed_sequences(model, kseqs, ["hidden_state", "prompt_embedding"], batch_tokens,
+                                       lambda n, tokens: report(0, tokens))
+            H = out["hidden_state"].shape[1]
+            tensors["embeddings"] = out["hidden_state"].reshape(len(keep), 2, H)
+            tensors["prompt_embeddings"] = out["prompt_embedding"].reshape(len(keep), 2, H)
+        tensors["row_index"] = np.asarray(rows[keep], dtype=np.int64)
+        ids = [recs[j].get("id") for j in keep]
+        meta = {"skipped": str(len(recs) - len(keep))}
+        if ids and all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids):
+            tensors["id"] = np.asarray(ids, dtype=np.int64)
+        if any("subset" in r for r in recs):
+            meta["subset_values"] = json.dumps([str(recs[j].get("subset")) for j in keep])
+        return prep.Chunk(tensors, meta)
+
+    def assemble(self, chunks: List[SafetensorsFile], final: str, metadata: Dict[str, str], st_dtype: str,
+                 rows: int) -> List[str]:
+        with_rows = [f for f in chunks if "embeddings" in f]
+        if not with_rows:
+            raise ValueError(f"every pair of this shard is longer than seq_len={self.seq_len} tokens; "
+                             "nothing to write")
+        H = with_rows[0].info("embeddings").shape[2]
+        n_kept = sum(f.info("row_index").shape[0] for f in chunks)
+        skipped = sum(int(f.metadata.get("skipped", 0)) for f in chunks)
+        subsets: Optional[List[str]] = None
+        if any("subset_values" in f.metadata for f in chunks):
+            subsets = [s for f in chunks for s in json.loads(f.metadata.get("subset_values", "[]"))]
+        out: Dict[str, Any] = {
+            "embeddings": (st_dtype, (n_kept, 2, H), (f.read("embeddings") for f in with_rows)),
+            "prompt_embeddings": (st_dtype, (n_kept, 2, H), (f.read("prompt_embeddings") for f in with_rows)),
+            "row_index": ("I64", (n_kept,), (f.read("row_index") for f in chunks)),
+        }
+        if all("id" in f for f in with_rows):
+            out["id"] = ("I64", (n_kept,), (f.read("id") for f in with_rows))
+        meta = dict(metadata, skipped=str(skipped), seq_len=str(self.seq_len))
+        if subsets is not None:
+            names = sorted(set(subsets))
+            code = {s: i for i, s in enumerate(names)}
+            out["subset"] = np.asarray([code[s] for s in subsets], dtype=np.int32)
+            meta["subsets"] = json.dumps(names)
+        save_file(out, final, metadata=meta)
+        name = "bfloat16" if st_dtype == "BF16" else "float32"
+        return [f"wrote {n_kept} pairs [{n_kept}, 2, {H}] {name} to {final}; "
+                f"{skipped} pair(s) skipped (a side longer than {self.seq_len} tokens)"]
 
 
 def prepare(model: Any, dataset: Any, output: Union[str, os.PathLike], *, n_shards: int = 1, shard_idx: int = 1,
@@ -117,144 +197,10 @@ def prepare(model: Any, dataset: Any, output: Union[str, os.PathLike], *, n_shar
     this many tokens are skipped (counted in the summary and the file's
     metadata `skipped`). `seed=None` keeps the dataset order (RewardBench).
     """
-    st_dtype = EMBEDDING_DTYPES.get(str(embeddings_dtype).replace("torch.", "").lower())
-    if st_dtype is None:
-        raise ValueError(f"embeddings_dtype must be 'bfloat16' or 'float32', got {embeddings_dtype!r}")
-    embeddings_dtype = "bfloat16" if st_dtype == "BF16" else "float32"
-    if chunk_rows < 1 or batch_tokens < 1 or seq_len < 1:
-        raise ValueError("chunk_rows, batch_tokens and seq_len must be >= 1")
-    src = open_dataset(dataset, split=split, columns=["prompt", "chosen", "rejected", "id", "subset"])
-    cols = src.columns()
-    if cols is not None:
-        missing = [c for c in ("chosen", "rejected") if c not in cols]
-        if missing:
-            raise DatasetError(f"{src.location}: the dataset has no column(s) {', '.join(missing)} "
-                               f"(it has {', '.join(cols)}); stage 2 needs preference pairs")
-    N = len(src)
-    rows = shard_rows(N, seed=seed, n_shards=n_shards, shard_idx=shard_idx, shard_mode=shard_mode)
-    if rows.size == 0:
-        raise ValueError(f"shard {shard_idx} of {n_shards} has no rows (the dataset has {N})")
-    name = name or src.name
-    if isinstance(model, (str, os.PathLike)):
-        from ..hub import resolve_model_path
-        model = str(resolve_model_path(model))
-    output = os.fspath(output)
-    os.makedirs(output, exist_ok=True)
-    final = os.path.join(output, shard_file_name(name, shard_idx, n_shards))
-    model_fp = _model_fingerprint(model)
-    model_fp["dtype"] = str(torch_dtype) if isinstance(model, (str, os.PathLike)) else getattr(model, "dtype", None)
-    settings = {"version": FORMAT_VERSION, "model": model_fp, "dataset": src.fingerprint(), "split": split,
-                "seed": seed, "n_shards": n_shards, "shard_idx": shard_idx, "shard_mode": shard_mode,
-                "seq_len": seq_len, "embeddings_dtype": embeddings_dtype, "rows": int(rows.size)}
-    settings = json.loads(json.dumps(settings))
-    if _already_done(final, settings, _META_KEY, "prepare-stage2", overwrite, quiet):
-        return final
-    work = _work_dir(output, final, settings, chunk_rows, restart)
-
-    n_chunks = -(-rows.size // chunk_rows)
-    bounds = [(c * chunk_rows, min(rows.size, (c + 1) * chunk_rows)) for c in range(n_chunks)]
-    done = {c for c, (a, b) in enumerate(bounds) if _valid_chunk2(_chunk_path(work, c), b - a)}
-    todo = [c for c in range(n_chunks) if c not in done]
-    if done:
-        _log(f"resuming: {len(done)} of {n_chunks} chunks already done in {work}", quiet)
-    H = None
-    if todo:
-        rm = tok = None
-        max_pos = 0
-        done_rows = sum(bounds[c][1] - bounds[c][0] for c in done)
-        bar = _Progress(progress, int(rows.size), done_rows, desc=f"embedding {os.path.basename(final)}",
-                        unit="pair")
-        try:
-            for c in todo:
-                a, b = bounds[c]
-                idx = rows[a:b]
-                recs = src.take(idx)
-                wheres = [src.where(int(r)) for r in idx]
-                convs, cw = [], []
-                for rec, where in zip(recs, wheres):
-                    ch, rj = pair_conversations(rec, where)
-                    convs += [ch, rj]
-                    cw += [f"{where} (chosen)", f"{where} (rejected)"]
-                if rm is None:
-                    rm = _load_model(model, torch_dtype, num_threads, batch_tokens, check_finite)
-                    tok = rm.tokenizer
-                    if tok is None:
-                        raise ValueError(f"{rm.name_or_path} has no tokenizer (tokenizer.json); stage 2 formats "
-                                         "conversations with the model's chat template")
-                    max_pos = rm.config.max_position_embeddings
-                seqs = _tokenize(tok, convs, cw)
-                keep = [j for j in range(len(recs)) if seqs[2 * j].size <= seq_len and seqs[2 * j + 1].size <= seq_len]
-                kseqs = [seqs[2 * j + s] for j in keep for s in (0, 1)]
-                kw = [cw[2 * j + s] for j in keep for s in (0, 1)]
-                for s, where in zip(kseqs, kw):
-                    if s.size > max_pos:
-                        raise DatasetError(f"{where}: the conversation has {s.size} tokens; the model allows at "
-                                           f"most {max_pos} (max_position_embeddings); lower --seq-len to skip it")
-                from ..model import GatingPatternError
-                for s, where in zip(kseqs, kw):
-                    try:
-                        rm.gating_positions([s], what=where)
-                    except GatingPatternError as e:
-                        raise DatasetError(str(e).replace(f"{where} 0", where)) from None
-                tensors: Dict[str, Any] = {}
-                if kseqs:
-                    cum = np.cumsum([s.size for s in kseqs])
-                    state = {"n": 0}
-
-                    def on_batch(n_done: int, _total: int) -> None:
-                        prev = state["n"]
-                        state["n"] = n_done
-                        bar.update(0, int(cum[n_done - 1] - (cum[prev - 1] if prev else 0)))
-
-                    out = rm.score_sequences(kseqs, fields=["hidden_state", "prompt_embedding"],
-                                             batch_tokens=batch_tokens, progress=on_batch)
-                    hs = np.asarray(out["hidden_state"], dtype=np.float32)
-                    pe = np.asarray(out["prompt_embedding"], dtype=np.float32)
-                    H = hs.shape[1]
-                    tensors["embeddings"] = hs.reshape(len(keep), 2, H)
-                    tensors["prompt_embeddings"] = pe.reshape(len(keep), 2, H)
-                tensors["row_index"] = np.asarray(idx[keep], dtype=np.int64)
-                ids = [recs[j].get("id") for j in keep]
-                meta = {"rows_in": str(b - a), "skipped": str(len(recs) - len(keep))}
-                if ids and all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids):
-                    tensors["id"] = np.asarray(ids, dtype=np.int64)
-                if any("subset" in r for r in recs):
-                    meta["subset_values"] = json.dumps([str(recs[j].get("subset")) for j in keep])
-                save_file(tensors, _chunk_path(work, c), metadata=meta,
-                          dtypes={"embeddings": st_dtype, "prompt_embeddings": st_dtype})
-                bar.update(b - a, 0)
-        finally:
-            bar.close()
-
-    files = [SafetensorsFile(_chunk_path(work, c)) for c in range(n_chunks)]
-    with_rows = [f for f in files if "embeddings" in f]
-    if not with_rows:
-        raise ValueError(f"every pair of shard {shard_idx} is longer than seq_len={seq_len} tokens; nothing to write")
-    H = with_rows[0].info("embeddings").shape[2]
-    n_kept = sum(f.info("row_index").shape[0] for f in files)
-    skipped = sum(int(f.metadata.get("skipped", 0)) for f in files)
-    has_id = all("id" in f for f in with_rows)
-    subsets: Optional[List[str]] = None
-    if any("subset_values" in f.metadata for f in files):
-        subsets = [s for f in files for s in json.loads(f.metadata.get("subset_values", "[]"))]
-    out: Dict[str, Any] = {
-        "embeddings": (st_dtype, (n_kept, 2, H), (f.read("embeddings") for f in with_rows)),
-        "prompt_embeddings": (st_dtype, (n_kept, 2, H), (f.read("prompt_embeddings") for f in with_rows)),
-        "row_index": ("I64", (n_kept,), (f.read("row_index") for f in files)),
-    }
-    if has_id:
-        out["id"] = ("I64", (n_kept,), (f.read("id") for f in with_rows))
-    meta = {"format": "pt", _META_KEY: json.dumps(settings), "skipped": str(skipped), "seq_len": str(seq_len)}
-    if subsets is not None:
-        names = sorted(set(subsets))
-        code = {s: i for i, s in enumerate(names)}
-        out["subset"] = np.asarray([code[s] for s in subsets], dtype=np.int32)
-        meta["subsets"] = json.dumps(names)
-    save_file(out, final, metadata=meta)
-    shutil.rmtree(work, ignore_errors=True)
-    _log(f"wrote {n_kept} pairs [{n_kept}, 2, {H}] {embeddings_dtype} to {final}; "
-         f"{skipped} pair(s) skipped (a side longer than {seq_len} tokens)", quiet)
-    return final
+    return prep.run(PairsKind(seq_len), model, dataset, output, n_shards=n_shards, shard_idx=shard_idx, split=split,
+                    name=name, batch_tokens=batch_tokens, embeddings_dtype=embeddings_dtype, torch_dtype=torch_dtype,
+                    seed=seed, shard_mode=shard_mode, chunk_rows=chunk_rows, num_threads=num_threads,
+                    progress=progress, overwrite=overwrite, restart=restart, quiet=quiet, check_finite=check_finite)
 
 
 # =========================================================================== reading prepared files
@@ -271,10 +217,6 @@ class PairData:
     subsets: Optional[List[str]] = None  # per row, when the files have them
     ids: Optional[np.ndarray] = None
     prompt_mismatch: float = 0.0         # max |prompt_chosen - prompt_rejected|
-
-
-def _decode(raw: np.ndarray, st: str) -> np.ndarray:
-    return to_float(raw, st, np.float32)
 
 
 def read_pairs(files: Any, regression: np.ndarray, *, need_prompts: bool = True, chunk_rows: int = 2048) -> PairData:
@@ -307,15 +249,15 @@ def read_pairs(files: Any, regression: np.ndarray, *, need_prompts: bool = True,
         pp = np.empty((n, H) if need_prompts else (0, H), dtype=np.uint16 if pe.dtype == "BF16" else np.float32)
         for a in range(0, n, chunk_rows):
             b = min(n, a + chunk_rows)
-            x = _decode(f.read_rows("embeddings", a, b), e.dtype)
+            x = f.read("embeddings", a, b, dtype=np.float32)
             bad = ~np.isfinite(x).reshape(b - a, -1).all(axis=1)
             if bad.any():
                 raise ValueError(f"{p}: pair {a + int(np.flatnonzero(bad)[0])}: the embedding has a NaN or "
                                  "infinite value")
             r[a:b] = (x.reshape(-1, H) @ W.T).reshape(b - a, 2, K)
             if need_prompts:
-                raw = f.read_rows("prompt_embeddings", a, b)
-                xp = _decode(raw, pe.dtype)
+                raw = f.read("prompt_embeddings", a, b)
+                xp = to_float(raw, pe.dtype)
                 bad = ~np.isfinite(xp).reshape(b - a, -1).all(axis=1)
                 if bad.any():
                     raise ValueError(f"{p}: pair {a + int(np.flatnonzero(bad)[0])}: the prompt embedding has a "
@@ -334,7 +276,7 @@ def read_pairs(files: Any, regression: np.ndarray, *, need_prompts: bool = True,
         else:
             have_ids = False
     if len({pp.dtype for pp in prompts}) > 1:  # mixed stored dtypes: all float32
-        prompts = [to_float(pp, "BF16") if pp.dtype == np.uint16 else pp for pp in prompts]
+        prompts = [bf16_to_float32(pp) if pp.dtype == np.uint16 else pp for pp in prompts]
     P = np.concatenate(prompts, axis=0)
     pd = "BF16" if P.dtype == np.uint16 else "F32"
     return PairData(paths, np.concatenate(rewards, axis=0), P, pd, subsets if have_subsets else None,
@@ -348,7 +290,7 @@ def load_regression(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, Optional
     t = f.info("regression_layer.weight")
     if len(t.shape) != 2:
         raise ValueError(f"{path}: regression_layer.weight must be [K, H], got {list(t.shape)}")
-    W = to_float(f.read("regression_layer.weight"), t.dtype, np.float32)
+    W = f.read("regression_layer.weight", dtype=np.float32)
     if not np.isfinite(W).all():
         raise ValueError(f"{path}: regression_layer.weight has NaN or infinite values")
     names = None
@@ -427,9 +369,12 @@ def reward_transform_matrix(lam: np.ndarray, verbosity_index: int = VERBOSITY_IN
 
 @dataclass
 class GatingConfig:
-    hidden_dim: int = 1024
-    n_hidden: int = 3
-    temperature: float = 10.0
+    """The gating network and its training; the defaults are the reference's (the head sizes the model
+    description's, `armorm.config.HEAD_DEFAULTS`). The CLI's train-stage2 defaults are these."""
+
+    hidden_dim: int = HEAD_DEFAULTS["gating_hidden_dim"]
+    n_hidden: int = HEAD_DEFAULTS["gating_n_hidden"]
+    temperature: float = HEAD_DEFAULTS["gating_temperature"]
     dropout: float = 0.2
     logit_scale_init: float = 1.0
     lr: float = 1e-3
@@ -465,7 +410,7 @@ class NumpyMatmul:
 
     @staticmethod
     def _f(a: np.ndarray) -> np.ndarray:
-        return (a.astype(np.uint32) << np.uint32(16)).view(np.float32) if a.dtype == np.uint16 else a
+        return bf16_to_float32(a) if a.dtype == np.uint16 else a
 
     def nt(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """a @ b^T"""
@@ -686,7 +631,7 @@ def _blas_limit(threads: Optional[int]):
 def _rows_f32(P: np.ndarray, idx: np.ndarray) -> np.ndarray:
     x = P[idx]
     if x.dtype == np.uint16:
-        return (x.astype(np.uint32) << np.uint32(16)).view(np.float32)
+        return bf16_to_float32(x)
     return x.astype(np.float32, copy=False)
 
 
@@ -723,19 +668,12 @@ def train_gating(prompts: np.ndarray, delta: np.ndarray, cfg: GatingConfig, *, p
     delta32 = np.ascontiguousarray(delta, dtype=np.float32)
     keep_scale = 1.0 / (1.0 - cfg.dropout) if cfg.dropout > 0 else 1.0
     history: List[Dict[str, float]] = []
-    bar = None
     cb = progress if callable(progress) else None
-    show = bool(progress) and cb is None
-    if show:
-        try:
-            from tqdm import tqdm
-            bar = tqdm(total=cfg.steps, desc="training gating", unit="step", file=sys.stderr, dynamic_ncols=True)
-        except ImportError:
-            bar = None
     t0 = time.perf_counter()
     loss = float("nan")
     val_acc = float("nan")
-    with _blas_limit(blas_threads):
+    with _blas_limit(blas_threads), Progress(cfg.steps, show=bool(progress) and cb is None,
+                                             desc="training gating", unit="step") as bar:
         for step in range(cfg.steps):
             lr = cosine_lr(cfg.lr, step, cfg.steps)
             idx = train_idx[rng.integers(0, train_idx.size, size=cfg.batch_size)]
@@ -751,16 +689,8 @@ def train_gating(prompts: np.ndarray, delta: np.ndarray, cfg: GatingConfig, *, p
                 history.append({"step": step + 1, "loss": loss, "val_accuracy": val_acc, "lr": lr})
             if cb is not None:
                 cb(step + 1, cfg.steps, loss, val_acc)
-            elif bar is not None:
-                bar.set_postfix_str(f"loss {loss:.4f} val acc {val_acc * 100:.2f}%", refresh=False)
-                bar.update(1)
-            elif show and ((step + 1) % 50 == 0 or last):
-                print(f"\rtraining gating: step {step + 1}/{cfg.steps} loss {loss:.4f} "
-                      f"val acc {val_acc * 100:.2f}%", end="", file=sys.stderr, flush=True)
-    if bar is not None:
-        bar.close()
-    elif show:
-        print(file=sys.stderr)
+            else:
+                bar.update(1, postfix=f"loss {loss:.4f} val acc {val_acc * 100:.2f}%")
     secs = time.perf_counter() - t0
     uniform = pair_accuracy(delta32[val_idx].sum(axis=1))
     rep = {"steps": cfg.steps, "batch_size": cfg.batch_size, "seconds": secs, "matmul": mm.name,
@@ -792,18 +722,19 @@ def load_gating(path: Union[str, os.PathLike]) -> Tuple[Dict[str, np.ndarray], n
     if "reward_transform_matrix" not in f or "gating.logit_scale" not in f:
         raise ValueError(f"{path}: needs 'reward_transform_matrix' and 'gating.*' tensors "
                          "(a train-stage2 output)")
-    params = {k: to_float(f.read(k), f.info(k).dtype, np.float32) for k in f.keys() if k.startswith("gating.")}
+    params = {k: f.read(k, dtype=np.float32) for k in f.keys() if k.startswith("gating.")}
     n_hidden = int(f.metadata.get("gating_n_hidden", -1))
     layers = sorted(int(k.split(".")[2]) for k in params if k.endswith(".weight"))
     if n_hidden < 0:
         n_hidden = len(layers) - 1
     if layers != list(range(n_hidden + 1)):
         raise ValueError(f"{path}: gating layers {layers} do not match gating_n_hidden={n_hidden}")
-    T = to_float(f.read("reward_transform_matrix"), f.info("reward_transform_matrix").dtype, np.float32)
+    T = f.read("reward_transform_matrix", dtype=np.float32)
     K = T.shape[0]
     if T.shape != (K, K) or params[f"gating.layers.{n_hidden}.weight"].shape[0] != K:
         raise ValueError(f"{path}: reward_transform_matrix {list(T.shape)} does not match the gating output")
-    hcfg = {"temperature": float(f.metadata.get("gating_temperature", 10.0)), "n_hidden": n_hidden,
+    hcfg = {"temperature": float(f.metadata.get("gating_temperature", HEAD_DEFAULTS["gating_temperature"])),
+            "n_hidden": n_hidden,
             "hidden_dim": int(params["gating.layers.0.weight"].shape[0]), "num_objectives": K,
             "input_dim": int(params["gating.layers.0.weight"].shape[1])}
     return params, T, hcfg
@@ -876,7 +807,7 @@ def train(preference: Any, regression: Union[str, os.PathLike, np.ndarray], outp
         res.output = output
         report = report if report is not None else os.path.splitext(output)[0] + ".json"
     if report is not None:
-        _write_json_atomic(os.fspath(report), rep)
+        write_json_atomic(os.fspath(report), rep)
     if not quiet:
         print(res.table())
     return res

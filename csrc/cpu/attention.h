@@ -16,7 +16,8 @@
 // meets the same key blocks and the same block ends whatever else is in the
 // batch and whether or not its prefix is shared (docs/best_of_n.md). On the
 // avx512 kernel paths a task is (sequence, KV group, query block) and runs
-// attention_avx512_task (attention_avx512.c): the same scheme, vectorised.
+// attention_avx512_task (attention_avx512.c): the same scheme, vectorised;
+// ATT_QB is shared.
 #ifndef ARMORM_CPU_ATTENTION_H
 #define ARMORM_CPU_ATTENTION_H
 
@@ -26,12 +27,11 @@
 #include <string.h>
 #include "../model.h"
 #include "cpu_features.h"
-#include "attention_simd.h"
+#include "attention_avx512.h"  // ATT_QB, the AVX-512 task
 #include "softcap.h"
 #include "../prefix.h"
 
-#define ATT_QB 16
-#define ATT_KB 64
+#define ATT_KB 64  // keys per block of the online softmax
 
 typedef struct {
     int64_t q0;  // first query of the block: its position in the full sequence
@@ -125,13 +125,13 @@ static void attention_block(float *out, const float *q, const float *k, const fl
 #define ATT_POLL_TASKS 256
 
 // The query blocks of one sequence: positions off .. off+len-1 of its full
-// token list, cut at multiples of qb. Writes them (last first: the longest
+// token list, cut at multiples of ATT_QB. Writes them (last first: the longest
 // blocks start first, which balances the dynamic schedule) when `tasks` is
 // not NULL; returns how many there are.
-static int64_t att_query_blocks(AttTask *tasks, int seq, int64_t off, int64_t len, int qb, int per_block) {
+static int64_t att_query_blocks(AttTask *tasks, int seq, int64_t off, int64_t len, int per_block) {
     int64_t n = 0;
     for (int64_t end = off + len; end > off;) {
-        const int64_t q0 = (end - 1) / qb * qb > off ? (end - 1) / qb * qb : off;
+        const int64_t q0 = (end - 1) / ATT_QB * ATT_QB > off ? (end - 1) / ATT_QB * ATT_QB : off;
         if (tasks)
             for (int h = 0; h < per_block; h++) tasks[n + h] = (AttTask){q0, seq, (int)(end - q0), h};
         n += per_block;
@@ -145,15 +145,14 @@ static int attention(float *out, const float *q, const float *k, const float *v,
                      int nkv, int hd, const AttnParams *ap, int nthreads, int kernel, int (*cancel)(void *),
                      void *cancel_ctx) {
     const int simd = kernel >= ARM_KERNEL_AVX512;
-    const int qb = simd ? ATT5_QB : ATT_QB, per_block = simd ? nkv : nh;  // tasks per query block
+    const int per_block = simd ? nkv : nh;  // tasks per query block
     int64_t ntasks = 0;
-    for (int b = 0; b < B; b++)
-        ntasks += att_query_blocks(NULL, b, ix->off[b], ix->cu[b + 1] - ix->cu[b], qb, per_block);
+    for (int b = 0; b < B; b++) ntasks += att_query_blocks(NULL, b, ix->off[b], ix->cu[b + 1] - ix->cu[b], per_block);
     AttTask *tasks = malloc((size_t)ntasks * sizeof *tasks);
     if (!tasks) return -1;
     int64_t n = 0;
     for (int b = 0; b < B; b++)
-        n += att_query_blocks(tasks + n, b, ix->off[b], ix->cu[b + 1] - ix->cu[b], qb, per_block);
+        n += att_query_blocks(tasks + n, b, ix->off[b], ix->cu[b + 1] - ix->cu[b], per_block);
     const size_t scratch_bytes = simd ? attention_avx512_scratch(nh, nkv, hd)
                                       : sizeof(float) * (size_t)(ATT_QB * hd + ATT_QB * ATT_KB + hd * ATT_KB);
     int failed = 0, cancelled = 0;

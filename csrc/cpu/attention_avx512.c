@@ -1,10 +1,10 @@
-// attention_avx512.c: AVX-512 causal GQA attention block (flash-style), plus
-// the vectorised exp used here and by the gated activations (glu.h). Scale, soft-capping
-// (softcap.h, per row of scores) and sliding window come in an AttnParams.
+// attention_avx512.c: AVX-512 causal GQA attention block (flash-style). Scale,
+// soft-capping (softcap.h, per row of scores) and sliding window come in an
+// AttnParams.
 //
 // Why: scalar attention ran at a few GFLOP/s and, at 512-token prompts, took
 // longer than all the matmuls together. One task is (sequence, KV group,
-// block of ATT5_QB queries); its rows are every query head of the group for
+// block of ATT_QB queries); its rows are every query head of the group for
 // those queries, so one transposed K block and each V row serve G heads. Per
 // key block of 64: S = Q K^T (register-blocked, 6 rows x 64 keys), causal
 // mask, online softmax (running max and sum), O = O*corr + P V (6 rows x 64
@@ -14,58 +14,22 @@
 // sequence continuing a shared prefix reads the prefix's keys and values.
 // Compiled without -march flags; reached only when cpu_features.c found
 // AVX-512 F/BW/VL.
-#include "attention_simd.h"
+#include "attention_avx512.h"
 #include "softcap.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #include <math.h>
 #include <string.h>
+#include "vmath_avx512.h"
 
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
 
 #define KB 64  // keys per block (4 zmm of scores per row)
 #define RT 6   // rows per register tile
 
-// exp(x) for a vector, about 1 ulp: x = n ln2 + r, |r| <= ln2/2, e^r by its
-// degree-7 Taylor polynomial (truncation < 0.1 ulp), times 2^n via scalef
-// (which gives 0 and +inf at the ends of the range). exp(-inf) = 0.
-T512 __m512 arm_exp512(__m512 x) {
-    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-    const __m512 ln2hi = _mm512_set1_ps(0.693359375f), ln2lo = _mm512_set1_ps(-2.12194440e-4f);
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(100.0f)), _mm512_set1_ps(-110.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, ln2hi, x);
-    r = _mm512_fnmadd_ps(n, ln2lo, r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
-// g[i] = act(g[i]) * u[i] = g / (1 + exp(-z(g))) * u for i in [0, n), z as glu.h: g (SiLU) or
-// 2 sqrt(2/pi) (g + 0.044715 g^3) (tanh GELU)
-T512 void arm_glu_avx512(float *g, const float *u, int64_t n, int act) {
-    const __m512 one = _mm512_set1_ps(1.0f), m2k = _mm512_set1_ps(-1.5957691216057308f);
-    const __m512 c = _mm512_set1_ps(0.044715f);
-    for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-        const __m512 x = _mm512_maskz_loadu_ps(m, g + i), y = _mm512_maskz_loadu_ps(m, u + i);
-        const __m512 negz = act == ACT_GELU_TANH
-                                ? _mm512_mul_ps(m2k, _mm512_fmadd_ps(_mm512_mul_ps(c, _mm512_mul_ps(x, x)), x, x))
-                                : _mm512_sub_ps(_mm512_setzero_ps(), x);
-        const __m512 e = arm_exp512(negz);
-        _mm512_mask_storeu_ps(g + i, m, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), y));
-    }
-}
-
 size_t attention_avx512_scratch(int nh, int nkv, int hd) {
-    const size_t R = (size_t)(nh / nkv) * ATT5_QB, hd16 = ((size_t)hd + 15) / 16 * 16;
+    const size_t R = (size_t)(nh / nkv) * ATT_QB, hd16 = ((size_t)hd + 15) / 16 * 16;
     // floats: kt (hd16 x KB), S (R x KB), O (R x hd16), max, sum, corr (R); then R row pointers; + alignment slack
     return (hd16 * KB + R * KB + R * hd16 + 3 * R) * sizeof(float) + R * sizeof(float *) + 64;
 }
@@ -144,9 +108,9 @@ T512 void attention_avx512_task(float *out, const float *q, const float *k, cons
     const float scale = ap->scale;
     const int64_t W = ap->window;  // > 0: query qi sees keys (qi - W, qi]
     float *kt = (float *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
-    float *S = kt + hd16 * KB, *O = S + (size_t)G * ATT5_QB * KB, *mx = O + (size_t)G * ATT5_QB * hd16;
-    float *sum = mx + G * ATT5_QB, *corr = sum + G * ATT5_QB;
-    const float **qrow = (const float **)(corr + G * ATT5_QB);
+    float *S = kt + hd16 * KB, *O = S + (size_t)G * ATT_QB * KB, *mx = O + (size_t)G * ATT_QB * hd16;
+    float *sum = mx + G * ATT_QB, *corr = sum + G * ATT_QB;
+    const float **qrow = (const float **)(corr + G * ATT_QB);
     for (int r = 0; r < R; r++) {
         qrow[r] = q + (start + q0 + r % nq) * qs + (int64_t)(g * G + r / nq) * hd;
         mx[r] = -INFINITY;
@@ -192,7 +156,7 @@ T512 void attention_avx512_task(float *out, const float *q, const float *k, cons
             __m512 ps = _mm512_setzero_ps();
             for (int j = 0; j < 4; j++) {
                 const __mmask16 m = m16(lim - 16 * j) & (__mmask16)~m16(lo - 16 * j);
-                const __m512 p = _mm512_maskz_mov_ps(m, arm_exp512(_mm512_sub_ps(sv[j], mv)));
+                const __m512 p = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(sv[j], mv)));
                 _mm512_store_ps(s + 16 * j, p);
                 ps = _mm512_add_ps(ps, p);
             }
@@ -216,8 +180,6 @@ T512 void attention_avx512_task(float *out, const float *q, const float *k, cons
     }
 }
 
-int attention_avx512_available(void) { return 1; }
-
 #else
 
 size_t attention_avx512_scratch(int nh, int nkv, int hd) { (void)nh; (void)nkv; (void)hd; return 0; }
@@ -226,7 +188,5 @@ void attention_avx512_task(float *out, const float *q, const float *k, const flo
     (void)out; (void)q; (void)k; (void)v; (void)ix; (void)seq; (void)q0; (void)nq; (void)g; (void)nh; (void)nkv;
     (void)hd; (void)ap; (void)scratch;
 }
-void arm_glu_avx512(float *g, const float *u, int64_t n, int act) { (void)g; (void)u; (void)n; (void)act; }
-int attention_avx512_available(void) { return 0; }
 
 #endif

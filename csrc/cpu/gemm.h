@@ -1,4 +1,6 @@
-// gemm.h: the cache-blocked GEMM driver shared by the SIMD matmul paths.
+// gemm.h: the cache-blocked GEMM driver under both matrix products of the core:
+// the model's x @ W^T (matmul.h, the forward pass) and training's op(A) @ op(B)
+// (gemm_general.h, which presents B as the "W" of the same loops).
 //
 //   out (T,N) [+]= inp (T,K) fp32 @ W(N,K)^T + bias(N)
 //

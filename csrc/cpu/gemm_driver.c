@@ -1,4 +1,5 @@
-// gemm_driver.c: loops, threads and scratch for the SIMD matmul paths.
+// gemm_driver.c: loops, threads and scratch of gemm.h's driver: the SIMD paths
+// of the model's x @ W^T (matmul.h) and training's op(A) @ op(B) (gemm_general.c).
 //
 // Why a separate, generic (no target attribute) file: the OpenMP regions and
 // allocations live here, compiled for baseline x86-64, and call the packers

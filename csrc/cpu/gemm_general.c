@@ -1,4 +1,5 @@
-// gemm_general.c: op(A) @ op(B) for training, any layout, bf16 operands.
+// gemm_general.c: training's op(A) @ op(B), any layout, bf16 operands (the
+// model's x @ W^T is matmul.h).
 //
 // The AVX512_BF16 path feeds gemm_driver.c with packers that read a
 // GemmOperand in either layout (see gemm_general.h) and the vdpbf16ps

@@ -1,5 +1,6 @@
-// gemm_general.h: C (M,N) [+]= op(A) (M,K) @ op(B) (K,N) with bf16 operands
-// and fp32 accumulation, for any layout of A and B.
+// gemm_general.h: training's product, C (M,N) [+]= op(A) (M,K) @ op(B) (K,N)
+// with bf16 operands and fp32 accumulation, for any layout of A and B (the
+// forward pass's x @ W^T with a checkpoint weight is matmul.h).
 //
 // Why: training needs products the forward pass never makes: the stage-2
 // gating MLP's backward pass (dW = dZ^T H, dH = dZ W) and stage 1's Gram

@@ -1,4 +1,7 @@
-// matmul.h: out (T,N) [+]= inp (T,K) @ W(N,K)^T + bias(N), fp32 accumulation.
+// matmul.h: the model's product, out (T,N) [+]= inp (T,K) @ W(N,K)^T + bias(N),
+// fp32 accumulation: activations times a checkpoint weight, the forward pass's
+// only matrix product. (Training's op(A) @ op(B) between two arrays is
+// gemm_general.h; both run on gemm_driver.c's loops, see gemm.h.)
 //
 // W may be F32, BF16 or F16 (read in place from the checkpoint mapping). Work
 // is split across threads by blocks of W rows, so every output element is

@@ -11,6 +11,8 @@
 #define ARMORM_BINDING_IMPORTS_ARRAY
 #include "binding.h"
 
+#include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef ARMORM_WITH_CUDA
 #include "../cuda/backend_cuda.h"
@@ -142,9 +144,9 @@ static int config_from_dict(PyObject *d, Config *c) {
         get_int(d, "rope_original_max_position_embeddings", &c->rope_original_max_pos, 0, 0) ||
         get_int(d, "attention_bias", &c->attention_bias, 0, 0) || get_int(d, "mlp_bias", &c->mlp_bias, 0, 0) ||
         get_int(d, "tie_word_embeddings", &c->tie_word_embeddings, 0, 0) ||
-        get_int(d, "num_objectives", &c->num_objectives, 0, 19) ||
-        get_int(d, "gating_hidden_dim", &c->gating_hidden_dim, 0, 1024) ||
-        get_int(d, "gating_n_hidden", &c->gating_n_hidden, 0, 3) ||
+        get_int(d, "num_objectives", &c->num_objectives, 0, DEFAULT_NUM_OBJECTIVES) ||
+        get_int(d, "gating_hidden_dim", &c->gating_hidden_dim, 0, DEFAULT_GATING_HIDDEN_DIM) ||
+        get_int(d, "gating_n_hidden", &c->gating_n_hidden, 0, DEFAULT_GATING_N_HIDDEN) ||
         get_int(d, "num_labels", &c->num_labels, 0, 1) || get_int(d, "qkv_bias", &c->qkv_bias, 0, 0) ||
         get_int(d, "norm_offset", &c->norm_offset, 0, 0) || get_int(d, "qk_norm", &c->qk_norm, 0, 0) ||
         get_int(d, "post_norms", &c->post_norms, 0, 0) || get_int(d, "embed_scale", &c->embed_scale, 0, 0) ||
@@ -173,7 +175,7 @@ static int config_from_dict(PyObject *d, Config *c) {
         get_num(d, "rope_low_freq_factor", &c->rope_low_freq_factor, 0) < 0 ||
         get_num(d, "rope_high_freq_factor", &c->rope_high_freq_factor, 0) < 0)
         return -1;
-    c->gating_temperature = 10.0f;
+    c->gating_temperature = (float)DEFAULT_GATING_TEMPERATURE;
     int r = get_num(d, "gating_temperature", &x, 0);
     if (r < 0) return -1;
     if (r == 0) c->gating_temperature = (float)x;
@@ -603,7 +605,22 @@ static PyObject *tensor_to_array(const StTensor *t) {
     PyObject *a = PyArray_SimpleNew(t->ndim, dims, NPY_FLOAT32);
     if (!a) return NULL;
     float *dst = PyArray_DATA((PyArrayObject *)a);
-    arm_convert_to_f32(dst, t->data, t->dtype, t->numel);
+    // a tensor at an address its element size does not divide is read through an aligned copy
+    // (typed loads from it are undefined behaviour; safetensors does not promise alignment)
+    const size_t esize = t->dtype == ST_F32 ? 4 : 2;
+    void *copy = NULL;
+    const void *src = t->data;
+    if ((uintptr_t)src % esize) {
+        copy = malloc(t->numel * esize + 1);
+        if (!copy) {
+            Py_DECREF(a);
+            return PyErr_NoMemory();
+        }
+        memcpy(copy, src, t->numel * esize);
+        src = copy;
+    }
+    arm_convert_to_f32(dst, src, t->dtype, t->numel);
+    free(copy);
     return a;
 }
 
@@ -728,6 +745,14 @@ PyMODINIT_FUNC PyInit__core(void) {
         return NULL;
     }
     if (add_safetensors_api(mod) || add_numeric_functions(mod)) {
+        Py_DECREF(mod);
+        return NULL;
+    }
+    PyObject *heads = Py_BuildValue("{s:i,s:d,s:i,s:i}", "num_objectives", DEFAULT_NUM_OBJECTIVES,
+                                    "gating_temperature", DEFAULT_GATING_TEMPERATURE, "gating_hidden_dim",
+                                    DEFAULT_GATING_HIDDEN_DIM, "gating_n_hidden", DEFAULT_GATING_N_HIDDEN);
+    if (!heads || PyModule_AddObject(mod, "HEAD_DEFAULTS", heads) < 0) {
+        Py_XDECREF(heads);
         Py_DECREF(mod);
         return NULL;
     }

@@ -2,7 +2,9 @@
 //
 // gemm: C [+]= op(A) @ op(B) with bf16 operands and fp32 sums (cpu/gemm_general.c),
 // for stage 1's X^T X and stage 2's gating network; adamw_update: one fused
-// AdamW step (cpu/adamw.c). Arrays are checked (dtype, layout, no aliasing of
+// AdamW step (cpu/adamw.c); float32_to_bf16 / bf16_to_float32: the one bf16
+// rounding (dtype.h: nearest even, NaN kept quiet, as torch) for every bf16
+// array Python writes or decodes. Arrays are checked (dtype, layout, no aliasing of
 // the output) before the GIL is released.
 #include "binding.h"
 
@@ -12,6 +14,7 @@
 #include <string.h>
 #include "../cpu/adamw.h"
 #include "../cpu/gemm_general.h"
+#include "../dtype.h"
 
 // a 2-D C-contiguous float32 or uint16 (bf16 bits) array as a GemmOperand
 static int to_operand(PyObject *o, const char *name, int trans, GemmOperand *op) {
@@ -167,6 +170,59 @@ static PyObject *py_gemm_kernel(PyObject *m, PyObject *unused) {
     return PyUnicode_FromString(gemm_general_name(gemm_general_best()));
 }
 
+// ---- bf16 <-> float32 --------------------------------------------------------
+
+static PyObject *py_float32_to_bf16(PyObject *m, PyObject *x) {
+    (void)m;
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(x, NPY_FLOAT32, 0, 0, NPY_ARRAY_CARRAY_RO | NPY_ARRAY_FORCECAST);
+    if (!a) return NULL;
+    PyArrayObject *o = (PyArrayObject *)PyArray_SimpleNew(PyArray_NDIM(a), PyArray_DIMS(a), NPY_UINT16);
+    if (!o) { Py_DECREF(a); return NULL; }
+    const float *src = PyArray_DATA(a);
+    uint16_t *dst = PyArray_DATA(o);
+    const npy_intp n = PyArray_SIZE(a);
+    Py_BEGIN_ALLOW_THREADS
+    for (npy_intp i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i]);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(a);
+    return (PyObject *)o;
+}
+
+static PyObject *py_bf16_to_float32(PyObject *m, PyObject *args, PyObject *kw) {
+    (void)m;
+    static char *kwlist[] = {"bits", "out", NULL};
+    PyObject *bits, *out_o = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|$O", kwlist, &bits, &out_o)) return NULL;
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(bits, NPY_UINT16, 0, 0, NPY_ARRAY_CARRAY_RO | NPY_ARRAY_FORCECAST);
+    if (!a) return NULL;
+    PyArrayObject *o;
+    if (out_o == Py_None) {
+        o = (PyArrayObject *)PyArray_SimpleNew(PyArray_NDIM(a), PyArray_DIMS(a), NPY_FLOAT32);
+        if (!o) { Py_DECREF(a); return NULL; }
+    } else {
+        o = (PyArrayObject *)out_o;
+        int ok = PyArray_Check(out_o) && (PyArray_TYPE(o) == NPY_FLOAT32 || PyArray_TYPE(o) == NPY_FLOAT64) &&
+                 PyArray_IS_C_CONTIGUOUS(o) && PyArray_ISALIGNED(o) && PyArray_ISWRITEABLE(o) &&
+                 !PyArray_ISBYTESWAPPED(o) && PyArray_SIZE(o) == PyArray_SIZE(a) && !overlaps(o, (PyObject *)a);
+        if (!ok) {
+            Py_DECREF(a);
+            return PyErr_Format(PyExc_ValueError, "bf16_to_float32: out must be a C-contiguous, writeable float32 or "
+                                                  "float64 array of %lld elements", (long long)PyArray_SIZE(a));
+        }
+        Py_INCREF(o);
+    }
+    const uint16_t *src = PyArray_DATA(a);
+    const npy_intp n = PyArray_SIZE(a);
+    const int f64 = PyArray_TYPE(o) == NPY_FLOAT64;
+    void *dst = PyArray_DATA(o);
+    Py_BEGIN_ALLOW_THREADS
+    if (f64) for (npy_intp i = 0; i < n; i++) ((double *)dst)[i] = bf16_to_f32(src[i]);
+    else for (npy_intp i = 0; i < n; i++) ((float *)dst)[i] = bf16_to_f32(src[i]);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(a);
+    return (PyObject *)o;
+}
+
 static PyMethodDef numeric_methods[] = {
     {"gemm", (PyCFunction)(void (*)(void))py_gemm, METH_VARARGS | METH_KEYWORDS,
      "gemm(a, b, *, trans_a=False, trans_b=False, out=None, accumulate=False, num_threads=0, kernel=None)\n"
@@ -176,6 +232,11 @@ static PyMethodDef numeric_methods[] = {
      "adamw_update(param, grad, m, v, *, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, step,\n"
      "num_threads=1): one torch.optim.AdamW update of float32 arrays, in place; step counts from 1"},
     {"gemm_kernel", py_gemm_kernel, METH_NOARGS, "gemm_kernel() -> 'avx512bf16' or 'portable': gemm's path here"},
+    {"float32_to_bf16", py_float32_to_bf16, METH_O,
+     "float32_to_bf16(x) -> uint16 bf16 bit patterns of x (as float32), rounded to nearest even, NaN kept quiet"},
+    {"bf16_to_float32", (PyCFunction)(void (*)(void))py_bf16_to_float32, METH_VARARGS | METH_KEYWORDS,
+     "bf16_to_float32(bits, *, out=None) -> float32 values of bf16 bit patterns (exact); into a float32 or\n"
+     "float64 `out` of the same size when given"},
     {NULL, NULL, 0, NULL}};
 
 int add_numeric_functions(PyObject *mod) { return PyModule_AddFunctions(mod, numeric_methods); }

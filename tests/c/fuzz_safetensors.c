@@ -5,7 +5,8 @@
 // prefix and a small data section, so that the fuzzer spends its time in the
 // JSON / schema code rather than on guessing the length prefix. On success the
 // harness checks the documented invariants and touches every tensor's first
-// and last byte so that ASan catches a bad data pointer.
+// and last byte, and every metadata string's last, so that ASan catches a bad
+// pointer or length.
 #include "../../csrc/safetensors.h"
 
 #include <stdint.h>
@@ -46,6 +47,15 @@ static void check(const StFile *f, const unsigned char *buf, size_t size) {
             if (t->begin < u->end && u->begin < t->end) abort();
         }
     }
+    // metadata: owned, NUL-terminated strings of the stated lengths, no longer than the header
+    if (f->n_meta < 0 || (f->n_meta > 0 && f->meta == NULL)) abort();
+    for (int i = 0; i < f->n_meta; i++) {
+        const StMeta *m = &f->meta[i];
+        if (!m->key || !m->value || m->key_len > f->header_len || m->value_len > f->header_len) abort();
+        if (m->key[m->key_len] != '\0' || m->value[m->value_len] != '\0') abort();
+        if (m->key_len) sink ^= (unsigned char)m->key[m->key_len - 1];
+        if (m->value_len) sink ^= (unsigned char)m->value[m->value_len - 1];
+    }
     (void)sink;
 }
 
@@ -58,7 +68,7 @@ static void run(const unsigned char *buf, size_t size) {
     } else {
         if (memchr(err, '\0', sizeof err) == NULL) abort();
         if (strncmp(err, "fuzz.safetensors: ", 18) != 0) abort();
-        if (f.tensors != NULL || f.n_tensors != 0) abort();
+        if (f.tensors != NULL || f.n_tensors != 0 || f.meta != NULL || f.n_meta != 0) abort();
     }
     st_close(&f);
     st_close(&f);

@@ -456,6 +456,23 @@ static void test_metadata_padding_unicode(void) {
     EXPECT_ERR("{\"__metadata__\":{\"a\":1}}", 0, "__metadata__ entry 'a' is not a string");
     EXPECT_ERR("{\"__metadata__\":{\"a\":\"b\",\"c\":{}}}", 0, "__metadata__ entry 'c' is not a string");
     EXPECT_ERR("{\"__metadata__\":{\"a\":null}}", 0, "not a string");
+    // the entries are kept, decoded, in header order (NUL included)
+    {
+        Buf b = make("{\"__metadata__\":{\"format\":\"pt\",\"k\\u00e9\":\"v\\n\\u0000w\",\"e\":\"\"}}", 0);
+        StFile f;
+        char err[256];
+        CHECK(st_parse_buffer(&f, b.buf, b.size, "t.safetensors", err, sizeof err) == 0);
+        CHECK(f.n_meta == 3);
+        if (f.n_meta == 3) {
+            CHECK(strcmp(f.meta[0].key, "format") == 0 && strcmp(f.meta[0].value, "pt") == 0);
+            CHECK(f.meta[1].key_len == 3 && memcmp(f.meta[1].key, "k\xC3\xA9", 3) == 0);
+            CHECK(f.meta[1].value_len == 4 && memcmp(f.meta[1].value, "v\n\0w", 4) == 0);
+            CHECK(f.meta[2].value_len == 0 && f.meta[2].value[0] == '\0');
+        }
+        st_close(&f);
+        CHECK(f.meta == NULL && f.n_meta == 0);
+        free(b.buf);
+    }
 
     // trailing space padding (as writers align the data section to 8 bytes)
     EXPECT_OK("{\"x\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}       ", 4, 1);

@@ -1,4 +1,4 @@
-// forward_cpu.c: the whole CPU forward pass, top to bottom, for every family.
+// forward.c: the whole CPU forward pass (forward_cpu), top to bottom, for every family.
 //
 // Input: B token sequences packed end to end (no padding); a sequence may
 // continue another one of the batch (a shared prefix, prefix.h). x =
@@ -13,15 +13,15 @@
 // ArmoRM gating network runs once per distinct gating row: the continuations
 // of one prompt read the same row of their shared prefix.
 // Activations are fp32 throughout; weights are read in their stored dtype.
-#include "model.h"
-#include "prefix.h"
-#include "cpu/attention.h"
-#include "cpu/embedding.h"
-#include "cpu/glu.h"
-#include "cpu/head.h"
-#include "cpu/matmul.h"
-#include "cpu/rmsnorm.h"
-#include "cpu/rope.h"
+#include "../model.h"
+#include "../prefix.h"
+#include "attention.h"
+#include "embedding.h"
+#include "glu.h"
+#include "head.h"
+#include "matmul.h"
+#include "rmsnorm.h"
+#include "rope.h"
 
 #include <stdlib.h>
 #include <string.h>
