@@ -16,6 +16,7 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .hub import DEFAULT_MODEL, ModelNotFoundError
+from .serve import command as serve_command
 
 EXAMPLE_PROMPT = 'What are some synonyms for the word "beautiful"?'
 EXAMPLE_RESPONSES = [
@@ -313,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--progress", action="store_true", help="show a progress bar even when not on a terminal")
     s.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     s.set_defaults(func=cmd_score)
+    serve_command.add_parser(sub)
 
     s = sub.add_parser("prepare-stage1", help="stage 1: embed a multi-objective dataset with a backbone",
                        description="Formats each row's `messages` with the model's chat template, runs the "
