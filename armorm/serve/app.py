@@ -108,7 +108,7 @@ class _Server:
                 raise RequestError(413, f"the request body is larger than the server takes ({limit} bytes; "
                                         "--max-body-bytes)", kind="body_too_large")
         try:
-            data = json.loads(bytes(body))
+            data = json.loads(bytes(body).decode("utf-8"))
         except UnicodeDecodeError as e:
             raise RequestError(400, f"the body is not UTF-8 (byte {e.start})", kind="malformed_json") from None
         except json.JSONDecodeError as e:

@@ -145,6 +145,7 @@ class Scheduler:
         self._queued_tokens = 0     # tokens of queued entries of jobs not cancelled
         self._queued_sequences = 0
         self._stopping = False
+        self._flushing = False      # shutting down: no more waiting for company
         self._busy = False
         self._rate = 0.0            # tokens/s of recent batches, for Retry-After
         self._thread = threading.Thread(target=self._loop, name="armorm-scheduler", daemon=True)
@@ -207,6 +208,15 @@ class Scheduler:
                 self._queued_sequences -= len(left)
                 self._cond.notify()  # the budget check may now start a batch
 
+    def flush(self) -> None:
+        """From now on, batches start as soon as the engine is free (no waiting for company).
+
+        Called when a shutdown begins, so requests in flight finish without waiting out `max_wait_ms`.
+        """
+        with self._cond:
+            self._flushing = True
+            self._cond.notify()
+
     def stop(self, timeout: Optional[float] = None) -> None:
         """Finishes the queued work, then ends the thread (new submissions raise Stopped)."""
         with self._cond:
@@ -227,14 +237,14 @@ class Scheduler:
                     return None
                 self._cond.wait()
             # wait for company while the queue holds less than a batch and the oldest may still wait
-            while not self._stopping:
+            while not (self._stopping or self._flushing):
                 self._drop_cancelled_head()
                 if not self._queue:
                     return []
                 left = self._queue[0].arrival + self.max_wait - time.monotonic()
                 if self._queued_tokens >= self.max_batch_tokens or left <= 0:
                     break
-                self._cond.wait(left)
+                self._cond.wait(min(left, threading.TIMEOUT_MAX))
             batch: List[_Entry] = []
             used = 0
             while self._queue:

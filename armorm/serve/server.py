@@ -46,6 +46,28 @@ def _exit_quietly(signum: int, frame: Any) -> None:
     raise SystemExit(0)
 
 
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server; a shutdown signal also tells the scheduler to stop waiting for company."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)
+
+
+def uvicorn_server(app: Any, *, log_level: str = "info", access_log: bool = False) -> uvicorn.Server:
+    """A uvicorn server for an app from `create_app`; `server.run(sockets=[sock])` serves.
+
+    `server.handle_exit(signal.SIGTERM, None)` (what SIGTERM calls) starts the graceful shutdown.
+    """
+    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, lifespan="on", backlog=2048,
+                            timeout_keep_alive=30)
+    return _Uvicorn(config, app.state.armorm.scheduler.flush)
+
+
 def run(model: Union[ArmoRM, str, "os.PathLike[str]"], *, host: str = "127.0.0.1", port: int = 8000,
         device: str = "cpu", dtype: str = "bfloat16", threads: Optional[int] = None,
         served_model_name: Any = None, log_level: str = "info", access_log: bool = False,
@@ -69,9 +91,7 @@ def run(model: Union[ArmoRM, str, "os.PathLike[str]"], *, host: str = "127.0.0.1
                     served_model_name = str(model)
                 model = ArmoRM.from_pretrained(model, device_map=device, torch_dtype=dtype, num_threads=threads)
             app = create_app(model, served_model_name=served_model_name, **app_options)
-            config = uvicorn.Config(app, log_level=log_level, access_log=access_log, lifespan="on",
-                                    backlog=2048, timeout_keep_alive=30)
-            server = uvicorn.Server(config)
+            server = uvicorn_server(app, log_level=log_level, access_log=access_log)
             sock.listen(2048)
             line = (f"armorm serve: {model.name_or_path} ({model.architecture}, {model.dtype}, {model.device}) "
                     f"listening on {_url(sock)}")
