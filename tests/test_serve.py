@@ -251,7 +251,8 @@ def test_vllm_classify_as_verl_calls_it(server, ref, hf_tok):
                     outs.append(await post(s, server.url + "/classify",
                                            {"model": str(server_model_dir(server)), "input": verl_text(hf_tok, c),
                                             **flag}))
-            act = await post(s, server.url + "/classify", {"model": "armorm-tiny", "input": verl_text(hf_tok, convs[0])})
+            act = await post(s, server.url + "/classify",
+                             {"model": "armorm-tiny", "input": verl_text(hf_tok, convs[0])})
             batch = await post(s, server.url + "/classify", {"input": [verl_text(hf_tok, c) for c in convs],
                                                              "use_activation": False})
             tokens = await post(s, server.url + "/classify", {"input": ids[1], "use_activation": False})
@@ -578,6 +579,20 @@ async def until(cond, what: str) -> None:
         await asyncio.sleep(0.005)
 
 
+async def hold_engine(s, url: str, gated: "GatedModel", seq, **fields):
+    """Posts `seq` and waits until its batch entered the (gated) engine: later requests queue behind it."""
+    t = asyncio.ensure_future(post(s, url + "/classify", {"input": seq, **fields}))
+    await until(lambda: len(gated.batches) == 1, "the first batch started")
+    return t
+
+
+async def enqueue(s, url: str, srv, seq, queued: int, **fields):
+    """Posts `seq` and waits until the queue holds `queued` sequences."""
+    t = asyncio.ensure_future(post(s, url + "/classify", {"input": seq, **fields}))
+    await until(lambda: srv.scheduler.queued_sequences == queued, f"{queued} sequences queued")
+    return t
+
+
 def _ids(ref, rng, n_prompt, n_response):
     return chat_ids(ref, conversation(rng, n_prompt, n_response))
 
@@ -590,13 +605,8 @@ def test_requests_arriving_during_a_batch_form_the_next_batch(ref):
     with inprocess(gated, max_wait_ms=0) as (url, srv, _):
         async def main():
             async with aiohttp.ClientSession() as s:
-                ta = asyncio.ensure_future(post(s, url + "/classify", {"input": a, "use_activation": False}))
-                await until(lambda: len(gated.batches) == 1, "A's batch started")
-                rest = []
-                for k, seq in enumerate((b, c, d)):
-                    rest.append(asyncio.ensure_future(post(s, url + "/classify", {"input": seq,
-                                                                                    "use_activation": False})))
-                    await until(lambda: srv.scheduler.queued_sequences == k + 1, "queued")
+                ta = await hold_engine(s, url, gated, a, use_activation=False)
+                rest = [await enqueue(s, url, srv, seq, k + 1, use_activation=False) for k, seq in enumerate((b, c, d))]
                 gated.gate.set()
                 return await asyncio.gather(ta, *rest)
 
@@ -613,8 +623,7 @@ def test_lone_request_waits_for_company_until_the_batch_is_full(ref):
     with inprocess(gated, max_wait_ms=1e9, max_batch_tokens=len(b) + len(c)) as (url, srv, _):
         async def main():
             async with aiohttp.ClientSession() as s:
-                tb = asyncio.ensure_future(post(s, url + "/classify", {"input": b}))
-                await until(lambda: srv.scheduler.queued_sequences == 1, "B queued")
+                tb = await enqueue(s, url, srv, b, 1)
                 assert gated.batches == []       # B alone does not start a batch: it waits for company
                 tc = asyncio.ensure_future(post(s, url + "/classify", {"input": c}))
                 return await asyncio.gather(tb, tc)
@@ -635,12 +644,8 @@ def test_fifo_long_requests_are_not_starved(ref):
     with inprocess(gated, max_wait_ms=0, max_batch_tokens=budget) as (url, srv, _):
         async def main():
             async with aiohttp.ClientSession() as s:
-                ta = asyncio.ensure_future(post(s, url + "/classify", {"input": a}))
-                await until(lambda: len(gated.batches) == 1, "A's batch started")
-                tasks = []
-                for k, seq in enumerate(order):
-                    tasks.append(asyncio.ensure_future(post(s, url + "/classify", {"input": seq})))
-                    await until(lambda: srv.scheduler.queued_sequences == k + 1, "queued")
+                ta = await hold_engine(s, url, gated, a)
+                tasks = [await enqueue(s, url, srv, seq, k + 1) for k, seq in enumerate(order)]
                 gated.gate.set()
                 return await asyncio.gather(ta, *tasks)
 
@@ -659,16 +664,13 @@ def test_client_gone_before_its_batch_costs_nothing(ref):
     with inprocess(gated, max_wait_ms=0) as (url, srv, _):
         async def main():
             async with aiohttp.ClientSession() as s:
-                ta = asyncio.ensure_future(post(s, url + "/classify", {"input": a}))
-                await until(lambda: len(gated.batches) == 1, "A's batch started")
-                tb = asyncio.ensure_future(post(s, url + "/classify", {"input": b}))
-                await until(lambda: srv.scheduler.queued_sequences == 1, "B queued")
+                ta = await hold_engine(s, url, gated, a)
+                tb = await enqueue(s, url, srv, b, 1)
                 tb.cancel()                              # the client closes its connection
                 with contextlib.suppress(asyncio.CancelledError):
                     await tb
                 await until(lambda: srv.scheduler.queued_sequences == 0, "B dropped from the queue")
-                tc = asyncio.ensure_future(post(s, url + "/classify", {"input": c}))
-                await until(lambda: srv.scheduler.queued_sequences == 1, "C queued")
+                tc = await enqueue(s, url, srv, c, 1)
                 gated.gate.set()
                 return await asyncio.gather(ta, tc), await metrics(s, url)
 
@@ -688,12 +690,9 @@ def test_exception_in_a_batch_fails_only_that_batch(ref):
     with inprocess(gated, max_wait_ms=0, max_batch_tokens=max(len(bad), len(c)) + 1) as (url, srv, _):
         async def main():
             async with aiohttp.ClientSession() as s:
-                ta = asyncio.ensure_future(post(s, url + "/classify", {"input": a}))
-                await until(lambda: len(gated.batches) == 1, "A's batch started")
-                tb = asyncio.ensure_future(post(s, url + "/classify", {"input": bad, "use_activation": False}))
-                await until(lambda: srv.scheduler.queued_sequences == 1, "bad queued")
-                tc = asyncio.ensure_future(post(s, url + "/classify", {"input": c, "use_activation": False}))
-                await until(lambda: srv.scheduler.queued_sequences == 2, "C queued")
+                ta = await hold_engine(s, url, gated, a)
+                tb = await enqueue(s, url, srv, bad, 1, use_activation=False)
+                tc = await enqueue(s, url, srv, c, 2, use_activation=False)
                 gated.gate.set()
                 outs = await asyncio.gather(ta, tb, tc)
                 after = await post(s, url + "/classify", {"input": a, "use_activation": False})
@@ -713,10 +712,8 @@ def test_full_queue_answers_503_with_retry_after(ref):
     with inprocess(gated, max_wait_ms=0, max_queue_tokens=len(b) + len(c) - 1) as (url, srv, _):
         async def main():
             async with aiohttp.ClientSession() as s:
-                ta = asyncio.ensure_future(post(s, url + "/classify", {"input": a}))
-                await until(lambda: len(gated.batches) == 1, "A's batch started")
-                tb = asyncio.ensure_future(post(s, url + "/classify", {"input": b}))
-                await until(lambda: srv.scheduler.queued_sequences == 1, "B queued")
+                ta = await hold_engine(s, url, gated, a)
+                tb = await enqueue(s, url, srv, b, 1)
                 full = await post(s, url + "/classify", {"input": c})
                 huge = await post(s, url + "/classify", {"input": [b, c]})
                 gated.gate.set()
@@ -741,8 +738,7 @@ def test_shutdown_stops_accepting_and_finishes_in_flight(ref):
 
         async def main():
             async with aiohttp.ClientSession() as s:
-                ta = asyncio.ensure_future(post(s, url + "/classify", {"input": a, "use_activation": False}))
-                await until(lambda: len(gated.batches) == 1, "A's batch started")
+                ta = await hold_engine(s, url, gated, a, use_activation=False)
                 server.handle_exit(signal.SIGTERM, None)     # what the SIGTERM handler does
 
                 def refused() -> bool:
@@ -764,3 +760,21 @@ def test_create_app_refuses_a_model_without_reward_head(tmp_path):
     with armorm.ArmoRM.from_pretrained(tmp_path / "bb") as m:
         with pytest.raises(ValueError, match="no reward head"):
             create_app(m)
+
+
+def test_verl_custom_reward_function(server, ref, monkeypatch):
+    import importlib.util
+    loader = importlib.util.spec_from_file_location("verl_reward", ROOT / "examples" / "verl_reward.py")
+    mod = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(mod)
+    monkeypatch.setenv("ARMORM_SERVE_URL", server.url)
+    monkeypatch.setenv("ARMORM_API_KEY", API_KEY)
+    rng = np.random.default_rng(15)
+    conv = conversation(rng, 12, 30)
+    expected = float(offline(ref, [chat_ids(ref, conv)]).score[0])
+    got = mod.compute_score("ds", conv[1]["content"], None, {"raw_prompt": conv[:1]})
+    assert got == expected
+    assert mod.compute_score("ds", conv[1]["content"], None, {"question": conv[0]["content"]}) == expected
+    with pytest.raises(RuntimeError, match="404"):
+        monkeypatch.setenv("ARMORM_SERVE_URL", server.url + "/nowhere")
+        mod.compute_score("ds", "x", None, {"question": "q"})

@@ -24,8 +24,8 @@ from starlette.routing import Route
 
 from ..cli import _records
 from ..model import RewardOutput
-from .inputs import (DEFAULT_MAX_BODY_BYTES, Encoder, Item, RequestError, openrlhf_items, optional_bool, pooling_items, schema_error,
-                     score_items)
+from .inputs import (DEFAULT_MAX_BODY_BYTES, Encoder, Item, RequestError, openrlhf_items, optional_bool,
+                     pooling_items, schema_error, score_items)
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .scheduler import (DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_QUEUE_TOKENS, DEFAULT_MAX_WAIT_MS, BatchFailed,
                         QueueFull, Scheduler, Stopped, TooLarge)

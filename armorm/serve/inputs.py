@@ -19,7 +19,7 @@ content errors are 400; each message says which item (`query[3]`, ...).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -270,7 +270,3 @@ def optional_bool(body: Mapping[str, Any], *names: str) -> Optional[bool]:
                 raise schema_error(f"'{n}' must be true or false", n)
             return v
     return None
-
-
-def sequences_tokens(seqs: Sequence[np.ndarray]) -> int:
-    return int(sum(s.size for s in seqs))
