@@ -16,7 +16,7 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-SOURCES = ["csrc/module.c", "csrc/model.c", "csrc/weight_pass.c", "csrc/safetensors.c", "csrc/forward_cpu.c",
+SOURCES = ["csrc/python/module.c", "csrc/python/safetensors_file.c", "csrc/python/numeric.c", "csrc/model.c", "csrc/weight_pass.c", "csrc/safetensors.c", "csrc/forward_cpu.c",
            "csrc/cpu/cpu_features.c", "csrc/cpu/gemm_driver.c", "csrc/cpu/matmul_avx512.c", "csrc/cpu/matmul_avx2.c",
            "csrc/cpu/attention_avx512.c", "csrc/cpu/gemm_general.c",
            "csrc/cpu/adamw.c"]
@@ -44,31 +44,29 @@ ext = Extension(
     include_dirs=[np.get_include(), "csrc"],
     extra_compile_args=compile_args,
     extra_link_args=link_args,
-    depends=[os.path.join(d, f) for d in ("csrc", "csrc/cpu") for f in os.listdir(d) if f.endswith(".h")],
+    depends=[os.path.join(d, f) for d in ("csrc", "csrc/cpu", "csrc/python") for f in os.listdir(d) if f.endswith(".h")],
 )
 
 
 
 def _cuda_build():
-    # by path: importing armorm.cuda_build would import the package, which needs the extension
-    spec = importlib.util.spec_from_file_location("armorm_cuda_build", os.path.join(ROOT, "armorm", "cuda_build.py"))
+    # by path: build-time code, outside the armorm package (which needs the extension being built)
+    spec = importlib.util.spec_from_file_location("armorm_cuda_build", os.path.join(ROOT, "build_tools", "cuda_build.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
 class BuildExt(build_ext):
-    """Compiles csrc/cuda/*.cu with nvcc when it is found and links them in (ARMORM_NO_CUDA=1: CPU-only)."""
+    """Compiles csrc/cuda/*.cu with nvcc when it is found and links them in (ARMORM_NO_CUDA=1: CPU-only);
+    either way the extension records why (armorm._core.CUDA_BUILD_REASON)."""
 
     def build_extensions(self):
         args = _cuda_build().cuda_extension_args(ROOT, build_dir=os.path.join(self.build_temp, "cuda"))
-        if args:
-            for e in self.extensions:
-                e.extra_objects += args["extra_objects"]
-                e.libraries += args["libraries"]
-                e.library_dirs += args["library_dirs"]
-                e.runtime_library_dirs += args["runtime_library_dirs"]
-                e.define_macros += args["define_macros"]
+        for e in self.extensions:
+            for key, value in args.items():
+                getattr(e, key).extend(value)
+            if "extra_objects" in args:
                 e.depends += args["extra_objects"] + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*"))
         super().build_extensions()
 

@@ -945,6 +945,9 @@ def format_conversations(
     conversations: Sequence[Conversation | Mapping[str, Any]],
     max_length: int | None = None,
     truncation: bool = False,
+    names: Sequence[str] | None = None,
+    *,
+    retokenize_text: bool = False,
 ) -> list[list[int]]:
     """Chat-template and tokenize each conversation, with either tokenizer kind.
 
@@ -955,6 +958,13 @@ def format_conversations(
             (see :func:`conversation_from_record`).
         max_length: Truncation length (with ``truncation=True``).
         truncation: Truncate on the right to ``max_length``.
+        names: What errors call conversation i (default ``"conversation i"``).
+        retokenize_text: Render the template to text, then tokenize that text again
+            with the tokenizer's special tokens, as evaluation harnesses that format a
+            string first do (allenai/reward-bench for classifier reward models). The
+            post-processor then adds its special tokens to the template's: a Llama-3
+            sequence starts with two BOS tokens. The default is the model card's
+            tokenization (the template's BOS only).
 
     Returns:
         One list of token ids per conversation.
@@ -966,18 +976,28 @@ def format_conversations(
         and "role" in conversations[0]
     ):
         raise TypeError("format_conversations takes a list of conversations; wrap a single conversation in a list")
+    import jinja2
     out = []
     for i, conv in enumerate(conversations):
+        where = names[i] if names is not None else f"conversation {i}"
         if isinstance(conv, Mapping):
             conv = conversation_from_record(conv)
         if isinstance(tokenizer, ChatTokenizer):
-            _validate_conversation(conv, f"conversation {i}: ")
+            _validate_conversation(conv, f"{where}: ")
         kwargs: dict[str, Any] = {}
         if truncation:
             kwargs["truncation"] = True
             if max_length is not None:
                 kwargs["max_length"] = max_length
-        out.append(_chat_ids(tokenizer, conv, add_generation_prompt=False, **kwargs))
+        try:
+            if retokenize_text:
+                text = _render_text(tokenizer, conv, add_generation_prompt=False)
+                ids = [int(t) for t in _to_id_list(tokenizer.encode(text, add_special_tokens=True))]
+                out.append(ids[:max_length] if truncation and max_length is not None else ids)
+            else:
+                out.append(_chat_ids(tokenizer, conv, add_generation_prompt=False, **kwargs))
+        except jinja2.TemplateError as e:  # the template's raise_exception(...): e.g. a role it does not support
+            raise ValueError(f"{where}: the chat template refused it: {e}") from None
     return out
 
 

@@ -4,7 +4,7 @@
 
 Prints, for each output field, the normwise relative error
 max|x - ref| / max|ref| (worst over the sequences) of
-  - armorm on an fp32 checkpoint vs transformers fp32 (+ the spec head);
+  - armorm on an fp32 checkpoint vs transformers fp32 (+ the head of docs/model.md);
   - on a bf16 checkpoint: armorm (bf16 weights, fp32 accumulation) and
     transformers' own bf16 run, both vs the fp32 computation on the same
     bf16 weights, and their ratio (the tests require <= 1.1).

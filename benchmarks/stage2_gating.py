@@ -1,4 +1,4 @@
-"""Stage-2 gating training speed on synthetic data (spec section 3 hyperparameters).
+"""Stage-2 gating training speed on synthetic data (docs/stage2.md hyperparameters).
 
     python benchmarks/stage2_gating.py                  # 30 timed steps per backend, projected to 2000
     python benchmarks/stage2_gating.py --steps 2000 --backends auto    # the full run

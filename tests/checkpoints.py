@@ -2,7 +2,7 @@
 
 The backbone is a real `transformers` LlamaModel; the ArmoRM head tensors are
 random (transform matrix not the identity, logit_scale not 1) and the
-reference head is computed in `reference_armorm_head` straight from the spec.
+reference head is computed in `reference_armorm_head` straight from docs/model.md.
 """
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def make_backbone(path: Path, *, dtype="float32", seed=0, max_shard_size=None, *
 
 def reference_armorm_head(hs: torch.Tensor, p_r: int, p_g: int, head: Dict[str, torch.Tensor],
                           temperature: float, n_hidden: int) -> Dict[str, torch.Tensor]:
-    """Spec section 1, steps 4-8, for one sequence's final hidden states hs [L, H]."""
+    """The ArmoRM head of docs/model.md, for one sequence's final hidden states hs [L, H]."""
     hidden = hs[p_r]
     prompt = hs[p_g]
     rewards = head["regression_layer.weight"] @ hidden

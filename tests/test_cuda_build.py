@@ -1,7 +1,7 @@
 """The CUDA backend on machines without a GPU: it compiles, links, and its host side works.
 
 Runs everywhere nvcc is (skips, saying so, where it is not):
-  * every csrc/cuda/*.cu compiles with armorm/cuda_build.py's flags, warnings as errors;
+  * every csrc/cuda/*.cu compiles with build_tools/cuda_build.py's flags, warnings as errors;
   * the objects plus the core's C files link into a shared object with no undefined symbol;
   * a standalone host program (csrc/cuda/test/host_test.cu) runs the planning functions
     (weight/activation layouts, memory plan, attention tiles, batch packing, launch shapes,
@@ -9,11 +9,14 @@ Runs everywhere nvcc is (skips, saying so, where it is not):
     against arithmetic done independently in Python;
   * the kernel harnesses in benchmarks/cuda build (`make`);
   * cuda_build's switches: ARMORM_NO_CUDA, no nvcc, compile errors raising.
+The build logic that needs no nvcc (the recorded reason, cuBLAS major matching, the
+toolkit a driver supports) is tested in tests/test_cuda_toolkit.py.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _load_cuda_build():
-    # by path, as setup.py does: importing armorm.cuda_build would import the package first
-    spec = importlib.util.spec_from_file_location("armorm_cuda_build_under_test", ROOT / "armorm" / "cuda_build.py")
+    # by path, as setup.py does: build-time code outside the armorm package
+    spec = importlib.util.spec_from_file_location("armorm_cuda_build_under_test", ROOT / "build_tools" / "cuda_build.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -41,10 +44,12 @@ HAS_GPU_DRIVER = Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvid
 @pytest.fixture(scope="module")
 def toolchain():
     tk = cb.toolkit_dirs(NVCC)
-    lt = cb.find_cublaslt(tk)
+    version = cb.nvcc_version(NVCC)
+    lt = cb.find_cublaslt(tk, version[0] if version else None)
     if lt is None:
-        msg = ("nvcc is installed but cuBLASLt is not: `pip install nvidia-cublas` (or install the toolkit's "
-               "cuBLAS); without it the CUDA backend cannot be built or checked")
+        msg = (f"nvcc is installed but a cuBLASLt of its major version is not: `pip install "
+               f"{cb.cublas_wheel(version[0] if version else None)}` (or install the toolkit's cuBLAS); without it "
+               "the CUDA backend cannot be built or checked")
         if os.environ.get("ARMORM_REQUIRE_CUDA") == "1":  # CI: the CUDA build must be checked
             pytest.fail(msg)
         pytest.skip(msg)
@@ -114,13 +119,13 @@ def run_host(exe, *args) -> dict:
 def test_every_cuda_source_compiles_without_warnings(objects):
     names = sorted(Path(o).stem for o in objects)
     assert names == sorted(p.stem for p in cb.cuda_sources(ROOT))
-    assert {"backend_cuda", "device", "gemm", "plan"} <= set(names)
+    assert {"forward_cuda", "model_cuda", "device", "gemm", "plan"} <= set(names)
     for o in objects:
         assert Path(o).stat().st_size > 0
 
 
 def test_objects_carry_sm90_code_and_ptx(objects):
-    backend = next(o for o in objects if Path(o).stem == "backend_cuda")
+    backend = next(o for o in objects if Path(o).stem == "forward_cuda")  # the kernels live here
     cuobjdump = Path(cb.toolkit_dirs(NVCC)["root"][0]) / "bin" / "cuobjdump"
     if cuobjdump.exists():
         res = subprocess.run([str(cuobjdump), "--list-elf", "--list-ptx", backend], capture_output=True, text=True)
@@ -149,9 +154,10 @@ def test_links_with_no_undefined_symbols(objects, core_c_objects, toolchain, tmp
 def test_extension_args_link_the_backend(toolchain, tmp_path, monkeypatch):
     monkeypatch.delenv("ARMORM_NO_CUDA", raising=False)
     args = cb.cuda_extension_args(ROOT, build_dir=tmp_path / "objs")
-    assert args is not None
     assert set(args) == {"extra_objects", "libraries", "library_dirs", "runtime_library_dirs", "define_macros"}
     assert ("ARMORM_WITH_CUDA", "1") in args["define_macros"]
+    reason = dict(args["define_macros"])["ARMORM_CUDA_BUILD_REASON"]
+    assert reason.startswith('"built with nvcc ') and "cuBLASLt" in reason
     assert any("cublasLt" in lib for lib in args["libraries"])
     assert sorted(Path(o).name for o in args["extra_objects"]) == sorted(p.stem + ".o" for p in cb.cuda_sources(ROOT))
 
@@ -161,14 +167,18 @@ def test_extension_args_link_the_backend(toolchain, tmp_path, monkeypatch):
 
 def test_no_cuda_env_disables(monkeypatch):
     monkeypatch.setenv("ARMORM_NO_CUDA", "1")
-    assert cb.cuda_extension_args(ROOT) is None
+    args = cb.cuda_extension_args(ROOT)
+    assert set(args) == {"define_macros"}
+    assert "ARMORM_NO_CUDA=1" in dict(args["define_macros"])["ARMORM_CUDA_BUILD_REASON"]
 
 
 def test_without_nvcc_builds_cpu_only(monkeypatch):
     monkeypatch.delenv("ARMORM_NO_CUDA", raising=False)
     monkeypatch.delenv("ARMORM_REQUIRE_CUDA", raising=False)
     monkeypatch.setattr(cb, "find_nvcc", lambda: None)
-    assert cb.cuda_extension_args(ROOT) is None
+    args = cb.cuda_extension_args(ROOT)
+    assert set(args) == {"define_macros"}
+    assert "nvcc was not found" in dict(args["define_macros"])["ARMORM_CUDA_BUILD_REASON"]
     monkeypatch.setenv("ARMORM_REQUIRE_CUDA", "1")
     with pytest.raises(cb.CudaBuildError, match="nvcc was not found"):
         cb.cuda_extension_args(ROOT)
@@ -181,12 +191,13 @@ def test_compile_error_raises(tmp_path, toolchain):
         cb.compile_cuda_objects(tmp_path, tmp_path / "objs", nvcc=NVCC)
 
 
-def test_armorm_import_does_not_load_the_build_helper():
-    code = "import sys, armorm; print('armorm.cuda_build' in sys.modules)"
+def test_build_code_is_not_in_the_runtime_package():
+    assert not (ROOT / "armorm" / "cuda_build.py").exists()
+    code = "import sys, armorm; print(sorted(m for m in sys.modules if 'cuda_build' in m))"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     if res.returncode != 0:
         pytest.skip(f"armorm does not import here: {res.stderr.strip().splitlines()[-1:]}")
-    assert res.stdout.strip() == "False"
+    assert res.stdout.strip() == "[]"
 
 
 def test_kernel_harnesses_build(tmp_path):
@@ -370,15 +381,43 @@ def test_out_of_memory_message_names_needed_and_free(host_test):
 # ---- the no-GPU paths -----------------------------------------------------------------------
 
 
-def test_device_count_without_gpu(host_test):
+def nvidia_smi_gpu_count():
+    """(count, None) of the GPUs `nvidia-smi -L` lists, or (None, why it cannot say)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        return None, "CUDA_VISIBLE_DEVICES is set: nvidia-smi's count is not what CUDA sees"
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None, "an NVIDIA driver is present but nvidia-smi is not on PATH"
+    res = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60)
+    if res.returncode != 0:
+        return None, f"nvidia-smi -L failed: {(res.stdout + res.stderr).strip()[:200]}"
+    return sum(1 for line in res.stdout.splitlines() if line.startswith("GPU ")), None
+
+
+def check_device_count(n: int, describe: str = "") -> None:
+    """Without a driver: 0. With one: nvidia-smi's count, or 0 when the CUDA runtime of this build
+    cannot use the driver (then it says why, e.g. a driver too old for it)."""
+    if not HAS_GPU_DRIVER:
+        assert n == 0
+        return
+    expected, why = nvidia_smi_gpu_count()
+    if expected is None:
+        pytest.skip(why)
+    if n != expected:
+        assert n == 0, f"CUDA sees {n} device(s), nvidia-smi -L lists {expected}"
+        if describe:
+            assert describe.startswith("no CUDA device is available (cudaGetDeviceCount: "), describe
+
+
+def test_device_count(host_test):
     got = run_host(host_test, "devcount")
     n = int(got["count"])
-    if HAS_GPU_DRIVER:
-        assert n >= 0
-        return
-    assert n == 0
-    assert got["describe_rc"] == "-1"
-    assert got["describe"].startswith("no CUDA device is available (cudaGetDeviceCount: ")
+    check_device_count(n, got["describe"])
+    if n == 0:
+        assert got["describe_rc"] == "-1"
+        assert got["describe"].startswith("no CUDA device is available (cudaGetDeviceCount: ")
+    else:
+        assert "sm_" in got["describe"] and "GiB" in got["describe"], got["describe"]
 
 
 def test_create_fails_cleanly_before_allocating(host_test):
@@ -391,17 +430,19 @@ def test_create_fails_cleanly_before_allocating(host_test):
         assert "not enough GPU memory on cuda:0" in got["msg"] or "compute capability" in got["msg"]
 
 
-def test_python_sees_no_device_without_a_gpu():
-    """Once module.c exposes it (integration), _core.cuda_device_count() is 0 here, not a crash."""
-    code = "from armorm import _core; f = getattr(_core, 'cuda_device_count', None); print(-1 if f is None else f())"
+def test_python_sees_the_devices_cuda_sees():
+    """_core.cuda_device_count() (exposed by csrc/python/module.c): 0 without a GPU (not a crash), nvidia-smi's count with one."""
+    code = ("from armorm import _core; f = getattr(_core, 'cuda_device_count', None); "
+            "print(-1 if f is None else f(), _core.CUDA_BUILT)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     if res.returncode != 0:
         pytest.skip("armorm._core is not built here")
-    n = int(res.stdout.strip())
-    if n == -1:
-        pytest.skip("this armorm._core has no cuda_device_count yet (built without the CUDA backend)")
-    if not HAS_GPU_DRIVER:
-        assert n == 0
+    n, built = (int(v) for v in res.stdout.split())
+    assert n >= 0, "cuda_device_count is missing from armorm._core"
+    if not built:
+        assert n == 0  # a CPU-only build sees no device, whatever the machine has
+        return
+    check_device_count(n)
 
 
 def test_gpu_bench_script_smoke(tmp_path):

@@ -62,7 +62,7 @@ def exact_fp32():
 
 
 def gpu_reference(tiny, seqs, dtype):
-    """transformers on cuda + the spec head, one sequence per forward, in `dtype`."""
+    """transformers on cuda + the docs/model.md head, one sequence per forward, in `dtype`."""
     bb = copy.deepcopy(tiny.backbone).to("cuda", dtype).eval()
     head = {k: v.to("cuda", dtype) for k, v in tiny.head.items()}
     outs = []

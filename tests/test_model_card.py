@@ -75,7 +75,7 @@ def test_model_card_snippet_runs(tiny_armorm, tok, capsys):
     assert len(printed) == 4
     names = [line.split(":")[0] for line in printed[:3]]
     assert all(n in armorm.ATTRIBUTES for n in names)
-    # the snippet's score equals the spec head on transformers' hidden states of the same tokens
+    # the snippet's score equals the docs/model.md head on transformers' hidden states of the same tokens
     ids = scope["input_ids"]
     ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
     assert ids[0, 0].item() == 128000 and (ids[0] == 128000).sum() == 1  # one BOS

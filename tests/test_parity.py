@@ -40,7 +40,7 @@ def random_conv(rng, length, vocab, gating_at=None):
 
 
 def reference(tiny, ids, dtype=torch.float32):
-    """Reference outputs for one sequence, from transformers + the spec head, in `dtype`."""
+    """Reference outputs for one sequence, from transformers + the docs/model.md head, in `dtype`."""
     # a copy: .to(bfloat16) also rounds the RoPE frequency buffer, for good
     bb = copy.deepcopy(tiny.backbone).to(dtype) if dtype != torch.float32 else tiny.backbone
     head = {k: v.to(dtype) for k, v in tiny.head.items()}

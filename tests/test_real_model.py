@@ -1,8 +1,9 @@
 """Checks against the released ArmoRM weights; runs only when ARMORM_MODEL_PATH points to them.
 
-Figures from the model card (spec section 5), printed there by the real model
-in bf16 on a GPU; armorm holds bf16 weights and accumulates in fp32, so the
-tolerances allow for that difference in rounding.
+Figures from the model card (docs/model.md, 'Figures the released weights
+reproduce'), printed there by the real model in bf16 on a GPU; armorm holds
+bf16 weights and accumulates in fp32, so the tolerances allow for that
+difference in rounding.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The hand-written backward pass is checked against finite differences
 (float64) and one AdamW step against a torch reimplementation (torch is a
 test dependency only); the debiasing against scipy's spearmanr; RewardBench
-sections against hand-computed numbers from the spec's table; and the whole
+sections against hand-computed numbers from docs/rewardbench.md's table; and the whole
 flow (prepare-stage2 -> train-stage1 -> train-stage2 -> assemble -> load)
 on a tiny random backbone with the real Llama-3 tokenizer.
 """

@@ -1,6 +1,6 @@
 """Training ArmoRM-style heads on armorm's engine.
 
-Stage 1 (spec section 2), for notebooks as for the command line:
+Stage 1 (docs/stage1.md), for notebooks as for the command line:
 
     from armorm.train import stage1
     path = stage1.prepare("FsfairX-LLaMA3-RM-v0.1/", "data.jsonl", "embeddings/")

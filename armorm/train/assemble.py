@@ -24,11 +24,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Any, Dict, Iterator, Optional, Union
 
 import numpy as np
 
+from ..atomic import make_temp_dir
 from ..config import load_config, weight_files
 from ..safetensors_io import SafetensorsFile, save_file
 from .stage2 import load_gating, load_regression
@@ -91,7 +91,7 @@ def assemble(backbone: Union[str, os.PathLike], regression: Union[str, os.PathLi
     files = weight_files(backbone)
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(output) + ".", suffix=".tmp", dir=parent)
+    tmp = make_temp_dir(parent, os.path.basename(output))
     summary: Dict[str, str] = {}
     try:
         weight_map: Dict[str, str] = {}

@@ -265,12 +265,13 @@ def _model_fingerprint(model: Any) -> Dict[str, Any]:
     return fp
 
 
-def _load_model(model: Any, torch_dtype: str, num_threads: Optional[int], batch_tokens: int) -> Any:
+def _load_model(model: Any, torch_dtype: str, num_threads: Optional[int], batch_tokens: int,
+                check_finite: bool = True) -> Any:
     from ..model import ArmoRM
     if isinstance(model, ArmoRM):
         return model
     return ArmoRM.from_pretrained(model, architecture="LlamaModel", torch_dtype=torch_dtype,
-                                  num_threads=num_threads, max_batch_tokens=batch_tokens)
+                                  num_threads=num_threads, max_batch_tokens=batch_tokens, check_finite=check_finite)
 
 
 def _tokenize(tok: Any, convs: List[List[Dict[str, Any]]], wheres: List[str]) -> List[np.ndarray]:
@@ -390,7 +391,7 @@ def prepare(model: Any, dataset: Any, output: Union[str, os.PathLike], *, n_shar
             batch_tokens: int = 8192, embeddings_dtype: str = "bfloat16", torch_dtype: str = "bfloat16",
             seed: Optional[int] = 0, shard_mode: str = "contiguous", chunk_rows: int = 1024,
             num_threads: Optional[int] = None, progress: ProgressArg = None, overwrite: bool = False,
-            restart: bool = False, quiet: bool = False) -> str:
+            restart: bool = False, quiet: bool = False, check_finite: bool = True) -> str:
     """Writes one shard of stage-1 embeddings and labels; returns the file's path.
 
     `model`: a model directory / hub id (its backbone is loaded, weights held
@@ -474,7 +475,7 @@ def prepare(model: Any, dataset: Any, output: Union[str, os.PathLike], *, n_shar
                     for k, o in enumerate(objectives):
                         labels[j, k] = _label(rec.get(o), o, where)
                 if rm is None:  # loaded once the first rows are known to be good
-                    rm = _load_model(model, torch_dtype, num_threads, batch_tokens)
+                    rm = _load_model(model, torch_dtype, num_threads, batch_tokens, check_finite)
                     tok = rm.tokenizer
                     if tok is None:
                         raise ValueError(f"{rm.name_or_path} has no tokenizer (tokenizer.json); stage 1 formats "

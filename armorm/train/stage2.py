@@ -18,7 +18,7 @@ resumable work and the atomic final write are stage 1's (see
 `armorm.train.stage1`).
 
 `train(preference, regression, output)` -- the reference's
-`stage-2_train.py`, with its two defects fixed (spec section 3):
+`stage-2_train.py`, with its two defects fixed (docs/stage2.md, 'Defects of the public script'):
 
 1. verbosity debiasing on a reference set (default: the preference set):
    `debias_penalties` / `reward_transform_matrix`;
@@ -110,7 +110,7 @@ def prepare(model: Any, dataset: Any, output: Union[str, os.PathLike], *, n_shar
             embeddings_dtype: str = "bfloat16", torch_dtype: str = "bfloat16", seed: Optional[int] = 0,
             shard_mode: str = "contiguous", chunk_rows: int = 512, num_threads: Optional[int] = None,
             progress: ProgressArg = None, overwrite: bool = False, restart: bool = False,
-            quiet: bool = False) -> str:
+            quiet: bool = False, check_finite: bool = True) -> str:
     """Writes one shard of stage-2 pair embeddings; returns the file's path (see the module docstring).
 
     Arguments as `stage1.prepare`; `seq_len`: pairs with a side longer than
@@ -176,7 +176,7 @@ def prepare(model: Any, dataset: Any, output: Union[str, os.PathLike], *, n_shar
                     convs += [ch, rj]
                     cw += [f"{where} (chosen)", f"{where} (rejected)"]
                 if rm is None:
-                    rm = _load_model(model, torch_dtype, num_threads, batch_tokens)
+                    rm = _load_model(model, torch_dtype, num_threads, batch_tokens, check_finite)
                     tok = rm.tokenizer
                     if tok is None:
                         raise ValueError(f"{rm.name_or_path} has no tokenizer (tokenizer.json); stage 2 formats "
@@ -387,7 +387,7 @@ def spearman(a: np.ndarray, b_ranks: np.ndarray) -> float:
 
 def debias_penalties(R: np.ndarray, verbosity_index: int = VERBOSITY_INDEX, threshold: float = CORR_THRESHOLD,
                      grid: Sequence[float] = PENALTY_GRID) -> Tuple[np.ndarray, List[Optional[float]]]:
-    """Per-objective penalties lambda (spec section 3) from rewards R [M, K]; also the chosen correlations.
+    """Per-objective penalties lambda from rewards R [M, K] (docs/stage2.md); also the chosen correlations.
 
     For i != v: the smallest grid value with spearman(R_i - lambda R_v, R_v) <= threshold;
     1 (the reference's initial value) when none qualifies, and for v itself.

@@ -6,37 +6,6 @@
 #include "common.h"
 #include "k_attention.cuh"
 
-// Reference: exact softmax per row in double, on the bf16-rounded inputs, for the listed heads.
-static void attention_cpu(float *out, const float *qkv, const int64_t *cu, int B, int nh, int nkv, int hd,
-                          const int *heads, int nheads) {
-    const int64_t stride = (int64_t)(nh + 2 * nkv) * hd, QD = (int64_t)nh * hd;
-    const double scale = 1.0 / sqrt((double)hd);
-    double *p = (double *)malloc(sizeof(double) * 65536);
-    for (int b = 0; b < B; b++)
-        for (int hi = 0; hi < nheads; hi++) {
-            const int h = heads[hi], kvh = h / (nh / nkv);
-            for (int64_t i = cu[b]; i < cu[b + 1]; i++) {
-                const float *q = qkv + i * stride + (int64_t)h * hd;
-                double mx = -INFINITY, z = 0.0;
-                for (int64_t j = cu[b]; j <= i; j++) {
-                    const float *k = qkv + j * stride + (int64_t)(nh + kvh) * hd;
-                    double d = 0.0;
-                    for (int c = 0; c < hd; c++) d += (double)q[c] * k[c];
-                    p[j - cu[b]] = d * scale;
-                    if (p[j - cu[b]] > mx) mx = p[j - cu[b]];
-                }
-                for (int64_t j = cu[b]; j <= i; j++) z += (p[j - cu[b]] = exp(p[j - cu[b]] - mx));
-                for (int c = 0; c < hd; c++) {
-                    double acc = 0.0;
-                    for (int64_t j = cu[b]; j <= i; j++)
-                        acc += p[j - cu[b]] * qkv[j * stride + (int64_t)(nh + nkv + kvh) * hd + c];
-                    out[i * QD + (int64_t)h * hd + c] = (float)(acc / z);
-                }
-            }
-        }
-    free(p);
-}
-
 int main(int argc, char **argv) {
     const int version = kernel_arg(argc, argv, 2);
     const int hd = argc > 2 ? atoi(argv[2]) : 128;
@@ -59,7 +28,7 @@ int main(int argc, char **argv) {
     const int heads[] = {0, 3, 4, 31};  // two query heads of KV group 0, one of group 1, the last
     const int nheads = 4;
     float *ref = (float *)calloc((size_t)(T * QD), sizeof(float)), *got = (float *)malloc(sizeof(float) * T * QD);
-    attention_cpu(ref, qkv, cu, B, nh, nkv, hd, heads, nheads);
+    attention_ref(ref, qkv, cu, B, nh, nkv, hd, heads, nheads);
 
     // host plan, uploaded as the backend does: positions, int32 offsets, tiles
     int32_t *pos = (int32_t *)malloc(sizeof(int32_t) * T), cu32[sizeof lens / sizeof lens[0] + 1];

@@ -4,16 +4,6 @@
 #include "common.h"
 #include "k_head.cuh"
 
-static void linear_cpu(float *out, const float *x, const float *W, const float *bias, int B, int N, int K, int relu) {
-    for (int b = 0; b < B; b++)
-        for (int n = 0; n < N; n++) {
-            double s = bias ? bias[n] : 0.0;
-            for (int k = 0; k < K; k++) s += (double)W[(int64_t)n * K + k] * x[(int64_t)b * K + k];
-            const float v = (float)s;
-            out[(int64_t)b * N + n] = relu && v < 0.0f ? 0.0f : v;
-        }
-}
-
 int main(int argc, char **argv) {
     (void)argc;
     (void)argv;
@@ -36,32 +26,21 @@ int main(int argc, char **argv) {
         dgw[j] = to_device(gw[j], (int64_t)od * in);
         dgb[j] = to_device(gb[j], od);
     }
-    // CPU reference (as csrc/cpu/head.h)
+    // CPU reference (reference.h, as csrc/cpu/head.h)
     float *rw = (float *)malloc(sizeof(float) * B * K), *a = (float *)malloc(sizeof(float) * B * D);
     float *bb = (float *)malloc(sizeof(float) * B * D), *gt = (float *)malloc(sizeof(float) * B * K);
     float *sc = (float *)malloc(sizeof(float) * B);
-    linear_cpu(rw, hid, reg, NULL, B, K, H, 0);
+    head_linear_ref(rw, hid, reg, NULL, B, K, H, 0);
     const float *in = prm;
     int in_dim = H;
     for (int j = 0; j <= NHID; j++) {
         const int od = j == NHID ? K : D;
         float *o = (j & 1) ? bb : a;
-        linear_cpu(o, in, gw[j], gb[j], B, od, in_dim, j < NHID);
+        head_linear_ref(o, in, gw[j], gb[j], B, od, in_dim, j < NHID);
         in = o;
         in_dim = od;
     }
-    for (int b = 0; b < B; b++) {
-        double mx = -INFINITY, z = 0.0, s = 0.0;
-        for (int k = 0; k < K; k++) mx = fmax(mx, (double)(in[b * K + k] / temperature));
-        for (int k = 0; k < K; k++) z += exp((double)(in[b * K + k] / temperature) - mx);
-        for (int k = 0; k < K; k++) gt[b * K + k] = (float)(exp((double)(in[b * K + k] / temperature) - mx) / z * logit_scale);
-        for (int j = 0; j < K; j++) {
-            double adj = 0.0;
-            for (int k = 0; k < K; k++) adj += (double)rw[b * K + k] * tr[k * K + j];
-            s += (double)gt[b * K + j] * adj;
-        }
-        sc[b] = (float)s;
-    }
+    armorm_finish_ref(gt, sc, in, rw, tr, B, K, temperature, logit_scale);
     // GPU
     float *dh = to_device(hid, B * H), *dp = to_device(prm, B * H), *dreg = to_device(reg, K * H), *dtr = to_device(tr, K * K);
     float *drw, *dbuf, *dgt, *dsc;

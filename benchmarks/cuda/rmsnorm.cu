@@ -6,17 +6,6 @@
 #include "common.h"
 #include "k_rmsnorm.cuh"
 
-static void rmsnorm_cpu(float *out, const float *x, const float *w, const int32_t *rows, int64_t R, int H,
-                        float eps) {
-    for (int64_t r = 0; r < R; r++) {
-        const float *xr = x + (int64_t)(rows ? rows[r] : r) * H;
-        double ss = 0.0;
-        for (int i = 0; i < H; i++) ss += (double)xr[i] * xr[i];
-        const float inv = (float)(1.0 / sqrt(ss / H + eps));
-        for (int i = 0; i < H; i++) out[r * H + i] = w[i] * (xr[i] * inv);
-    }
-}
-
 // version 1: one thread walks a whole row
 static __global__ void rmsnorm_naive_kernel(bf16 *out, const float *x, const float *w, int64_t T, int H, float eps) {
     const int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
@@ -50,7 +39,7 @@ int main(int argc, char **argv) {
     fill_uniform(x, T * H, 3.0f, 1);
     fill_uniform(w, H, 1.0f, 2);
     for (int i = 0; i < H; i++) w[i] += 1.0f;
-    rmsnorm_cpu(ref, x, w, NULL, T, H, eps);
+    rmsnorm_ref(ref, x, w, NULL, T, H, eps);
     float *dx = to_device(x, T * H), *dw = to_device(w, H);
     bf16 *dout;
     CHECK(cudaMalloc(&dout, sizeof(bf16) * T * H));
@@ -74,7 +63,7 @@ int main(int argc, char **argv) {
     CHECK(cudaMalloc(&dof, sizeof(float) * R * H));
     launch_rmsnorm<float>(dof, dx, dw, drows, R, H, eps, 0);
     CHECK(cudaMemcpy(got, dof, sizeof(float) * R * H, cudaMemcpyDeviceToHost));
-    rmsnorm_cpu(ref_rows, x, w, rows, R, H, eps);
+    rmsnorm_ref(ref_rows, x, w, rows, R, H, eps);
     bad |= validate("rmsnorm rows (f32 out)", got, ref_rows, R * H, 1e-5);
 
     const double bytes = (double)T * H * (4 + 2);

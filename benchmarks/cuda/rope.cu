@@ -39,16 +39,7 @@ int main(int argc, char **argv) {
     for (int64_t i = 0; i < T * stride; i++) x[i] = host_bf16_round(x[i]);
     to_bf16(xb, x, T * stride);
     memcpy(ref, x, sizeof(float) * T * stride);
-    for (int64_t t = 0; t < T; t++)  // the CPU backend's rope (csrc/cpu/rope.h), on the q and k heads
-        for (int i = 0; i < half; i++) {
-            const float ang = (float)pos[t] * inv_freq[i], c = cosf(ang), s = sinf(ang);
-            for (int h = 0; h < nh + nkv; h++) {
-                float *v = ref + t * stride + (int64_t)h * hd;
-                const float a = v[i], b = v[i + half];
-                v[i] = a * c - b * s;
-                v[i + half] = b * c + a * s;
-            }
-        }
+    rope_ref(ref, pos, inv_freq, T, nh, nkv, hd);  // the CPU backend's rope (csrc/cpu/rope.h)
     bf16 *d = to_device(xb, T * stride);
     int32_t *dpos = to_device(pos, T);
     float *dfreq = to_device(inv_freq, half);

@@ -14,11 +14,7 @@ int main(int argc, char **argv) {
     fill_uniform(gu, n * 2 * I, 6.0f, 3);
     for (int64_t i = 0; i < n * 2 * I; i++) gu[i] = host_bf16_round(gu[i]);
     to_bf16(gub, gu, n * 2 * I);
-    for (int64_t t = 0; t < n; t++)
-        for (int i = 0; i < I; i++) {
-            const float g = gu[t * 2 * I + i], u = gu[t * 2 * I + I + i];
-            ref[t * I + i] = g / (1.0f + expf(-g)) * u;
-        }
+    swiglu_ref(ref, gu, n, I);
     bf16 *dgu = to_device(gub, n * 2 * I), *dh;
     CHECK(cudaMalloc(&dh, sizeof(bf16) * n * I));
     auto run = [&](int v) {

@@ -96,9 +96,15 @@ static void attention_block(float *out, const float *q, const float *k, const fl
     }
 }
 
-// Returns 0, or -1 when scratch allocation fails.
+// Tasks run in slices of ATT_POLL_TASKS; `cancel` (may be NULL) is polled on
+// the calling thread between slices, so a long attention over thousands of
+// tokens stops promptly on Ctrl-C. A task's result does not depend on its slice.
+#define ATT_POLL_TASKS 256
+
+// Returns 0, -1 when scratch allocation fails, -2 when `cancel` asked to stop.
 static int attention(float *out, const float *q, const float *k, const float *v, const int64_t *cu_seqlens,
-                     int B, int nh, int nkv, int hd, int nthreads, int kernel) {
+                     int B, int nh, int nkv, int hd, int nthreads, int kernel, int (*cancel)(void *),
+                     void *cancel_ctx) {
     const int simd = kernel >= ARM_KERNEL_AVX512;
     const int qb = simd ? ATT5_QB : ATT_QB, per_block = simd ? nkv : nh;  // tasks per query block
     int64_t ntasks = 0;
@@ -114,23 +120,30 @@ static int attention(float *out, const float *q, const float *k, const float *v,
     }
     const size_t scratch_bytes = simd ? attention_avx512_scratch(nh, nkv, hd)
                                       : sizeof(float) * (size_t)(ATT_QB * hd + ATT_QB * ATT_KB + hd * ATT_KB);
-    int failed = 0;
+    int failed = 0, cancelled = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
         float *scratch = malloc(scratch_bytes);
+        for (int64_t s0 = 0; s0 < ntasks; s0 += ATT_POLL_TASKS) {
+            const int64_t s1 = ntasks - s0 < ATT_POLL_TASKS ? ntasks : s0 + ATT_POLL_TASKS;
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < ntasks; i++) {
-            if (!scratch) { failed = 1; continue; }
-            if (simd)  // head = KV group
-                attention_avx512_task(out, q, k, v, tasks[i].start, tasks[i].len, tasks[i].q0, tasks[i].head, nh,
-                                      nkv, hd, scratch);
-            else
-                attention_block(out, q, k, v, &tasks[i], nh, nkv, hd, scratch);
+            for (int64_t i = s0; i < s1; i++) {
+                if (!scratch) { failed = 1; continue; }
+                if (simd)  // head = KV group
+                    attention_avx512_task(out, q, k, v, tasks[i].start, tasks[i].len, tasks[i].q0, tasks[i].head,
+                                          nh, nkv, hd, scratch);
+                else
+                    attention_block(out, q, k, v, &tasks[i], nh, nkv, hd, scratch);
+            }  // implicit barrier: the slice is done
+#pragma omp master
+            if (cancel && s1 < ntasks && cancel(cancel_ctx)) cancelled = 1;
+#pragma omp barrier
+            if (cancelled) break;
         }
         free(scratch);
     }
     free(tasks);
-    return failed ? -1 : 0;
+    return failed ? -1 : cancelled ? -2 : 0;
 }
 
 #endif

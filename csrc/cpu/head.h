@@ -1,6 +1,6 @@
 // head.h: the reward heads on top of the backbone, for one sequence.
 //
-// ArmoRM (spec section 1, steps 5-8):
+// ArmoRM (docs/model.md, 'ArmoRM head'):
 //   rewards       (K) = W_reg (K,H) @ hidden_state (H)
 //   gating logits (K) = MLP(prompt_embedding): n_hidden x (Linear, ReLU), Linear
 //   gating_output (K) = softmax(logits / temperature) * logit_scale

@@ -41,14 +41,14 @@ int cuda_model_create(CudaModel **out, const Model *m, int device, ArmError *e);
 // (cuda_forward grows them on demand too; this lets a caller fail early).
 int cuda_model_reserve(CudaModel *cm, int64_t max_tokens, ArmError *e);
 
-// Forward pass of one packed batch; same contract and outputs as forward_cpu
-// (minus cancellation). One host-to-device copy of the batch's token ids,
-// positions and offsets; one device-to-host copy of every requested output.
-// Returns 0; -1 when the batch is invalid (batch_validate's checks and
-// messages, as forward_cpu); CUDA_ERR_DEVICE when a CUDA or cuBLAS call failed
-// (the message names the call, file:line and the library's error).
+// Forward pass of one packed batch that passed batch_check with plan `p`;
+// same contract and outputs as forward_cpu (minus cancellation). One
+// host-to-device copy of the batch's token ids, positions and offsets; one
+// device-to-host copy of every requested output. Returns 0, or
+// CUDA_ERR_DEVICE when a CUDA or cuBLAS call failed (the message names the
+// call, file:line and the library's error).
 #define CUDA_ERR_DEVICE (-3)
-int cuda_forward(CudaModel *cm, const Model *m, const Batch *b, Outputs *out, ArmError *e);
+int cuda_forward(CudaModel *cm, const Model *m, const Batch *b, const OutputPlan *p, Outputs *out, ArmError *e);
 
 // Frees every device and pinned host buffer; NULL is fine.
 void cuda_model_free(CudaModel *cm);
@@ -169,6 +169,28 @@ int cuda_plan_memory(const Config *c, int64_t max_tokens, CudaMemPlan *p);
 // 0 when plan fits in free_bytes; else -1 and a message naming needed vs free.
 int cuda_plan_check_fits(const CudaMemPlan *p, int64_t free_bytes, int64_t total_bytes, int device,
                          char *msg, size_t len);
+
+// One cuBLASLt matmul as plain values: D = alpha op(A) op(B) + beta C, every
+// matrix column-major (rows, cols, leading dimension), C and D the same buffer.
+// cuda_gemm_call fills it for the backbone's projection
+//   y (T, N) = x (T, K) @ W^T     (accumulate: y += ..., y fp32; else y bf16, beta 0)
+// with W (N, K), x and y row-major. A row-major (r, c) matrix is a column-major
+// (c, r) one, so A = W read as (K x N) and transposed, B = x as (K x T), D = y
+// as (N x T). gemm.cu builds its descriptors from these values; the CPU stand-in
+// in tests/cuda_emu interprets the same values against a reference matmul.
+typedef struct {
+    int transa, transb;               // 1: op(X) = X^T
+    uint64_t a_rows, a_cols, a_ld;    // A (bf16)
+    uint64_t b_rows, b_cols, b_ld;    // B (bf16)
+    uint64_t c_rows, c_cols, c_ld;    // C = D
+    int c_f32;                        // C and D fp32 (1) or bf16 (0)
+    float alpha, beta;
+    const void *A, *B;
+    void *C;                          // C and D
+} CudaGemmCall;
+// 0, or -1 for an impossible call (a non-positive size, accumulate into bf16).
+int cuda_gemm_call(CudaGemmCall *c, void *y, int y_f32, int accumulate, const void *x, const void *W, int64_t T,
+                   int64_t N, int64_t K);
 
 // Launch shapes.
 CudaLaunch cuda_launch_rows(int64_t rows, int64_t cols);              // one block per row (norms, gathers)

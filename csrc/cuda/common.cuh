@@ -2,24 +2,17 @@
 //
 // Every CUDA runtime and cuBLASLt call goes through CU_CHECK / LT_CHECK: on
 // failure they record the call's text, file:line and the library's own error
-// name and message into the ArmError `e` that must be in scope, then return
-// -1 from the enclosing function. Nothing here aborts or prints.
+// name and message into the ArmError `e` that must be in scope (with the
+// core's arm_fail, model.h), then return -1 from the enclosing function.
+// Nothing here aborts or prints.
 #ifndef ARMORM_CUDA_COMMON_CUH
 #define ARMORM_CUDA_COMMON_CUH
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
 #include "backend_cuda.h"
-
-typedef __nv_bfloat16 bf16;
-
-// Writes a message into e (may be NULL) and returns -1. Defined in device.cu
-// rather than borrowed from model.c (arm_fail) so the CUDA objects link on
-// their own in the host unit tests.
-int cu_fail(ArmError *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+#include "k_common.cuh"  // bf16
 
 // The path after the last '/', so messages name files briefly.
 static inline const char *cu_basename(const char *p) {
@@ -33,9 +26,9 @@ static inline const char *cu_basename(const char *p) {
     do {                                                                                                   \
         cudaError_t cu_err_ = (call);                                                                      \
         if (cu_err_ != cudaSuccess) {                                                                      \
-            cudaGetLastError(); /* clear a non-sticky error so the next call is not blamed for it */      \
-            return cu_fail(e, "CUDA error: %s failed at %s:%d: %s (%s)", #call, cu_basename(__FILE__),     \
-                           __LINE__, cudaGetErrorString(cu_err_), cudaGetErrorName(cu_err_));              \
+            cudaGetLastError(); /* clear a non-sticky error so the next call is not blamed for it */       \
+            return arm_fail(e, "CUDA error: %s failed at %s:%d: %s (%s)", #call, cu_basename(__FILE__),    \
+                            __LINE__, cudaGetErrorString(cu_err_), cudaGetErrorName(cu_err_));             \
         }                                                                                                  \
     } while (0)
 
@@ -43,8 +36,8 @@ static inline const char *cu_basename(const char *p) {
     do {                                                                                                   \
         cublasStatus_t lt_st_ = (call);                                                                    \
         if (lt_st_ != CUBLAS_STATUS_SUCCESS)                                                               \
-            return cu_fail(e, "cuBLAS error: %s failed at %s:%d: %s (%s)", #call, cu_basename(__FILE__),   \
-                           __LINE__, cublasLtGetStatusString(lt_st_), cublasLtGetStatusName(lt_st_));          \
+            return arm_fail(e, "cuBLAS error: %s failed at %s:%d: %s (%s)", #call, cu_basename(__FILE__),  \
+                            __LINE__, cublasLtGetStatusString(lt_st_), cublasLtGetStatusName(lt_st_));     \
     } while (0)
 
 // After a kernel launch: launch-configuration errors surface here, faults
@@ -53,9 +46,9 @@ static inline const char *cu_basename(const char *p) {
     do {                                                                                                   \
         cudaError_t cu_err_ = cudaGetLastError();                                                          \
         if (cu_err_ != cudaSuccess)                                                                        \
-            return cu_fail(e, "CUDA error: launch of kernel %s failed at %s:%d: %s (%s)", name,            \
-                           cu_basename(__FILE__), __LINE__, cudaGetErrorString(cu_err_),                   \
-                           cudaGetErrorName(cu_err_));                                                     \
+            return arm_fail(e, "CUDA error: launch of kernel %s failed at %s:%d: %s (%s)", name,           \
+                            cu_basename(__FILE__), __LINE__, cudaGetErrorString(cu_err_),                  \
+                            cudaGetErrorName(cu_err_));                                                    \
     } while (0)
 
 static inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }

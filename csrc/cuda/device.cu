@@ -1,22 +1,11 @@
-// device.cu: device discovery and the error helper.
+// device.cu: device discovery.
 //
 // cudaGetDeviceCount is the first CUDA call a process makes here; without a
 // driver (or with one too old for this runtime) it returns an error code,
 // never crashes, and we report 0 devices. Nothing in this file allocates.
 #include "common.cuh"
 
-#include <stdarg.h>
 #include <stdio.h>
-
-int cu_fail(ArmError *e, const char *fmt, ...) {
-    if (e) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(e->msg, sizeof e->msg, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
 
 // The runtime's reason for a failed cudaGetDeviceCount, or NULL when it worked.
 static const char *count_error(int *n) {

@@ -34,22 +34,24 @@ static uint32_t ptr_align(const void *p) {
     return al;
 }
 
-// Fills p for the shape: descriptors, then the heuristic's first choice.
-static int plan_build(Gemm *g, GemmPlan *p, int64_t T, int64_t N, int64_t K, int y_f32, uint32_t align,
+// Fills p for the call's shape: descriptors from the values cuda_gemm_call
+// planned (plan.cu), then the heuristic's first choice.
+static int plan_build(Gemm *g, GemmPlan *p, const CudaGemmCall *c, int64_t T, int64_t N, int64_t K, uint32_t align,
                       ArmError *e) {
+    const int y_f32 = c->c_f32;
     const cudaDataType_t yt = y_f32 ? CUDA_R_32F : CUDA_R_16BF;
-    const cublasOperation_t opT = CUBLAS_OP_T, opN = CUBLAS_OP_N;
+    const cublasOperation_t opa = c->transa ? CUBLAS_OP_T : CUBLAS_OP_N, opb = c->transb ? CUBLAS_OP_T : CUBLAS_OP_N;
     p->T = T;
     p->N = N;
     p->K = K;
     p->y_f32 = y_f32;
     p->align = align;
     LT_CHECK(cublasLtMatmulDescCreate(&p->op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    LT_CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSA, &opT, sizeof opT));
-    LT_CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSB, &opN, sizeof opN));
-    LT_CHECK(cublasLtMatrixLayoutCreate(&p->a, CUDA_R_16BF, (uint64_t)K, (uint64_t)N, K));  // W^T: (K x N), ld K
-    LT_CHECK(cublasLtMatrixLayoutCreate(&p->b, CUDA_R_16BF, (uint64_t)K, (uint64_t)T, K));  // x^T: (K x T), ld K
-    LT_CHECK(cublasLtMatrixLayoutCreate(&p->c, yt, (uint64_t)N, (uint64_t)T, N));           // y^T: (N x T), ld N
+    LT_CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa));
+    LT_CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb));
+    LT_CHECK(cublasLtMatrixLayoutCreate(&p->a, CUDA_R_16BF, c->a_rows, c->a_cols, (int64_t)c->a_ld));
+    LT_CHECK(cublasLtMatrixLayoutCreate(&p->b, CUDA_R_16BF, c->b_rows, c->b_cols, (int64_t)c->b_ld));
+    LT_CHECK(cublasLtMatrixLayoutCreate(&p->c, yt, c->c_rows, c->c_cols, (int64_t)c->c_ld));
     cublasLtMatmulPreference_t pref = NULL;
     LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     const uint64_t ws = g->ws_bytes;
@@ -67,16 +69,18 @@ static int plan_build(Gemm *g, GemmPlan *p, int64_t T, int64_t N, int64_t K, int
     cublasLtMatmulPreferenceDestroy(pref);
     LT_CHECK(st);
     if (nres < 1)
-        return cu_fail(e, "cuBLAS error: cublasLtMatmulAlgoGetHeuristic found no algorithm for a bf16 GEMM "
+        return arm_fail(e, "cuBLAS error: cublasLtMatmulAlgoGetHeuristic found no algorithm for a bf16 GEMM "
                           "(%lld x %lld) @ (%lld x %lld)^T -> %s, alignment %u",
-                       (long long)T, (long long)K, (long long)N, (long long)K, y_f32 ? "f32" : "bf16", align);
+                        (long long)T, (long long)K, (long long)N, (long long)K, y_f32 ? "f32" : "bf16", align);
     p->algo = res.algo;
     p->valid = 1;
     return 0;
 }
 
 // The cached plan for the shape, building it (in the least recently used slot) on a miss.
-static GemmPlan *plan_get(Gemm *g, int64_t T, int64_t N, int64_t K, int y_f32, uint32_t align, ArmError *e) {
+static GemmPlan *plan_get(Gemm *g, const CudaGemmCall *c, int64_t T, int64_t N, int64_t K, uint32_t align,
+                          ArmError *e) {
+    const int y_f32 = c->c_f32;
     GemmPlan *victim = &g->cache[0];
     for (int i = 0; i < GEMM_CACHE; i++) {
         GemmPlan *p = &g->cache[i];
@@ -87,7 +91,7 @@ static GemmPlan *plan_get(Gemm *g, int64_t T, int64_t N, int64_t K, int y_f32, u
         if (!p->valid || (victim->valid && p->last_use < victim->last_use)) victim = p;
     }
     plan_release(victim);
-    if (plan_build(g, victim, T, N, K, y_f32, align, e)) {
+    if (plan_build(g, victim, c, T, N, K, align, e)) {
         plan_release(victim);
         return NULL;
     }
@@ -97,14 +101,16 @@ static GemmPlan *plan_get(Gemm *g, int64_t T, int64_t N, int64_t K, int y_f32, u
 
 int gemm_bf16(Gemm *g, cudaStream_t st, void *y, int y_f32, int accumulate, const bf16 *x, const bf16 *W, int64_t T,
               int64_t N, int64_t K, ArmError *e) {
-    if (accumulate && !y_f32) return cu_fail(e, "internal error: bf16 GEMM output cannot accumulate");
+    CudaGemmCall c;
+    if (cuda_gemm_call(&c, y, y_f32, accumulate, x, W, T, N, K))
+        return arm_fail(e, "internal error: bad GEMM (%lld x %lld) @ (%lld x %lld)^T%s", (long long)T, (long long)K,
+                        (long long)N, (long long)K, accumulate && !y_f32 ? " accumulating into bf16" : "");
     uint32_t align = ptr_align(y);
     if (ptr_align(x) < align) align = ptr_align(x);
     if (ptr_align(W) < align) align = ptr_align(W);
-    GemmPlan *p = plan_get(g, T, N, K, y_f32, align, e);
+    GemmPlan *p = plan_get(g, &c, T, N, K, align, e);
     if (!p) return -1;
-    const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-    LT_CHECK(cublasLtMatmul(g->lt, p->op, &alpha, W, p->a, x, p->b, &beta, y, p->c, y, p->c, &p->algo, g->ws,
-                            g->ws_bytes, st));
+    LT_CHECK(cublasLtMatmul(g->lt, p->op, &c.alpha, c.A, p->a, c.B, p->b, &c.beta, c.C, p->c, c.C, p->c, &p->algo,
+                            g->ws, g->ws_bytes, st));
     return 0;
 }

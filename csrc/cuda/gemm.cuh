@@ -6,7 +6,8 @@
 //
 // cuBLASLt is column-major; a row-major (T, N) matrix is a column-major
 // (N, T) one, so this is D (N x T) = op(A) B with A = W read as (K x N)
-// column-major and transposed, B = x as (K x T) column-major.
+// column-major and transposed, B = x as (K x T) column-major. Those values come
+// from cuda_gemm_call (plan.cu), which the CPU tests interpret without a GPU.
 // Descriptors and the heuristic's algorithm are cached per shape: the same
 // few shapes repeat in every layer.
 #ifndef ARMORM_CUDA_GEMM_CUH

@@ -32,11 +32,15 @@ static_assert(ATT_BQ == CUDA_ATTN_BLOCK_Q, "the host plans tiles of ATT_BQ queri
 
 // d (16x8 f32) += a (16x16 bf16, row) * b (16x8 bf16, col)
 static __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef ARMORM_CUDA_EMU  // the CPU emulation (tests/cuda_emu) runs the instruction from its documented layout
+    emu_mma_m16n8k16_bf16(d, a, b0, b1);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // Two bf16, the first in the low half (the lower column index of a fragment pair).
@@ -196,7 +200,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) attention_tc_kernel(bf16 *out,
 // pos[t] is t's position in its sequence, so its keys are t - pos[t] .. t.
 static __global__ void attention_warp_kernel(bf16 *out, const bf16 *qkv, const int32_t *pos, int nh, int nkv, int hd,
                                              float scale) {
-    extern __shared__ float att_sm[];
+    EXTERN_SHARED(float, att_sm);
     float *q = att_sm, *acc = att_sm + hd;  // each lane touches only its own dims d = lane + 32i
     const int64_t t = blockIdx.x;
     const int h = blockIdx.y, kvh = h / (nh / nkv), lane = threadIdx.x;
@@ -229,11 +233,11 @@ static void launch_attention(bf16 *out, const bf16 *qkv, const int32_t *cu, cons
     const float scale = 1.0f / sqrtf((float)hd);
     const float scale_log2 = scale * 1.4426950408889634f;  // softmax in base 2: exp(x) = exp2(x log2 e)
     switch (cuda_attn_tc_supported(hd) ? hd : 0) {
-        case 16: attention_tc_kernel<16><<<grid, l.block, 0, st>>>(out, qkv, cu, tiles, nh, nkv, scale_log2); break;
-        case 32: attention_tc_kernel<32><<<grid, l.block, 0, st>>>(out, qkv, cu, tiles, nh, nkv, scale_log2); break;
-        case 64: attention_tc_kernel<64><<<grid, l.block, 0, st>>>(out, qkv, cu, tiles, nh, nkv, scale_log2); break;
-        case 128: attention_tc_kernel<128><<<grid, l.block, 0, st>>>(out, qkv, cu, tiles, nh, nkv, scale_log2); break;
-        default: attention_warp_kernel<<<grid, l.block, l.smem, st>>>(out, qkv, pos, nh, nkv, hd, scale); break;
+        case 16: LAUNCH_KERNEL(attention_tc_kernel<16>, grid, l.block, 0, st)(out, qkv, cu, tiles, nh, nkv, scale_log2); break;
+        case 32: LAUNCH_KERNEL(attention_tc_kernel<32>, grid, l.block, 0, st)(out, qkv, cu, tiles, nh, nkv, scale_log2); break;
+        case 64: LAUNCH_KERNEL(attention_tc_kernel<64>, grid, l.block, 0, st)(out, qkv, cu, tiles, nh, nkv, scale_log2); break;
+        case 128: LAUNCH_KERNEL(attention_tc_kernel<128>, grid, l.block, 0, st)(out, qkv, cu, tiles, nh, nkv, scale_log2); break;
+        default: LAUNCH_KERNEL(attention_warp_kernel, grid, l.block, l.smem, st)(out, qkv, pos, nh, nkv, hd, scale); break;
     }
 }
 

@@ -8,6 +8,15 @@
 
 typedef __nv_bfloat16 bf16;
 
+// The two CUDA spellings host C++ cannot parse, as macros: on the GPU they are
+// exactly `kernel<<<grid, block, smem, stream>>>` and `extern __shared__ type
+// name[]`; the CPU emulation of the kernels (tests/cuda_emu, which defines
+// ARMORM_CUDA_EMU) supplies its own, so the kernel sources run there unchanged.
+#ifndef ARMORM_CUDA_EMU
+#define LAUNCH_KERNEL(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#define EXTERN_SHARED(type, name) extern __shared__ type name[]
+#endif
+
 static __device__ __forceinline__ float bf2f(bf16 v) { return __bfloat162float(v); }
 // round to nearest even, as torch's .to(bfloat16)
 static __device__ __forceinline__ bf16 f2bf(float v) { return __float2bfloat16_rn(v); }

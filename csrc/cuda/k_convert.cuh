@@ -18,7 +18,7 @@ static __global__ void to_bf16_kernel(bf16 *dst, const void *src, int dtype, int
 
 static void launch_to_bf16(bf16 *dst, const void *src, int dtype, int64_t n, cudaStream_t st) {
     const CudaLaunch l = cuda_launch_elementwise(n, 4);
-    to_bf16_kernel<<<l.grid_x, l.block, 0, st>>>(dst, src, dtype, n);
+    LAUNCH_KERNEL(to_bf16_kernel, l.grid_x, l.block, 0, st)(dst, src, dtype, n);
 }
 
 // y (T, N) += bias (N); y in bf16 (projection outputs) or f32 (residual stream).
@@ -34,7 +34,7 @@ static __global__ void add_bias_kernel(Y *y, const float *bias, int64_t T, int N
 template <typename Y>
 static void launch_add_bias(Y *y, const float *bias, int64_t T, int N, cudaStream_t st) {
     const CudaLaunch l = cuda_launch_elementwise(T * N, 1);
-    add_bias_kernel<Y><<<l.grid_x, l.block, 0, st>>>(y, bias, T, N);
+    LAUNCH_KERNEL(add_bias_kernel<Y>, l.grid_x, l.block, 0, st)(y, bias, T, N);
 }
 
 #endif

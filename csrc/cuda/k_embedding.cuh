@@ -16,7 +16,7 @@ static __global__ void embedding_kernel(float *x, const int32_t *tokens, const b
 
 static void launch_embedding(float *x, const int32_t *tokens, const bf16 *emb, int64_t T, int H, cudaStream_t st) {
     const CudaLaunch l = cuda_launch_rows(T, H);
-    embedding_kernel<<<l.grid_x, l.block, 0, st>>>(x, tokens, emb, H);
+    LAUNCH_KERNEL(embedding_kernel, l.grid_x, l.block, 0, st)(x, tokens, emb, H);
 }
 
 #endif

@@ -1,4 +1,4 @@
-// k_head.cuh: the reward heads on the final-norm states (spec section 1, steps 5-8).
+// k_head.cuh: the reward heads on the final-norm states (docs/model.md, 'ArmoRM head').
 //
 // The heads are tiny (K = 19 objectives, a 3 x 1024 gating MLP) next to the
 // backbone, so these kernels aim at exactness, not speed: fp32 weights and
@@ -35,7 +35,7 @@ static __global__ void head_linear_kernel(float *out, const float *x, const floa
 static void launch_head_linear(float *out, const float *x, const float *W, const float *bias, int B, int N, int Kin,
                                int relu, cudaStream_t st) {
     const CudaLaunch l = cuda_launch_head_linear(B, N);
-    head_linear_kernel<<<l.grid_x, l.block, 0, st>>>(out, x, W, bias, B, N, Kin, relu);
+    LAUNCH_KERNEL(head_linear_kernel, l.grid_x, l.block, 0, st)(out, x, W, bias, B, N, Kin, relu);
 }
 
 // One block per sequence: the gating softmax and the score.
@@ -68,7 +68,7 @@ static __global__ void armorm_finish_kernel(float *gating, float *score, const f
 static void launch_armorm_finish(float *gating, float *score, const float *logits, const float *rewards,
                                  const float *transform, int B, int K, float temperature, float logit_scale,
                                  cudaStream_t st) {
-    armorm_finish_kernel<<<(unsigned)B, 128, 0, st>>>(gating, score, logits, rewards, transform, K, temperature,
+    LAUNCH_KERNEL(armorm_finish_kernel, (unsigned)B, 128, 0, st)(gating, score, logits, rewards, transform, K, temperature,
                                                      logit_scale);
 }
 
@@ -79,7 +79,7 @@ static __global__ void first_column_kernel(float *score, const float *logits, in
 }
 
 static void launch_first_column(float *score, const float *logits, int B, int NL, cudaStream_t st) {
-    first_column_kernel<<<(unsigned)((B + 255) / 256), 256, 0, st>>>(score, logits, B, NL);
+    LAUNCH_KERNEL(first_column_kernel, (unsigned)((B + 255) / 256), 256, 0, st)(score, logits, B, NL);
 }
 
 #endif

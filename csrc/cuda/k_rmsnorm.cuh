@@ -59,10 +59,10 @@ static void launch_rmsnorm(OutT *out, const float *x, const float *w, const int3
                            float eps, cudaStream_t st) {
     if (H % 4 == 0) {
         const CudaLaunch l = cuda_launch_rows(R, H);  // about one float4 per thread
-        rmsnorm_vec4_kernel<OutT><<<l.grid_x, l.block, 0, st>>>(out, x, w, rows, H, eps);
+        LAUNCH_KERNEL(rmsnorm_vec4_kernel<OutT>, l.grid_x, l.block, 0, st)(out, x, w, rows, H, eps);
     } else {
         const CudaLaunch l = cuda_launch_rows(R, H);
-        rmsnorm_kernel<OutT><<<l.grid_x, l.block, 0, st>>>(out, x, w, rows, H, eps);
+        LAUNCH_KERNEL(rmsnorm_kernel<OutT>, l.grid_x, l.block, 0, st)(out, x, w, rows, H, eps);
     }
 }
 

@@ -38,7 +38,7 @@ static void launch_rope(bf16 *qkv, const int32_t *pos, const float *inv_freq, in
     const int half = hd / 2;
     unsigned block = (unsigned)((half + 31) / 32 * 32);
     if (block > 256) block = 256;
-    rope_kernel<<<(unsigned)T, block, 0, st>>>(qkv, pos, inv_freq, nh + nkv, hd, (int64_t)(nh + 2 * nkv) * hd);
+    LAUNCH_KERNEL(rope_kernel, (unsigned)T, block, 0, st)(qkv, pos, inv_freq, nh + nkv, hd, (int64_t)(nh + 2 * nkv) * hd);
 }
 
 #endif

@@ -40,10 +40,10 @@ static __global__ void swiglu_vec8_kernel(bf16 *h, const bf16 *gu, int64_t n, in
 static void launch_swiglu(bf16 *h, const bf16 *gu, int64_t n, int I, cudaStream_t st) {
     if (I % 8 == 0) {
         const CudaLaunch l = cuda_launch_elementwise(n * I, 8);
-        swiglu_vec8_kernel<<<l.grid_x, l.block, 0, st>>>(h, gu, n, I);
+        LAUNCH_KERNEL(swiglu_vec8_kernel, l.grid_x, l.block, 0, st)(h, gu, n, I);
     } else {
         const CudaLaunch l = cuda_launch_elementwise(n * I, 1);
-        swiglu_kernel<<<l.grid_x, l.block, 0, st>>>(h, gu, n, I);
+        LAUNCH_KERNEL(swiglu_kernel, l.grid_x, l.block, 0, st)(h, gu, n, I);
     }
 }
 

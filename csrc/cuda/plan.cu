@@ -1,6 +1,7 @@
 // plan.cu: host-side planning for the CUDA backend: where every weight and
 // buffer lives, how a packed batch is laid out for its one upload, which
-// attention tiles exist, launch shapes and the free-memory check.
+// attention tiles exist, launch shapes, the cuBLASLt call of a projection and
+// the free-memory check.
 //
 // Pure arithmetic on the host: no CUDA API call here, so all of it runs (and
 // is unit-tested) on machines without a GPU or driver.
@@ -252,4 +253,22 @@ CudaLaunch cuda_launch_head_linear(int64_t B, int64_t N) {
     const int64_t warps = B * N, per_block = 256 / 32;
     l.grid_x = (unsigned)((warps + per_block - 1) / per_block);
     return l;
+}
+
+int cuda_gemm_call(CudaGemmCall *c, void *y, int y_f32, int accumulate, const void *x, const void *W, int64_t T,
+                   int64_t N, int64_t K) {
+    memset(c, 0, sizeof *c);
+    if (T <= 0 || N <= 0 || K <= 0 || (accumulate && !y_f32)) return -1;
+    c->transa = 1;  // W^T: (N x K) from the (K x N) column-major view of row-major W
+    c->transb = 0;
+    c->a_rows = (uint64_t)K, c->a_cols = (uint64_t)N, c->a_ld = (uint64_t)K;
+    c->b_rows = (uint64_t)K, c->b_cols = (uint64_t)T, c->b_ld = (uint64_t)K;
+    c->c_rows = (uint64_t)N, c->c_cols = (uint64_t)T, c->c_ld = (uint64_t)N;
+    c->c_f32 = y_f32;
+    c->alpha = 1.0f;
+    c->beta = accumulate ? 1.0f : 0.0f;  // beta = 1: the residual add in the epilogue
+    c->A = W;
+    c->B = x;
+    c->C = y;
+    return 0;
 }

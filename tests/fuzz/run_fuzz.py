@@ -56,7 +56,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=60)
     ap.add_argument("--runs", type=int, default=0, help="stop after this many inputs (0: time limit only)")
-    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--workdir", default=None,
+                    help="keep the corpus and log here (default: a temporary directory, removed after a clean run)")
     args = ap.parse_args()
     if not shutil.which("clang"):
         print("run_fuzz: clang is not installed (apt-get install clang)", file=sys.stderr)
@@ -79,9 +80,12 @@ def main() -> int:
     execs = re.findall(r"stat::number_of_executed_units:\s*(\d+)", log)
     secs = re.findall(r"Done (\d+) runs in (\d+) second", log)
     print(f"run_fuzz: exit {proc.returncode}, executed {execs[-1] if execs else '?'} inputs"
-          + (f" in {secs[-1][1]} s" if secs else "") + f"; log {work / 'fuzz.log'}")
+          + (f" in {secs[-1][1]} s" if secs else ""))
     if proc.returncode != 0:
         print(log[-4000:], file=sys.stderr)
+        print(f"run_fuzz: the crash input and the log are kept in {work}", file=sys.stderr)
+    elif not args.workdir:  # a clean run leaves nothing behind; --workdir keeps the corpus
+        shutil.rmtree(work, ignore_errors=True)
     return proc.returncode
 
 

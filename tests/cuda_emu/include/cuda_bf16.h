@@ -1,0 +1,2 @@
+// cuda_bf16.h: the CPU emulation's stand-in for the CUDA header of this name (see ../emu.h).
+#include "../emu.h"
