@@ -1,7 +1,7 @@
 """Reward-server load test: `armorm serve` vs offline scoring vs an OpenRLHF-style transformers server.
 
     flock /tmp/armorm-bench.lock python benchmarks/serve_load.py [--shape small] [--dtype bf16]
-        [--clients 1,8,32,64] [--items-per-client 2] [--min-items 16] [--threads 2]
+        [--clients 1,8,32,64] [--items-per-client 2] [--min-items 16] [--threads 2] [--rounds 1]
 
 One run, one table. A random ArmoRM-shaped checkpoint of --shape
 (benchmarks/make_checkpoint.py; `small` = hidden 512, 4 layers, 8/2 heads,
@@ -14,8 +14,13 @@ number of concurrent clients C, the first max(--min-items, C x
   sample per request to /get_reward with a fresh aiohttp session, as
   OpenRLHF's `_fetch_rewards_via_http` does, and posting the next when the
   answer arrives;
-- (b) the same token sequences scored offline in this process with
-  `score_sequences` (packed batches of 8192 tokens): the ceiling;
+- (b) the same token sequences scored offline with `score_sequences` (packed
+  batches of 8192 tokens) in a process of its own, as the servers run: the
+  ceiling. Measured twice: as is, and with OMP_WAIT_POLICY=passive (OpenMP
+  workers that sleep instead of spinning between parallel regions: on a
+  machine whose cores are oversubscribed, spinning workers of a call made
+  from the main thread were measured to cost up to 1.7x the CPU time per
+  token); the better of the two is the ceiling;
 - (c) a server built the way OpenRLHF's `openrlhf/cli/serve_rm.py` is: an
   ASGI app whose async handler tokenizes the request's queries (padding=True)
   and runs the transformers model on them right there, so requests run one
@@ -25,13 +30,16 @@ number of concurrent clients C, the first max(--min-items, C x
 
 Throughput is scored tokens / wall time from the first request to the last
 answer; latency is per request (p99 of a few dozen requests is close to the
-maximum). The servers run in their own processes; the clients run in this one
-(the machine's cores are shared by all). armorm serve's scores are checked to
+maximum). With --rounds R each row measures (b), (a), (c) in turn R times and
+shows the median throughputs (on a shared machine the load drifts). The
+servers and (b) run in their own processes; the clients run in this one (the
+machine's cores are shared by all). armorm serve's scores are checked to
 equal (b) bit for bit, and (c)'s to be close to them.
 
 Goals (on a CPU): at 32 clients, (a) >= 90% of (b) and >= 3x (c).
 
-Internal mode (the competitor's process): serve_load.py --transformers-server DIR --dtype D --threads N
+Internal modes (the other processes): serve_load.py --transformers-server DIR --dtype D --threads N,
+serve_load.py --offline DIR --ids FILE --n N --dtype D --threads N
 """
 from __future__ import annotations
 
@@ -182,6 +190,19 @@ def transformers_server(model_dir: str, dtype: str, threads: int) -> None:
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 
+def offline(model_dir: str, ids_file: str, n: int, dtype: str, threads: int) -> None:
+    """(b): one warm-up call, then the first n sequences in packed batches; prints tokens/s and the scores."""
+    import armorm
+    ids = json.loads(Path(ids_file).read_text())[:n]
+    model = armorm.ArmoRM.from_pretrained(model_dir, torch_dtype=TOOL_DTYPES[dtype], num_threads=threads)
+    seqs = [np.asarray(s, dtype=np.int32) for s in ids]
+    model.score_sequences(seqs[:2])
+    t0 = time.perf_counter()
+    out = model.score_sequences(seqs, batch_tokens=8192)
+    tok_s = sum(s.size for s in seqs) / (time.perf_counter() - t0)
+    print(json.dumps({"tok_s": tok_s, "scores": [float(x) for x in out.score]}))
+
+
 # ---- load ------------------------------------------------------------------------------
 
 
@@ -208,8 +229,13 @@ async def load(url: str, texts: List[str], lengths: List[int], clients: int) -> 
     t0 = time.perf_counter()
     await asyncio.gather(*[client() for _ in range(clients)])
     wall = time.perf_counter() - t0
-    return {"tok_s": sum(lengths) / wall, "p50": _pct(lat, 50), "p99": _pct(lat, 99), "scores": scores,
-            "wall": wall}
+    return {"tok_s": sum(lengths) / wall, "lat": lat, "scores": scores}
+
+
+def _median_run(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Median throughput over rounds; latency percentiles of all their requests together."""
+    lat = [x for r in runs for x in r["lat"]]
+    return {"tok_s": statistics.median(r["tok_s"] for r in runs), "p50": _pct(lat, 50), "p99": _pct(lat, 99)}
 
 
 def _pct(xs: List[float], q: float) -> float:
@@ -229,20 +255,28 @@ def main() -> int:
     ap.add_argument("--items-per-client", type=int, default=2, help="conversations per client (default: 2)")
     ap.add_argument("--min-items", type=int, default=16, help="fewest conversations in a row (default: 16)")
     ap.add_argument("--threads", type=int, default=2, help="model threads of every competitor (default: 2)")
+    ap.add_argument("--rounds", type=int, default=1, help="measurements per row, interleaved (default: 1)")
     ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "armorm-bench" / "serve")
     ap.add_argument("--transformers-server", metavar="DIR", help=argparse.SUPPRESS)
+    ap.add_argument("--offline", metavar="DIR", help=argparse.SUPPRESS)
+    ap.add_argument("--ids", help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.transformers_server:
         transformers_server(args.transformers_server, args.dtype, args.threads)
+        return 0
+    if args.offline:
+        offline(args.offline, args.ids, args.n, args.dtype, args.threads)
         return 0
 
     import armorm
     clients = [int(c) for c in args.clients.split(",")]
     d = checkpoint(args.cache_dir, args.shape, args.dtype)
-    model = armorm.ArmoRM.from_pretrained(d, torch_dtype=TOOL_DTYPES[args.dtype], num_threads=args.threads)
     n_max = max(max(args.min_items, c * args.items_per_client) for c in clients)
-    texts, ids = conversations(model.tokenizer, n_max)
+    texts, ids = conversations(armorm.ChatTokenizer.from_pretrained(d), n_max)
     lengths = [len(s) for s in ids]
+    ids_file = args.cache_dir / "ids.json"
+    ids_file.write_text(json.dumps(ids))
     print(f"checkpoint {d} ({args.shape}, {args.dtype}); {n_max} conversations of {min(lengths)}-{max(lengths)} "
           f"tokens (mean {statistics.mean(lengths):.0f}); {args.threads} threads each", flush=True)
 
@@ -257,34 +291,44 @@ def main() -> int:
     try:
         warm(a.url, texts)
         warm(c.url, texts)
-        model.score_sequences([np.asarray(s, dtype=np.int32) for s in ids[:2]])
         for n_clients in clients:
             n = max(args.min_items, n_clients * args.items_per_client)
-            seqs = [np.asarray(s, dtype=np.int32) for s in ids[:n]]
-            t0 = time.perf_counter()
-            ref = model.score_sequences(seqs, batch_tokens=8192)
-            off = sum(lengths[:n]) / (time.perf_counter() - t0)
-            ra = asyncio.run(load(a.url, texts[:n], lengths[:n], n_clients))
-            rc = asyncio.run(load(c.url, texts[:n], lengths[:n], n_clients))
-            exact = ra["scores"] == [float(x) for x in ref.score]
-            diff = float(np.max(np.abs(np.asarray(rc["scores"]) - ref.score)))
-            rows.append((n_clients, n, sum(lengths[:n]), off, ra, rc, exact, diff))
-            print(f"  {n_clients} clients: offline {off:.0f} tok/s, armorm serve {ra['tok_s']:.0f}, "
+            offs, passive, ras, rcs = [], [], [], []
+            for _ in range(args.rounds):
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--offline", str(d), "--ids", str(ids_file),
+                       "--n", str(n), "--dtype", args.dtype, "--threads", str(args.threads)]
+                offs.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                                      cwd=str(ROOT)).stdout))
+                passive.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                                         cwd=str(ROOT), env=dict(os.environ, OMP_WAIT_POLICY="passive")
+                                                         ).stdout))
+                ras.append(asyncio.run(load(a.url, texts[:n], lengths[:n], n_clients)))
+                rcs.append(asyncio.run(load(c.url, texts[:n], lengths[:n], n_clients)))
+            ref = offs[0]["scores"]
+            off = statistics.median(o["tok_s"] for o in offs)
+            off_p = statistics.median(o["tok_s"] for o in passive)
+            ra, rc = _median_run(ras), _median_run(rcs)
+            exact = all(r["scores"] == ref for r in ras + offs + passive)
+            diff = max(float(np.max(np.abs(np.asarray(r["scores"]) - np.asarray(ref)))) for r in rcs)
+            rows.append((n_clients, n, sum(lengths[:n]), off, off_p, ra, rc, exact, diff))
+            print(f"  {n_clients} clients: offline {off:.0f} / {off_p:.0f} tok/s, armorm serve {ra['tok_s']:.0f}, "
                   f"transformers {rc['tok_s']:.0f} (load {os.getloadavg()[0]:.1f})", flush=True)
     finally:
         a.stop()
         c.stop()
 
     print(f"\n{_cpu()}; load average {os.getloadavg()[0]:.1f} at the end")
-    print("| clients | requests (tokens) | offline tok/s | armorm serve tok/s | % of offline | p50 s | p99 s "
+    print("| clients | requests (tokens) | offline tok/s | offline, passive OpenMP wait | armorm serve tok/s "
+          "| % of the better offline | p50 s | p99 s "
           "| transformers server tok/s | p50 s | p99 s | armorm / transformers | scores = offline | "
           "max abs diff (transformers) |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
-    for n_clients, n, tokens, off, ra, rc, exact, diff in rows:
-        print(f"| {n_clients} | {n} ({tokens}) | {off:.0f} | {ra['tok_s']:.0f} | {100 * ra['tok_s'] / off:.0f}% "
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
+    for n_clients, n, tokens, off, off_p, ra, rc, exact, diff in rows:
+        print(f"| {n_clients} | {n} ({tokens}) | {off:.0f} | {off_p:.0f} | {ra['tok_s']:.0f} "
+              f"| {100 * ra['tok_s'] / max(off, off_p):.0f}% "
               f"| {ra['p50']:.2f} | {ra['p99']:.2f} | {rc['tok_s']:.0f} | {rc['p50']:.2f} | {rc['p99']:.2f} "
               f"| {ra['tok_s'] / rc['tok_s']:.2f}x | {'yes' if exact else 'NO'} | {diff:.1e} |")
-    return 0 if all(r[6] for r in rows) else 1
+    return 0 if all(r[7] for r in rows) else 1
 
 
 def _cpu() -> str:
