@@ -22,6 +22,7 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .hub import DEFAULT_MODEL, ModelNotFoundError
+from .serve import command as serve_command
 
 EXAMPLE_PROMPT = 'What are some synonyms for the word "beautiful"?'
 EXAMPLE_RESPONSES = [
@@ -465,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check_finite(s)
     _add_common(s)
     s.set_defaults(func=cmd_score)
+    serve_command.add_parser(sub)
 
     s = command("make-tiny-model", "write a small random ArmoRM directory (and toy datasets) to try armorm offline",
                 "Writes a toy ArmoRM directory: config.json (LlamaForRewardModelWithGating, 2 layers, hidden 64), "
