@@ -16,7 +16,7 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-SOURCES = ["csrc/module.c", "csrc/model.c", "csrc/weight_pass.c", "csrc/safetensors.c", "csrc/forward_cpu.c",
+SOURCES = ["csrc/python/module.c", "csrc/python/safetensors_file.c", "csrc/python/numeric.c", "csrc/model.c", "csrc/weight_pass.c", "csrc/safetensors.c", "csrc/forward_cpu.c",
            "csrc/cpu/cpu_features.c", "csrc/cpu/gemm_driver.c", "csrc/cpu/matmul_avx512.c", "csrc/cpu/matmul_avx2.c",
            "csrc/cpu/attention_avx512.c", "csrc/cpu/gemm_general.c",
            "csrc/cpu/adamw.c"]
@@ -44,7 +44,7 @@ ext = Extension(
     include_dirs=[np.get_include(), "csrc"],
     extra_compile_args=compile_args,
     extra_link_args=link_args,
-    depends=[os.path.join(d, f) for d in ("csrc", "csrc/cpu") for f in os.listdir(d) if f.endswith(".h")],
+    depends=[os.path.join(d, f) for d in ("csrc", "csrc/cpu", "csrc/python") for f in os.listdir(d) if f.endswith(".h")],
 )
 
 

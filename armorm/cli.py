@@ -257,27 +257,81 @@ def cmd_train_stage2(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_plot(args: argparse.Namespace) -> None:
+    """--plot FILE: matplotlib present, a format it writes, an existing directory; checked before the work."""
+    if getattr(args, "plot", None):
+        try:
+            from . import plot
+        except ImportError as e:
+            raise InputError(f"--plot: {e}") from None
+        plot.check_target(args.plot)
+
+
+def _write_plot(args: argparse.Namespace, report: Any) -> None:
+    """--plot FILE: the report's per-subset bars (armorm.plot.rewardbench), written whole or not at all."""
+    if getattr(args, "plot", None):
+        from . import plot
+        plot.save(plot.rewardbench(report), args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+
+
+def _eval_input(args: argparse.Namespace, module: Any, **model_kwargs: Any) -> Any:
+    """The scores of a RewardBench evaluation from the input given: `module` (train.rewardbench or
+    train.rewardbench2) reads a scores file, computes the head on prepared embeddings, or runs the model."""
+    try:
+        if args.scores:
+            return module.read_scores_file(args.scores)
+        if args.embeddings:
+            if not args.regression or not args.gating:
+                raise ValueError("--embeddings needs --regression FILE and --gating FILE")
+            return module.scores_from_embeddings(args.embeddings, args.regression, args.gating)
+        if not args.dataset:
+            raise ValueError("--model needs --dataset PATH")
+        return module.scores_from_model(args.model, args.dataset, split=args.split, batch_tokens=args.batch_tokens,
+                                        num_threads=args.threads, torch_dtype=args.dtype,
+                                        progress=_show_progress(args), check_finite=not args.no_check_finite,
+                                        **model_kwargs)
+    except ImportError as e:  # an optional reader (pyarrow, datasets) is missing: the message says which
+        raise InputError(str(e)) from None
+
+
+def _eval_report(args: argparse.Namespace, module: Any, res: Any) -> int:
+    print(module.format_table(res))
+    if args.output:
+        module.write_json(args.output, res)
+        print(f"wrote {args.output}", file=sys.stderr)
+    _write_plot(args, res)
+    return 0
+
+
 def cmd_eval_rewardbench(args: argparse.Namespace) -> int:
     from .train import rewardbench as rb
-    if args.scores:
-        subsets, c, r = rb.read_scores_file(args.scores)
-    elif args.embeddings:
-        if not args.regression or not args.gating:
-            raise ValueError("--embeddings needs --regression FILE and --gating FILE")
-        subsets, c, r = rb.scores_from_embeddings(args.embeddings, args.regression, args.gating)
-    else:
-        if not args.model or not args.dataset:
-            raise ValueError("give --scores FILE, or --embeddings GLOB --regression FILE --gating FILE, "
-                             "or --model DIR --dataset FILE")
-        subsets, c, r = rb.scores_from_model(args.model, args.dataset, split=args.split,
-                                             batch_tokens=args.batch_tokens, num_threads=args.threads,
-                                             torch_dtype=args.dtype, progress=_show_progress(args),
-                                             check_finite=not args.no_check_finite)
-    res = rb.evaluate_scores(subsets, c, r, rb.load_prior(args.prior_sets))
-    print(rb.format_table(res))
-    if args.output:
-        rb.write_json(args.output, res)
-        print(f"wrote {args.output}", file=sys.stderr)
+    _check_plot(args)
+    subsets, c, r = _eval_input(args, rb)
+    return _eval_report(args, rb, rb.evaluate_scores(subsets, c, r, rb.load_prior(args.prior_sets)))
+
+
+def cmd_eval_rewardbench2(args: argparse.Namespace) -> int:
+    from .train import rewardbench2 as rb2
+    _check_plot(args)
+    prompts = _eval_input(args, rb2, harness_tokenization=args.harness_tokenization, max_length=args.max_length,
+                          truncation=not args.no_truncation)
+    return _eval_report(args, rb2, rb2.evaluate(prompts))
+
+
+def cmd_prepare_rewardbench2(args: argparse.Namespace) -> int:
+    from .train import rewardbench2 as rb2
+    try:
+        path = rb2.prepare(args.model, args.dataset, args.output, split=args.split, name=args.name,
+                           harness_tokenization=args.harness_tokenization, max_length=args.max_length,
+                           truncation=not args.no_truncation, embeddings_dtype=args.embeddings_dtype,
+                           torch_dtype=args.dtype, batch_tokens=args.batch_tokens, num_threads=args.threads,
+                           progress=_show_progress(args), overwrite=args.overwrite,
+                           check_finite=not args.no_check_finite)
+    except ImportError as e:
+        print(f"armorm: error: {e}", file=sys.stderr)
+        return 2
+    print(path)
     return 0
 
 
@@ -374,6 +428,13 @@ def _ray_requested(args: argparse.Namespace) -> bool:
     return False
 
 
+def _add_plot(s: argparse.ArgumentParser) -> None:
+    """--plot for the evaluation commands: each calls _check_plot(args) first and _write_plot(args, report)
+    last (eval-rewardbench2 too: armorm.plot.rewardbench reads its result as it reads RewardBench 1's)."""
+    s.add_argument("--plot", metavar="FILE.png", help="also draw the per-subset scores as bars to FILE "
+                   "(.png, .svg, .pdf; needs matplotlib: pip install 'armorm[plot]')")
+
+
 def _add_prepare_arguments(s: argparse.ArgumentParser, chunk_rows: int) -> None:
     """The options prepare-stage1 and prepare-stage2 share: model, dataset, output, sharding, batching, resume."""
     s.add_argument("--model", metavar="DIR", required=True, help="backbone / reward model directory or hub id")
@@ -399,6 +460,39 @@ def _add_prepare_arguments(s: argparse.ArgumentParser, chunk_rows: int) -> None:
     _add_check_finite(s)
     _add_common(s)
     _add_ray_arguments(s, files=False)
+
+
+def _add_eval_inputs(s: argparse.ArgumentParser, scores_help: str, embeddings_what: str) -> None:
+    """The three inputs of the RewardBench evaluations: a scores file, prepared embeddings with training's
+    regression and gating files, or a model (its dataset option is the command's)."""
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--scores", metavar="FILE", help=scores_help)
+    g.add_argument("--embeddings", nargs="+", metavar="GLOB", help=f"{embeddings_what} (with --regression and "
+                   "--gating)")
+    g.add_argument("--model", metavar="DIR", help="an ArmoRM checkpoint (with --dataset)")
+    s.add_argument("--regression", metavar="FILE", help="train-stage1 output (with --embeddings)")
+    s.add_argument("--gating", metavar="FILE", help="train-stage2 output (with --embeddings)")
+
+
+def _add_rewardbench2_model_arguments(s: argparse.ArgumentParser, required: bool = False) -> None:
+    """The options eval-rewardbench2 --model and prepare-rewardbench2 share: dataset, tokenization, batching."""
+    if required:
+        s.add_argument("--model", metavar="DIR", required=True, help="backbone or reward model directory or hub id")
+    s.add_argument("--dataset", metavar="PATH", required=required,
+                   help="allenai/reward-bench-2: its Parquet file or downloaded directory, JSONL, or a hub id"
+                        + ("" if required else " (with --model)"))
+    s.add_argument("--split", default="test", help="dataset split")
+    s.add_argument("--harness-tokenization", action="store_true",
+                   help="tokenize as the official harness: the chat template rendered to text, then tokenized "
+                        "again with the tokenizer's special tokens (two BOS tokens for Llama 3); by default the "
+                        "model card's single BOS")
+    s.add_argument("--max-length", type=_int_at_least(1), default=2048,
+                   help="cut longer sequences on the right, the BOS tokens counting (the harness's length)")
+    s.add_argument("--no-truncation", action="store_true", help="score whole sequences")
+    s.add_argument("--batch-tokens", type=_int_at_least(1), default=8192, help="tokens per packed batch")
+    s.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES, help="dtype the backbone weights are held in")
+    _add_check_finite(s)
+    _add_common(s)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -549,17 +643,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "four-section mean and, with --prior-sets, the leaderboard score. Three inputs: a scores file, "
                 "prepare-stage2 embeddings of RewardBench with the regression and gating files, or a model and "
                 "the dataset end to end.")
-    g = s.add_mutually_exclusive_group(required=True)
-    g.add_argument("--scores", metavar="FILE", help="JSONL rows: subset, chosen_score, rejected_score")
-    g.add_argument("--embeddings", nargs="+", metavar="GLOB", help="prepare-stage2 files of RewardBench "
-                   "(with --regression and --gating)")
-    g.add_argument("--model", metavar="DIR", help="an ArmoRM checkpoint (with --dataset)")
-    s.add_argument("--regression", metavar="FILE", help="train-stage1 output (with --embeddings)")
-    s.add_argument("--gating", metavar="FILE", help="train-stage2 output (with --embeddings)")
+    _add_eval_inputs(s, "JSONL rows: subset, chosen_score, rejected_score", "prepare-stage2 files of RewardBench")
     s.add_argument("--dataset", metavar="PATH", help="RewardBench's filtered split, Parquet or JSONL (with --model)")
     s.add_argument("--split", default="filtered", help="dataset split (with --model)")
     s.add_argument("--prior-sets", metavar="NUM|FILE", help="Prior Sets percentage, or JSON of the four accuracies")
     s.add_argument("--output", metavar="FILE", help="write the results as JSON")
+    _add_plot(s)
     s.add_argument("--batch-tokens", type=_int_at_least(1), default=8192, help="tokens per packed batch "
                    "(with --model)")
     s.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES,
@@ -567,6 +656,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check_finite(s)
     _add_common(s)
     s.set_defaults(func=cmd_eval_rewardbench)
+
+    s = command("eval-rewardbench2", "RewardBench 2: best-of-4 subsets, Ties and the final score",
+                "Scores every completion on its own, then applies the official harness's rules: a prompt outside "
+                "Ties counts 1/n when its correct completion has the top score shared by n completions, Ties by "
+                "its weighted accuracy-and-margin formula over ref:k / tied:k pairs; the score is the unweighted "
+                "mean of the subsets (docs/rewardbench2.md). Three inputs: a scores file, prepare-rewardbench2 "
+                "embeddings with the regression and gating files, or a model and the dataset end to end.")
+    _add_eval_inputs(s, "JSONL, one prompt per line: id, subset, num_correct, scores", "prepare-rewardbench2 files")
+    s.add_argument("--output", metavar="FILE", help="write the subsets, the score and every prompt's result as JSON "
+                   "(atomically)")
+    _add_plot(s)
+    _add_rewardbench2_model_arguments(s)
+    s.set_defaults(func=cmd_eval_rewardbench2)
+
+    s = command("prepare-rewardbench2", "RewardBench 2: embed every completion with a backbone",
+                "Runs every completion of RewardBench 2 through the backbone once and writes the last-token "
+                "embeddings [M,H], one gating-position embedding per prompt [P,H], the completion counts, "
+                "num_correct, ids and subsets to OUTPUT/<name>-00001-of-00001.safetensors, for "
+                "eval-rewardbench2 --embeddings with any regression and gating files.")
+    s.add_argument("--output", metavar="DIR", required=True, help="directory for the embeddings file")
+    s.add_argument("--name", help="file name stem (default: the dataset's last path component)")
+    s.add_argument("--embeddings-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="stored embedding dtype")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    _add_rewardbench2_model_arguments(s, required=True)
+    s.set_defaults(func=cmd_prepare_rewardbench2)
 
     s = command("assemble", "write an ArmoRM checkpoint from a backbone and the trained heads",
                 "Writes a complete LlamaForRewardModelWithGating directory: the backbone's tensors (hard-linked "

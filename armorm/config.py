@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from . import _core
 
@@ -24,6 +24,11 @@ ATTRIBUTES: List[str] = [
     "prometheus-score", "argilla-overall_quality", "argilla-judge_lm", "code-complexity",
     "code-style", "code-explanation", "code-instruction-following", "code-readability",
 ]
+
+
+def objective_names(k: int, names: Sequence[str] = ATTRIBUTES) -> List[str]:
+    """`names` when there are `k` of them, else objective-0 ... objective-(k-1)."""
+    return list(names) if k == len(names) else [f"objective-{i}" for i in range(k)]
 
 ARCHITECTURES: Dict[str, int] = {
     "LlamaForRewardModelWithGating": _core.ARCH_ARMORM,

@@ -20,7 +20,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import numpy as np
 
 from . import _core
-from .config import ATTRIBUTES, CheckpointError, ModelConfig, load_config, weight_files
+from .config import ATTRIBUTES, CheckpointError, ModelConfig, load_config, objective_names, weight_files
+from .display import Explanation, Explanations
 from .hub import resolve_model_path
 from .tokenizer import ChatTokenizer, find_gating_position
 from .tokenizer import gating_pattern as derive_gating_pattern
@@ -29,7 +30,6 @@ from .tokenizer import gating_pattern as derive_gating_pattern
 #: "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n".
 LLAMA3_GATING_PATTERN: List[int] = [128009, 128006, 78191, 128007, 271]
 
-FIELDS = ("rewards", "gating_output", "score", "logits", "hidden_state", "prompt_embedding")
 _HF_IGNORED_KWARGS = {"trust_remote_code", "low_cpu_mem_usage", "attn_implementation", "use_safetensors",
                       "local_files_only", "use_cache", "revision", "cache_dir", "token", "force_download",
                       "offload_folder", "max_memory"}
@@ -50,6 +50,9 @@ class RewardOutput(Mapping):
 
     def __init__(self, **fields: Any) -> None:
         self._fields = {k: v for k, v in fields.items() if v is not None}
+        #: what displays need beside the arrays ("objectives": names, "transform": the reward transform
+        #: matrix, "conversations": the scored inputs); filled by the model and the pipeline
+        self._display: Dict[str, Any] = {}
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -73,9 +76,25 @@ class RewardOutput(Mapping):
     def to_tuple(self) -> Tuple[Any, ...]:
         return tuple(self._fields.values())
 
+    def row(self, i: int) -> "RewardOutput":
+        """Row `i` as a one-row output (arrays keep their leading axis); in Jupyter it shows in detail."""
+        n = len(next(iter(self._fields.values()))) if self._fields else 0
+        if not -n <= i < n:
+            raise IndexError(f"row {i} of an output with {n} rows")
+        i %= n
+        out = RewardOutput(**{k: v[i:i + 1] for k, v in self._fields.items()})
+        out._display = dict(self._display)
+        if self._display.get("conversations") is not None:
+            out._display["conversations"] = [self._display["conversations"][i]]
+        return out
+
+    def _repr_html_(self) -> str:
+        from .display import reward_output_html
+        return reward_output_html(self)
+
     def __repr__(self) -> str:
-        parts = [f"{k}={getattr(v, 'shape', v)}" for k, v in self._fields.items()]
-        return f"RewardOutput({', '.join(parts)})"
+        from .display import reward_output_text
+        return reward_output_text(self)
 
 
 def _is_torch(x: Any) -> bool:
@@ -325,7 +344,9 @@ class ArmoRM:
         out = self.score_sequences(self._rows(input_ids, attention_mask))
         if as_torch:
             import torch
-            return RewardOutput(**{k: torch.from_numpy(v) for k, v in out.items()})
+            res = RewardOutput(**{k: torch.from_numpy(v) for k, v in out.items()})
+            res._display = out._display
+            return res
         return out
 
     forward = __call__
@@ -417,10 +438,11 @@ class ArmoRM:
         """Scores token-id sequences of any lengths, packed without padding.
 
         `reward_pos[i]` is where sequence i's reward is read (default: its last
-        token). `fields` limits the outputs (default: all the architecture
-        has). `batch_tokens` caps the tokens per core call (default
+        token). `fields` limits the outputs (default: every field the model
+        produces but `all_hidden`; the core decides which: `_core.fields`).
+        `batch_tokens` caps the tokens per packed group (default
         `max_batch_tokens`; a longer sequence runs alone). `progress(done,
-        total)` is called after each core call with sequence counts. Errors
+        total)` is called after each packed group with sequence counts. Errors
         about one sequence name it `names[i]` (e.g. "file.jsonl:7") when given.
         """
         if names is not None and len(names) != len(sequences):
@@ -437,47 +459,30 @@ class ArmoRM:
             rpos = np.asarray(reward_pos, dtype=np.int64)
             if rpos.shape != (len(seqs),):
                 raise ValueError("reward_pos must have one entry per sequence")
-        # every check the core makes, on the whole input, before hours of compute
+        # which fields, and whether they read the gating position: the model description decides (model.c)
+        wanted, gated = self._core.plan(None if fields is None else list(fields))
         try:
-            self._core.validate(np.concatenate(seqs), cu_all, rpos)
+            if gated:
+                try:
+                    gpos = self.gating_positions(seqs, names=names)
+                except GatingPatternError:
+                    # a sequence the core refuses (empty, too long, an id outside the vocabulary) is named first
+                    self._core.validate(np.concatenate(seqs), cu_all, rpos)
+                    raise
+            else:
+                gpos = None
+            # the core checks the whole call once, then runs it in packed groups of at most `budget` tokens
+            budget = int(batch_tokens or self.max_batch_tokens)
+            res = RewardOutput(**self._core.forward(np.concatenate(seqs), cu_all, rpos, gpos, wanted,
+                                                    batch_tokens=budget, progress=progress))
+        except GatingPatternError:
+            raise
         except ValueError as e:
             raise ValueError(_rename_sequence(str(e), names)) from None
-        arch = self.config.architecture
-        available = {"LlamaForRewardModelWithGating": FIELDS,
-                     "LlamaForSequenceClassification": ("score", "logits", "hidden_state"),
-                     }.get(arch, ("hidden_state", "prompt_embedding"))
-        if not self.config.core["compute_head"]:
-            available = ("hidden_state", "prompt_embedding")
-        wanted = list(available) if fields is None else list(fields)
-        for f in wanted:
-            if f not in available:
-                raise ValueError(f"field {f!r} is not available for {arch}; available: {', '.join(available)}")
-        # the ArmoRM head reads the prompt embedding too (head fields are only available when it is computed)
-        gated = {"prompt_embedding"} | ({"rewards", "gating_output", "score", "logits"}
-                                        if arch == "LlamaForRewardModelWithGating" else set())
-        gpos = self.gating_positions(seqs, names=names) if gated & set(wanted) else None
-        core_fields = [f for f in wanted if f != "logits" or arch == "LlamaForSequenceClassification"]
-        if arch == "LlamaForRewardModelWithGating" and "logits" in wanted and "score" not in core_fields:
-            core_fields.append("score")
-        budget = int(batch_tokens or self.max_batch_tokens)
-        parts: Dict[str, List[np.ndarray]] = {f: [] for f in core_fields}
-        done = 0
-        for group in _pack(lengths, budget):
-            toks = np.concatenate([seqs[i] for i in group])
-            cu = cu_all[group[0]:group[-1] + 2] - cu_all[group[0]]
-            res = self._core.forward(toks, cu, None if rpos is None else rpos[group],
-                                     None if gpos is None else gpos[group], core_fields, group[0])
-            for f in core_fields:
-                parts[f].append(res[f])
-            done += len(group)
-            if progress is not None:
-                progress(done, len(seqs))
-        out = {f: np.concatenate(v, axis=0) for f, v in parts.items()}
-        if arch == "LlamaForRewardModelWithGating" and "logits" in wanted:
-            out["logits"] = out["score"]
-            if "score" not in wanted:
-                del out["score"]
-        return RewardOutput(**{f: out[f] for f in FIELDS if f in out})
+        if "gating_output" in res:  # what the rich display names and multiplies (armorm/display.py)
+            res._display.update(objectives=self.objective_names(res["gating_output"].shape[1]),
+                                transform=self._core.tensor("reward_transform_matrix"))
+        return res
 
     # ---- interpretation --------------------------------------------------
 
@@ -489,31 +494,63 @@ class ArmoRM:
         whatever else is in the batch; a BLAS product's summation order
         depends on the matrix shape.
         """
-        g = np.asarray(gating_output.detach().cpu().numpy() if _is_torch(gating_output) else gating_output,
-                       dtype=np.float32)
-        if g.ndim != 2:
-            raise ValueError(f"gating_output must be [rows, objectives], got shape {g.shape}")
-        T = self._core.tensor("reward_transform_matrix")
-        if g.shape[1] != T.shape[1]:
-            raise ValueError(f"gating_output has {g.shape[1]} objectives, the model {T.shape[1]}")
-        out = np.zeros((g.shape[0], T.shape[0]), dtype=np.float32)
-        for k in range(T.shape[1]):
-            out += g[:, k:k + 1] * T[:, k]
-        return out
+        return objective_coefficients(gating_output, self._core.tensor("reward_transform_matrix"))
+
+    def objective_names(self, k: int) -> List[str]:
+        """The names of `k` objectives: `attributes` when there are k of them, else objective-i."""
+        return objective_names(k, self.attributes)
 
     def explain(self, output: Mapping, k: int = 3) -> List[List[Tuple[str, float]]]:
-        """Top-`k` objectives by |coefficient| for each row, as the model card prints them."""
+        """Top-`k` objectives by |coefficient| for each row, as the model card prints them.
+
+        A list (one Explanation per row) of lists of (objective, coefficient);
+        in Jupyter each shows as a table with the rewards when `output` has them.
+        """
         coeffs = self.coefficients(output["gating_output"])
-        names = self.attributes if coeffs.shape[1] == len(self.attributes) else \
-            [f"objective-{i}" for i in range(coeffs.shape[1])]
-        result = []
-        for row in coeffs:
-            order = np.argsort(-np.abs(row), kind="stable")[:k]
-            result.append([(names[j], float(row[j])) for j in order])
+        names = self.objective_names(coeffs.shape[1])
+        rewards = output.get("rewards")
+        rewards = None if rewards is None else np.asarray(rewards.detach().cpu() if _is_torch(rewards) else rewards)
+        scores = output.get("score")
+        scores = None if scores is None else np.asarray(scores.detach().cpu() if _is_torch(scores) else scores)
+        convs = getattr(output, "_display", {}).get("conversations")
+        result = Explanations()
+        for i, row in enumerate(coeffs):
+            order = top_objectives(row, k)
+            result.append(Explanation(
+                [(names[j], float(row[j])) for j in order],
+                score=None if scores is None else float(scores[i]),
+                rewards=None if rewards is None else [float(rewards[i][j]) for j in order],
+                conversation=None if convs is None or len(convs) != len(coeffs) else convs[i]))
         return result
 
     def __repr__(self) -> str:
         return f"ArmoRM({self.name_or_path!r}, architecture={self.architecture}, dtype={self.dtype})"
+
+
+def objective_coefficients(gating_output: Any, transform: Any) -> np.ndarray:
+    """coeffs = gating_output @ T^T for a [rows, K] gating output and the [K, K] reward transform matrix.
+
+    Row by row in a fixed order (elementwise products and sums over the
+    objectives, k = 0..K-1), so a row's coefficients are bit-identical
+    whatever else is in the batch; a BLAS product's summation order depends
+    on the matrix shape.
+    """
+    g = np.asarray(gating_output.detach().cpu().numpy() if _is_torch(gating_output) else gating_output,
+                   dtype=np.float32)
+    if g.ndim != 2:
+        raise ValueError(f"gating_output must be [rows, objectives], got shape {g.shape}")
+    T = np.asarray(transform, dtype=np.float32)
+    if g.shape[1] != T.shape[1]:
+        raise ValueError(f"gating_output has {g.shape[1]} objectives, the model {T.shape[1]}")
+    out = np.zeros((g.shape[0], T.shape[0]), dtype=np.float32)
+    for k in range(T.shape[1]):
+        out += g[:, k:k + 1] * T[:, k]
+    return out
+
+
+def top_objectives(weights: Any, k: int) -> List[int]:
+    """Indexes of the `k` largest |weights|, largest first (ties: the lower index first)."""
+    return [int(j) for j in np.argsort(-np.abs(np.asarray(weights)), kind="stable")[:k]]
 
 
 def _rename_sequence(message: str, names: Optional[Sequence[str]]) -> str:
@@ -522,19 +559,3 @@ def _rename_sequence(message: str, names: Optional[Sequence[str]]) -> str:
     if names is None or not m or int(m.group(1)) >= len(names):
         return message
     return names[int(m.group(1))] + message[m.end():]
-
-
-def _pack(lengths: Sequence[int], budget: int) -> List[List[int]]:
-    """Groups consecutive sequences so each group's tokens fit `budget`."""
-    groups: List[List[int]] = []
-    cur: List[int] = []
-    used = 0
-    for i, n in enumerate(lengths):
-        if cur and used + n > budget:
-            groups.append(cur)
-            cur, used = [], 0
-        cur.append(i)
-        used += n
-    if cur:
-        groups.append(cur)
-    return groups

@@ -25,13 +25,18 @@ class ArmoRMPipeline:
     `device_map`, `torch_dtype`, `truncation`, `trust_remote_code`,
     `max_length`); `tokenizer` may be a ChatTokenizer or any transformers
     tokenizer; `model` reuses an already loaded ArmoRM.
+    `harness_tokenization=True` renders the chat template to text and
+    tokenizes that text again with the tokenizer's special tokens, as
+    allenai/reward-bench feeds classifier reward models (two BOS tokens for
+    Llama 3); the default is the model card's single-BOS tokenization.
     """
 
     def __init__(self, model_id: Union[str, os.PathLike, None] = None, device_map: Any = "auto",
                  torch_dtype: Any = "bfloat16", truncation: bool = True, trust_remote_code: bool = False,
                  max_length: int = 4096, *, tokenizer: Any = None, model: Optional[ArmoRM] = None,
                  num_threads: Optional[int] = None, gating_pattern: Optional[Sequence[int]] = None,
-                 batch_tokens: int = 8192, check_finite: bool = True) -> None:
+                 batch_tokens: int = 8192, check_finite: bool = True,
+                 harness_tokenization: bool = False) -> None:
         if model is None:
             if model_id is None:
                 raise ValueError("give model_id (a model directory or hub id) or model=")
@@ -52,6 +57,7 @@ class ArmoRMPipeline:
         self.truncation = truncation
         self.max_length = int(max_length)
         self.batch_tokens = int(batch_tokens)
+        self.harness_tokenization = bool(harness_tokenization)
         self.device = model.device
 
     def encode(self, conversations: Sequence[Union[Conversation, Mapping[str, Any]]],
@@ -67,7 +73,7 @@ class ArmoRMPipeline:
             raise ValueError("names must have one entry per conversation")
         label = (lambda i: names[i]) if names is not None else (lambda i: f"conversation {i}")
         convs = [conversation_from_record(c) if isinstance(c, Mapping) else c for c in conversations]
-        ids = format_conversations(self.tokenizer, convs, names=names)
+        ids = format_conversations(self.tokenizer, convs, names=names, retokenize_text=self.harness_tokenization)
         for i, conv in enumerate(convs):
             # an earlier assistant turn would still hold the pattern: score the wrong turn, silently
             last = conv[-1] if isinstance(conv, (list, tuple)) and conv else None
@@ -102,14 +108,20 @@ class ArmoRMPipeline:
                     batch_tokens: Optional[int] = None, progress: bool = False) -> RewardOutput:
         """Scores many conversations in packed batches of at most `batch_tokens` tokens.
 
-        Returns every field as NumPy arrays (row i = conversation i).
+        Returns every field as NumPy arrays (row i = conversation i); in
+        Jupyter the result shows as a table of scores and top objectives.
         """
         seqs = self.encode(conversations)
         cb = make_progress(len(seqs), progress)
-        return self.model.score_sequences(seqs, batch_tokens=batch_tokens or self.batch_tokens, progress=cb)
+        out = self.model.score_sequences(seqs, batch_tokens=batch_tokens or self.batch_tokens, progress=cb)
+        out._display["conversations"] = list(conversations)  # for the notebook display (no copy of the text)
+        return out
 
     def explain(self, conversation_or_output: Union[Conversation, Mapping], k: int = 3) -> List[Tuple[str, float]]:
-        """Top-`k` objectives by |coefficient| for one conversation (or row 0 of an output)."""
+        """Top-`k` objectives by |coefficient| for one conversation (or row 0 of an output).
+
+        A list of (objective, coefficient) that shows as a table in Jupyter.
+        """
         out = conversation_or_output
         if not isinstance(out, Mapping):
             out = self.score_batch([conversation_or_output])

@@ -946,6 +946,8 @@ def format_conversations(
     max_length: int | None = None,
     truncation: bool = False,
     names: Sequence[str] | None = None,
+    *,
+    retokenize_text: bool = False,
 ) -> list[list[int]]:
     """Chat-template and tokenize each conversation, with either tokenizer kind.
 
@@ -957,6 +959,12 @@ def format_conversations(
         max_length: Truncation length (with ``truncation=True``).
         truncation: Truncate on the right to ``max_length``.
         names: What errors call conversation i (default ``"conversation i"``).
+        retokenize_text: Render the template to text, then tokenize that text again
+            with the tokenizer's special tokens, as evaluation harnesses that format a
+            string first do (allenai/reward-bench for classifier reward models). The
+            post-processor then adds its special tokens to the template's: a Llama-3
+            sequence starts with two BOS tokens. The default is the model card's
+            tokenization (the template's BOS only).
 
     Returns:
         One list of token ids per conversation.
@@ -982,7 +990,12 @@ def format_conversations(
             if max_length is not None:
                 kwargs["max_length"] = max_length
         try:
-            out.append(_chat_ids(tokenizer, conv, add_generation_prompt=False, **kwargs))
+            if retokenize_text:
+                text = _render_text(tokenizer, conv, add_generation_prompt=False)
+                ids = [int(t) for t in _to_id_list(tokenizer.encode(text, add_special_tokens=True))]
+                out.append(ids[:max_length] if truncation and max_length is not None else ids)
+            else:
+                out.append(_chat_ids(tokenizer, conv, add_generation_prompt=False, **kwargs))
         except jinja2.TemplateError as e:  # the template's raise_exception(...): e.g. a role it does not support
             raise ValueError(f"{where}: the chat template refused it: {e}") from None
     return out

@@ -104,14 +104,11 @@ static int layer_forward(const Model *m, const LayerWeights *lw, RunState *s, co
     return 0;
 }
 
-int forward_cpu(const Model *m, const Batch *b, Outputs *out, CancelFn cancel, void *cancel_ctx, ArmError *e) {
+int forward_cpu(const Model *m, const Batch *b, const OutputPlan *p, Outputs *out, CancelFn cancel,
+                void *cancel_ctx, ArmError *e) {
     const Config *c = &m->cfg;
-    if (batch_validate(m, b, e)) return -1;
     const int64_t T = b->cu_seqlens[b->B], H = c->hidden_size;
-    const int want_armorm = c->arch == ARCH_ARMORM && c->compute_head && (out->rewards || out->gating_output || out->score);
-    const int want_seqcls = c->arch == ARCH_SEQCLS && c->compute_head && (out->logits || out->score);
-    if ((want_armorm || out->prompt_embedding) && !b->gating_pos)
-        return arm_fail(e, "gating positions are required for the ArmoRM head and prompt_embedding");
+    const int want_armorm = p->head == ARCH_ARMORM, want_seqcls = p->head == ARCH_SEQCLS;
     RunState s;
     if (runstate_alloc(&s, c, T, e)) return -1;
     for (int bi = 0; bi < b->B; bi++)
@@ -145,17 +142,18 @@ int forward_cpu(const Model *m, const Batch *b, Outputs *out, CancelFn cancel, v
     for (int bi = 0; bi < b->B; bi++) {
         const int64_t start = b->cu_seqlens[bi], len = b->cu_seqlens[bi + 1] - start;
         const int64_t pr = start + (b->reward_pos ? b->reward_pos[bi] : len - 1);
-        float *h = hs, *p = hs + H;
+        float *h = hs, *pe = hs + H;
         rmsnorm_row(h, s.x + pr * H, fn, H, c->rms_norm_eps);
-        if (b->gating_pos) rmsnorm_row(p, s.x + (start + b->gating_pos[bi]) * H, fn, H, c->rms_norm_eps);
+        if (p->gating) rmsnorm_row(pe, s.x + (start + b->gating_pos[bi]) * H, fn, H, c->rms_norm_eps);
         if (out->hidden_state) memcpy(out->hidden_state + bi * H, h, sizeof(float) * (size_t)H);
-        if (out->prompt_embedding) memcpy(out->prompt_embedding + bi * H, p, sizeof(float) * (size_t)H);
+        if (out->prompt_embedding) memcpy(out->prompt_embedding + bi * H, pe, sizeof(float) * (size_t)H);
         if (want_armorm) {
             float *rw = scratch + 2 * (D > K ? D : K), *gt = rw + K, sc;
-            armorm_head(m, h, p, rw, gt, &sc, scratch);
+            armorm_head(m, h, pe, rw, gt, &sc, scratch);
             if (out->rewards) memcpy(out->rewards + bi * K, rw, sizeof(float) * (size_t)K);
             if (out->gating_output) memcpy(out->gating_output + bi * K, gt, sizeof(float) * (size_t)K);
             if (out->score) out->score[bi] = sc;
+            if (out->logits) out->logits[bi] = sc;  // the reference's ArmoRM returns logits = score
         } else if (want_seqcls) {
             seqcls_head(m, h, logits);
             if (out->logits) memcpy(out->logits + bi * c->num_labels, logits, sizeof(float) * (size_t)c->num_labels);

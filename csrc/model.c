@@ -370,10 +370,7 @@ int model_load(Model *m, const Config *cfg, const char *const *paths, int n_path
             if (!x) {
                 if (is_ignored_buffer(st->name)) continue;
                 arm_fail(e, "%s: unexpected tensor '%s' (not part of a %s checkpoint with this config)",
-                         sf->path, st->name,
-                         c->arch == ARCH_ARMORM ? "LlamaForRewardModelWithGating"
-                         : c->arch == ARCH_SEQCLS ? "LlamaForSequenceClassification"
-                         : c->arch == ARCH_CAUSALLM ? "LlamaForCausalLM" : "LlamaModel");
+                         sf->path, st->name, arch_name(c->arch));
                 goto fail;
             }
             if (x->found) {
@@ -479,6 +476,102 @@ const StTensor *model_find_tensor(const Model *m, const char *name) {
     return NULL;
 }
 
+// ---------------------------------------------------------------------------
+// Outputs
+
+const char *const field_names[N_FIELDS] = {"rewards", "gating_output", "score", "logits",
+                                           "hidden_state", "prompt_embedding", "all_hidden"};
+
+float **outputs_slot(Outputs *o, Field f) {
+    switch (f) {
+        case FIELD_REWARDS: return &o->rewards;
+        case FIELD_GATING_OUTPUT: return &o->gating_output;
+        case FIELD_SCORE: return &o->score;
+        case FIELD_LOGITS: return &o->logits;
+        case FIELD_HIDDEN_STATE: return &o->hidden_state;
+        case FIELD_PROMPT_EMBEDDING: return &o->prompt_embedding;
+        default: return &o->all_hidden;
+    }
+}
+
+const char *arch_name(Arch a) {
+    switch (a) {
+        case ARCH_ARMORM: return "LlamaForRewardModelWithGating";
+        case ARCH_SEQCLS: return "LlamaForSequenceClassification";
+        case ARCH_CAUSALLM: return "LlamaForCausalLM";
+        default: return "LlamaModel";
+    }
+}
+
+// The head that runs when the model computes one: ARCH_BACKBONE when none.
+static Arch head_of(const Config *c) {
+    if (!c->compute_head) return ARCH_BACKBONE;
+    return c->arch == ARCH_ARMORM || c->arch == ARCH_SEQCLS ? c->arch : ARCH_BACKBONE;
+}
+
+static const unsigned ARMORM_HEAD_FIELDS = FIELD_BIT(FIELD_REWARDS) | FIELD_BIT(FIELD_GATING_OUTPUT) |
+                                           FIELD_BIT(FIELD_SCORE) | FIELD_BIT(FIELD_LOGITS);
+static const unsigned SEQCLS_HEAD_FIELDS = FIELD_BIT(FIELD_SCORE) | FIELD_BIT(FIELD_LOGITS);
+
+unsigned model_fields(const Config *c) {
+    const unsigned states = FIELD_BIT(FIELD_HIDDEN_STATE) | FIELD_BIT(FIELD_ALL_HIDDEN);
+    switch (head_of(c)) {
+        case ARCH_ARMORM: return ARMORM_HEAD_FIELDS | states | FIELD_BIT(FIELD_PROMPT_EMBEDDING);
+        case ARCH_SEQCLS: return SEQCLS_HEAD_FIELDS | states;
+        default: return states | FIELD_BIT(FIELD_PROMPT_EMBEDDING);
+    }
+}
+
+unsigned model_default_fields(const Config *c, int have_gating_pos) {
+    unsigned f = model_fields(c) & ~FIELD_BIT(FIELD_ALL_HIDDEN);
+    return have_gating_pos ? f : f & ~FIELD_BIT(FIELD_PROMPT_EMBEDDING);
+}
+
+int field_unavailable(const Config *c, const char *name, ArmError *e) {
+    const unsigned avail = model_fields(c);
+    char list[256] = "";
+    size_t o = 0;
+    for (int g = 0; g < N_FIELDS; g++)
+        if (avail & FIELD_BIT(g) && o < sizeof list)
+            o += (size_t)snprintf(list + o, sizeof list - o, "%s%s", o ? ", " : "", field_names[g]);
+    return arm_fail(e, "field '%.100s' is not available for %s%s; available: %s", name, arch_name(c->arch),
+                    c->compute_head ? "" : " without its head", list);
+}
+
+int field_from_name(const char *name) {
+    for (int f = 0; f < N_FIELDS; f++)
+        if (strcmp(name, field_names[f]) == 0) return f;
+    return -1;
+}
+
+int output_plan(const Config *c, unsigned fields, OutputPlan *p, ArmError *e) {
+    const unsigned avail = model_fields(c);
+    for (int f = 0; f < N_FIELDS; f++)
+        if ((fields & FIELD_BIT(f)) && !(avail & FIELD_BIT(f))) return field_unavailable(c, field_names[f], e);
+    const Arch head = head_of(c);
+    const unsigned head_fields = head == ARCH_ARMORM ? ARMORM_HEAD_FIELDS
+                                 : head == ARCH_SEQCLS ? SEQCLS_HEAD_FIELDS : 0;
+    p->fields = fields;
+    p->head = fields & head_fields ? head : ARCH_BACKBONE;
+    // the ArmoRM head's gating network reads the state at the gating position
+    p->gating = (fields & FIELD_BIT(FIELD_PROMPT_EMBEDDING)) || p->head == ARCH_ARMORM;
+    return 0;
+}
+
+int output_shape(const Config *c, Field f, int64_t B, int64_t T, int64_t shape[2]) {
+    shape[0] = f == FIELD_ALL_HIDDEN ? T : B;
+    switch (f) {
+        case FIELD_REWARDS:
+        case FIELD_GATING_OUTPUT: shape[1] = c->num_objectives; return 2;
+        case FIELD_SCORE: return 1;
+        case FIELD_LOGITS:
+            if (c->arch != ARCH_SEQCLS) return 1;  // ArmoRM: logits is the score
+            shape[1] = c->num_labels;
+            return 2;
+        default: shape[1] = c->hidden_size; return 2;
+    }
+}
+
 int batch_validate(const Model *m, const Batch *b, ArmError *e) {
     const Config *c = &m->cfg;
     if (b->B <= 0) return arm_fail(e, "empty batch");
@@ -504,4 +597,21 @@ int batch_validate(const Model *m, const Batch *b, ArmError *e) {
         }
     }
     return 0;
+}
+
+int batch_check(const Model *m, const Batch *b, const OutputPlan *p, ArmError *e) {
+    if (batch_validate(m, b, e)) return -1;
+    if (p->gating && !b->gating_pos) {
+        if (p->head == ARCH_ARMORM)
+            return arm_fail(e, "gating positions are required for the ArmoRM head (rewards, gating_output, score, "
+                               "logits)");
+        return arm_fail(e, "field 'prompt_embedding' is not available without gating positions");
+    }
+    return 0;
+}
+
+int batch_next_group(const int64_t *cu_seqlens, int B, int first, int64_t max_tokens) {
+    int end = first + 1;
+    while (end < B && cu_seqlens[end + 1] - cu_seqlens[first] <= max_tokens) end++;
+    return end;
 }

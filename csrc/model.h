@@ -138,24 +138,81 @@ typedef struct {
     int64_t index_base;        // number of sequence 0 in error messages (its index in the caller's list)
 } Batch;
 
-// Outputs; any pointer may be NULL when the field is not wanted.
+// ---- Outputs: which fields a model produces and what a call computes.
+// Decided here, once, for both backends, the binding and Python (which reads
+// it through _core.Model.fields / .plan).
+
+// The fields, in the order results are returned (the reference's order).
+typedef enum {
+    FIELD_REWARDS = 0,       // (B, K)          ArmoRM
+    FIELD_GATING_OUTPUT,     // (B, K)          ArmoRM
+    FIELD_SCORE,             // (B)             ArmoRM: gated score; SeqCls: logits[:, 0]
+    FIELD_LOGITS,            // ArmoRM: (B) = score, as the reference; SeqCls: (B, num_labels)
+    FIELD_HIDDEN_STATE,      // (B, H)          final-norm state at the reward position
+    FIELD_PROMPT_EMBEDDING,  // (B, H)          final-norm state at the gating position
+    FIELD_ALL_HIDDEN,        // (T, H)          every token's final-norm state; only when asked for
+    N_FIELDS
+} Field;
+
+#define FIELD_BIT(f) (1u << (f))
+
+extern const char *const field_names[N_FIELDS];
+
+// Output arrays; any pointer may be NULL when the field is not wanted.
 typedef struct {
-    float *hidden_state;       // (B, H) final-norm state at reward_pos
-    float *prompt_embedding;   // (B, H) final-norm state at gating_pos
-    float *rewards;            // (B, K)        ArmoRM
-    float *gating_output;      // (B, K)        ArmoRM
-    float *score;              // (B)           ArmoRM: gated score; SeqCls: logits[:,0]
-    float *logits;             // (B, num_labels) SeqCls
-    float *all_hidden;         // (T, H) every token's final-norm state (embeddings API)
+    float *rewards;
+    float *gating_output;
+    float *score;
+    float *logits;
+    float *hidden_state;
+    float *prompt_embedding;
+    float *all_hidden;
 } Outputs;
 
-// Checks a batch against the model (ids in range, lengths, positions).
-int batch_validate(const Model *m, const Batch *b, ArmError *e);
+// The member of `o` that holds field f.
+float **outputs_slot(Outputs *o, Field f);
 
-// CPU forward pass. `cancel` (may be NULL) is polled between layers; when it
-// returns non-zero the pass stops and the function returns -2.
+// What one call computes for a set of fields.
+typedef struct {
+    unsigned fields;  // FIELD_BIT(f) for every field written
+    Arch head;        // ARCH_ARMORM or ARCH_SEQCLS: that head runs; ARCH_BACKBONE: no head
+    int gating;       // the gating-position rows are read (prompt_embedding, the ArmoRM head)
+} OutputPlan;
+
+// The architecture's class name ("LlamaForRewardModelWithGating", ...).
+const char *arch_name(Arch a);
+// The fields model `c` produces: its head's (when computed), hidden_state,
+// prompt_embedding (not for a sequence-classification head, as the
+// reference), all_hidden.
+unsigned model_fields(const Config *c);
+// The fields a call without a field list gets: every field but all_hidden;
+// prompt_embedding only when gating positions are given.
+unsigned model_default_fields(const Config *c, int have_gating_pos);
+// The field named `name`, or -1.
+int field_from_name(const char *name);
+// Fails with the message naming `name` as a field model `c` does not produce
+// and listing those it does.
+int field_unavailable(const Config *c, const char *name, ArmError *e);
+// Plans a call for `fields`; an error names a field the model does not produce.
+int output_plan(const Config *c, unsigned fields, OutputPlan *p, ArmError *e);
+// Shape of field f for a batch of B sequences and T tokens; returns its rank.
+int output_shape(const Config *c, Field f, int64_t B, int64_t T, int64_t shape[2]);
+
+// Checks a batch against the model (ids in range, lengths, positions) and
+// against the plan (gating positions present when it reads them). Every
+// forward entry point runs it once per call; the backends assume it passed.
+int batch_validate(const Model *m, const Batch *b, ArmError *e);
+int batch_check(const Model *m, const Batch *b, const OutputPlan *p, ArmError *e);
+
+// Sequences [first, returned index) form the next packed group: as many as
+// fit `max_tokens` tokens (at least one, so a longer sequence runs alone).
+int batch_next_group(const int64_t *cu_seqlens, int B, int first, int64_t max_tokens);
+
+// CPU forward pass of a batch that passed batch_check with plan `p`. `cancel`
+// (may be NULL) is polled between layers and inside them; when it returns
+// non-zero the pass stops and the function returns -2.
 typedef int (*CancelFn)(void *ctx);
-int forward_cpu(const Model *m, const Batch *b, Outputs *out, CancelFn cancel,
+int forward_cpu(const Model *m, const Batch *b, const OutputPlan *p, Outputs *out, CancelFn cancel,
                 void *cancel_ctx, ArmError *e);
 
 #endif

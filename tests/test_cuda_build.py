@@ -431,7 +431,7 @@ def test_create_fails_cleanly_before_allocating(host_test):
 
 
 def test_python_sees_the_devices_cuda_sees():
-    """_core.cuda_device_count(): 0 without a GPU (not a crash), nvidia-smi's count with one."""
+    """_core.cuda_device_count() (exposed by csrc/python/module.c): 0 without a GPU (not a crash), nvidia-smi's count with one."""
     code = ("from armorm import _core; f = getattr(_core, 'cuda_device_count', None); "
             "print(-1 if f is None else f(), _core.CUDA_BUILT)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

@@ -1036,7 +1036,8 @@ def test_core_forward_inconsistent_cu_seqlens(model, cu, exc, match):
     (dict(reward_pos=[0, 1], gating_pos=[0]), ValueError, r"reward_pos must have B entries"),
     (dict(), ValueError, r"gating positions are required for the ArmoRM head"),
     (dict(fields=["prompt_embedding"]), ValueError, r"field 'prompt_embedding' is not available"),
-    (dict(gating_pos=[0], fields=["logits"]), ValueError, r"field 'logits' is not available"),
+    (dict(gating_pos=[0], fields=["bogus"]), ValueError, r"field 'bogus' is not available for "
+                                                          r"LlamaForRewardModelWithGating; available: rewards"),
     (dict(gating_pos=[0], fields=5), TypeError, r"fields must be a sequence of str"),
 ])
 def test_core_forward_bad_positions_and_fields(model, kw, exc, match):
@@ -1057,6 +1058,53 @@ def test_core_forward_bad_tokens(model):
         model._core.forward(np.array([5.0, 6.5, 7.0]), cu, gating_pos=[0])
     with pytest.raises(TypeError, match=r"tokens must be a 1-D integer array"):
         model._core.forward(np.array([[5, 6, 7]]), cu, gating_pos=[0])
+
+
+def test_core_plans_the_fields(base, model, tmp_path):
+    """The model description decides the fields; Python reads it (no table of its own)."""
+    core = model._core
+    assert core.fields == ("rewards", "gating_output", "score", "logits", "hidden_state", "prompt_embedding",
+                           "all_hidden")
+    assert core.plan() == (core.fields[:-1], True)  # default: all but all_hidden
+    assert core.plan(["hidden_state"]) == (("hidden_state",), False)
+    assert core.plan(["score"]) == (("score",), True)  # the ArmoRM head reads the gating position
+    assert core.plan(["logits", "hidden_state"]) == (("logits", "hidden_state"), True)
+    with pytest.raises(TypeError, match="fields must be a sequence of str"):
+        core.plan("score")
+    sc_dir = tmp_path / "sc"
+    make_seqcls(sc_dir, hidden=32, heads=4, kv_heads=2, inter=48, layers=1, vocab=VOCAB)
+    with load(sc_dir) as sc:
+        assert sc._core.fields == ("score", "logits", "hidden_state", "all_hidden")
+        assert sc._core.plan() == (("score", "logits", "hidden_state"), False)
+    with load(base, architecture="LlamaModel") as bb:
+        assert bb._core.fields == ("hidden_state", "prompt_embedding", "all_hidden")
+
+
+def test_core_forward_groups_match_one_call(model):
+    """batch_tokens splits a call into packed groups; every row is what one group gives."""
+    seqs = [np.array(ok_seq(n), dtype=np.int32) for n in (9, 30, 4, 17, 12)]
+    toks = np.concatenate(seqs)
+    cu = np.concatenate([[0], np.cumsum([s.size for s in seqs])]).astype(np.int64)
+    gp = np.array([s.size - 3 for s in seqs], dtype=np.int64)
+    fields = ["score", "logits", "hidden_state", "all_hidden"]
+    whole = model._core.forward(toks, cu, None, gp, fields)
+    calls = []
+    grouped = model._core.forward(toks, cu, None, gp, fields, batch_tokens=32,
+                                  progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 5), (2, 5), (4, 5), (5, 5)]  # groups [9] [30] [4 17] [12]: at most 32 tokens each
+    assert list(grouped) == fields
+    for f in fields:
+        np.testing.assert_array_equal(grouped[f], whole[f])
+    np.testing.assert_array_equal(whole["logits"], whole["score"])  # ArmoRM: logits is the score
+    assert whole["all_hidden"].shape == (toks.size, 32)
+
+    def stop(done, total):
+        raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        model._core.forward(toks, cu, None, gp, fields, batch_tokens=32, progress=stop)
+    with pytest.raises(TypeError, match="progress must be callable"):
+        model._core.forward(toks, cu, None, gp, fields, progress=5)
 
 
 def test_core_model_bad_constructor_arguments(base, model):

@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..display import Report, ReportView
+
 SECTIONS: Dict[str, Dict[str, int]] = {
     "Chat": {"alpacaeval-easy": 100, "alpacaeval-length": 95, "alpacaeval-hard": 95, "mt-bench-easy": 28,
              "mt-bench-med": 40},
@@ -88,8 +90,30 @@ def section_scores(acc: Mapping[str, float], prior_sets: Optional[Union[float, M
     return {"sections": sections, "prior_sets": prior, "score_4": score4, "score": score, "missing": missing}
 
 
+class RewardBenchReport(Report):
+    """`evaluate_scores`' result: the dict the JSON file holds; in Jupyter, the sections and subsets as a table."""
+
+    title = "RewardBench"
+
+    def view(self) -> ReportView:
+        subs = self.get("subsets", {})
+        sec = self.get("sections", {})
+
+        def rows(names: Sequence[str]) -> List[Tuple[str, Optional[float], str]]:
+            return [(s, 100.0 * subs[s]["accuracy"], f"{subs[s]['correct']}/{subs[s]['count']}")
+                    for s in names if s in subs]
+        score_name = "Score" if self.get("score") is not None else "Score (4 sections)"
+        headline = [(score_name, self["score"] if self.get("score") is not None else self.get("score_4"))]
+        headline += [(name, sec.get(name)) for name in SECTIONS] + [("Prior Sets", self.get("prior_sets"))]
+        groups = [(name, sec.get(name), rows(list(counts))) for name, counts in SECTIONS.items()]
+        groups.append(("Prior Sets", self.get("prior_sets"), rows(PRIOR_SUBSETS)))
+        groups.append(("other", None, rows(self.get("unknown_subsets", []))))
+        return ReportView(self.title, headline, [g for g in groups if g[2]], notes(self), detail="correct")
+
+
 def evaluate_scores(subsets: Sequence[str], chosen: Sequence[float], rejected: Sequence[float],
-                    prior_sets: Optional[Union[float, Mapping[str, float]]] = None) -> Dict[str, Any]:
+                    prior_sets: Optional[Union[float, Mapping[str, float]]] = None) -> RewardBenchReport:
+    """Per-subset accuracies, sections and scores (`section_scores`) of scored pairs; a dict."""
     per = subset_accuracies(subsets, chosen, rejected)
     unknown = sorted(s for s in per if s not in EXAMPLE_COUNTS and s not in PRIOR_SUBSETS)
     prior_from_rows = {s: per[s]["accuracy"] for s in PRIOR_SUBSETS if s in per}
@@ -99,7 +123,7 @@ def evaluate_scores(subsets: Sequence[str], chosen: Sequence[float], rejected: S
     res["subsets"] = per
     res["unknown_subsets"] = unknown
     res["rows"] = len(subsets)
-    return res
+    return RewardBenchReport(res)
 
 
 def format_table(res: Mapping[str, Any]) -> str:
@@ -113,11 +137,17 @@ def format_table(res: Mapping[str, Any]) -> str:
     lines = [head, row]
     if res["score"] is None and res["score_4"] is not None:
         lines.append("Score = mean of the four sections (no prior sets given)")
-    for name, miss in res.get("missing", {}).items():
-        lines.append(f"note: {name} lacks subset(s) {', '.join(miss)}; weighted over the present ones")
-    if res.get("unknown_subsets"):
-        lines.append(f"note: subsets not in any section: {', '.join(res['unknown_subsets'])}")
+    lines += [f"note: {n}" for n in notes(res)]
     return "\n".join(lines)
+
+
+def notes(res: Mapping[str, Any]) -> List[str]:
+    """What a reader of the figures must know: missing and unknown subsets."""
+    out = [f"{name} lacks subset(s) {', '.join(miss)}; weighted over the present ones"
+           for name, miss in res.get("missing", {}).items()]
+    if res.get("unknown_subsets"):
+        out.append(f"subsets not in any section: {', '.join(res['unknown_subsets'])}")
+    return out
 
 
 # --------------------------------------------------------------------------- inputs
@@ -161,9 +191,10 @@ def read_scores_file(path: str) -> Tuple[List[str], np.ndarray, np.ndarray]:
     return subsets, np.asarray(c), np.asarray(r)
 
 
-def scores_from_embeddings(embeddings: Any, regression: str, gating: str) -> Tuple[List[str], np.ndarray, np.ndarray]:
-    """Scores of prepare-stage2 files of RewardBench with the head computed from the parts."""
-    from .stage2 import head_scores, load_gating, load_regression, read_pairs
+def load_head(regression: str, gating: str) -> Tuple[np.ndarray, Dict[str, np.ndarray], np.ndarray, Dict[str, Any]]:
+    """(regression weight [K, H], gating params, reward_transform_matrix, head config) of training's two
+    output files, checked against each other."""
+    from .stage2 import load_gating, load_regression
     W, _ = load_regression(regression)
     params, T, hc = load_gating(gating)
     if W.shape[0] != T.shape[0]:
@@ -171,6 +202,13 @@ def scores_from_embeddings(embeddings: Any, regression: str, gating: str) -> Tup
     if hc["input_dim"] != W.shape[1]:
         raise ValueError(f"the gating network takes {hc['input_dim']} inputs but the regression hidden size is "
                          f"{W.shape[1]}")
+    return W, params, T, hc
+
+
+def scores_from_embeddings(embeddings: Any, regression: str, gating: str) -> Tuple[List[str], np.ndarray, np.ndarray]:
+    """Scores of prepare-stage2 files of RewardBench with the head computed from the parts."""
+    from .stage2 import head_scores, read_pairs
+    W, params, T, hc = load_head(regression, gating)
     data = read_pairs(embeddings, W)
     if data.subsets is None:
         raise ValueError("the embedding files have no 'subset' column; prepare them from RewardBench's filtered split")

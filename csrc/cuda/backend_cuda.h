@@ -41,14 +41,14 @@ int cuda_model_create(CudaModel **out, const Model *m, int device, ArmError *e);
 // (cuda_forward grows them on demand too; this lets a caller fail early).
 int cuda_model_reserve(CudaModel *cm, int64_t max_tokens, ArmError *e);
 
-// Forward pass of one packed batch; same contract and outputs as forward_cpu
-// (minus cancellation). One host-to-device copy of the batch's token ids,
-// positions and offsets; one device-to-host copy of every requested output.
-// Returns 0; -1 when the batch is invalid (batch_validate's checks and
-// messages, as forward_cpu); CUDA_ERR_DEVICE when a CUDA or cuBLAS call failed
-// (the message names the call, file:line and the library's error).
+// Forward pass of one packed batch that passed batch_check with plan `p`;
+// same contract and outputs as forward_cpu (minus cancellation). One
+// host-to-device copy of the batch's token ids, positions and offsets; one
+// device-to-host copy of every requested output. Returns 0, or
+// CUDA_ERR_DEVICE when a CUDA or cuBLAS call failed (the message names the
+// call, file:line and the library's error).
 #define CUDA_ERR_DEVICE (-3)
-int cuda_forward(CudaModel *cm, const Model *m, const Batch *b, Outputs *out, ArmError *e);
+int cuda_forward(CudaModel *cm, const Model *m, const Batch *b, const OutputPlan *p, Outputs *out, ArmError *e);
 
 // Frees every device and pinned host buffer; NULL is fine.
 void cuda_model_free(CudaModel *cm);

@@ -149,6 +149,7 @@ static void scatter_outputs(const CudaModel *cm, const CudaBatchLayout *bl, cons
         copy_out(out->rewards, r + bl->rewards, B * K);
         copy_out(out->gating_output, r + bl->gating, B * K);
         copy_out(out->score, r + bl->score, B);
+        copy_out(out->logits, r + bl->score, B);  // the reference's ArmoRM returns logits = score
     } else if (w->seqcls) {
         copy_out(out->logits, r + bl->logits, B * c->num_labels);
         copy_out(out->score, r + bl->score, B);
@@ -211,18 +212,13 @@ static int same_shape(const Config *a, const Config *b) {
            a->num_labels == b->num_labels && a->attention_bias == b->attention_bias && a->mlp_bias == b->mlp_bias;
 }
 
-extern "C" int cuda_forward(CudaModel *cm, const Model *m, const Batch *b, Outputs *out, ArmError *e) {
+extern "C" int cuda_forward(CudaModel *cm, const Model *m, const Batch *b, const OutputPlan *p, Outputs *out,
+                            ArmError *e) {
     if (!cm) return arm_fail(e, "cuda: the model is not on a GPU");
     const Config *c = &cm->cfg;
     if (!same_shape(c, &m->cfg)) return arm_fail(e, "internal error: cuda_forward called with another model");
-    if (batch_validate(m, b, e)) return -1;
-    Want w;
-    w.armorm = c->arch == ARCH_ARMORM && m->cfg.compute_head && (out->rewards || out->gating_output || out->score);
-    w.seqcls = c->arch == ARCH_SEQCLS && m->cfg.compute_head && (out->logits || out->score);
-    w.gating = b->gating_pos != NULL;
-    w.all_hidden = out->all_hidden != NULL;
-    if ((w.armorm || out->prompt_embedding) && !b->gating_pos)
-        return arm_fail(e, "gating positions are required for the ArmoRM head and prompt_embedding");
+    // what to compute is the model description's plan (output_plan); the batch passed batch_check
+    const Want w = {p->head == ARCH_ARMORM, p->head == ARCH_SEQCLS, p->gating, out->all_hidden != NULL};
     pthread_mutex_lock(&cm->lock);
     const int rc = forward_locked(cm, b, out, &w, e);
     pthread_mutex_unlock(&cm->lock);

@@ -1,24 +1,19 @@
-// module.c: the CPython face of the core (armorm._core).
+// module.c: armorm._core, the CPython face of the core: the module and its Model type.
 //
 // Model(paths, config, dtype, num_threads) maps and validates a checkpoint;
-// Model.forward(...) runs one packed batch with the GIL released and returns
-// a dict of NumPy arrays. Every C error becomes a Python exception carrying
-// the core's message: ValueError for bad checkpoints and inputs, MemoryError
-// for allocation failures, KeyboardInterrupt when Ctrl-C arrives mid-batch.
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
-#include <numpy/arrayobject.h>
+// Model.forward(...) checks a whole call once, then runs it in packed groups
+// with the GIL released and returns a dict of NumPy arrays. Every C error
+// becomes a Python exception carrying the core's message: ValueError for bad
+// checkpoints and inputs, MemoryError for allocation failures,
+// KeyboardInterrupt when Ctrl-C arrives mid-batch. The other files of this
+// folder add the safetensors reader (safetensors_file.c) and the array
+// operations training uses (numeric.c).
+#define ARMORM_BINDING_IMPORTS_ARRAY
+#include "binding.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #include <string.h>
-#include "model.h"
-#include "cpu/adamw.h"
-#include "cpu/gemm_general.h"
 #ifdef ARMORM_WITH_CUDA
-#include "cuda/backend_cuda.h"
+#include "../cuda/backend_cuda.h"
 #else
 typedef struct CudaModel CudaModel;
 #endif
@@ -44,7 +39,7 @@ static void free_cuda(PyModel *self) {
     self->cuda = NULL;
 }
 
-static PyObject *raise_arm(const ArmError *e) {
+PyObject *raise_arm(const ArmError *e) {
     if (strncmp(e->msg, "out of memory", 13) == 0) return PyErr_Format(PyExc_MemoryError, "%s", e->msg);
     return PyErr_Format(PyExc_ValueError, "%s", e->msg);
 }
@@ -268,22 +263,28 @@ static void batch_arrays_clear(BatchArrays *a) {
 static int parse_batch(PyObject *tok_o, PyObject *cu_o, PyObject *rp_o, PyObject *gp_o, long long base,
                        BatchArrays *a, Batch *b) {
     memset(a, 0, sizeof *a);
-    // Tokens are read as int64 with numpy's safe casting (floats are refused) and range-checked
-    // before narrowing: a forced cast to int32 would silently wrap 2**32 to the valid id 0.
-    PyArrayObject *t64 = as_i64_1d(tok_o, "tokens");
-    if (!t64) return -1;
-    npy_intp nt = PyArray_DIM(t64, 0);
-    const int64_t *src = PyArray_DATA(t64);
-    for (npy_intp i = 0; i < nt; i++)
-        if (src[i] < INT32_MIN || src[i] > INT32_MAX) {  // smaller ones: batch_validate names sequence and position
-            PyErr_Format(PyExc_ValueError, "tokens[%lld]: token id %lld is outside the embedding",
-                         (long long)i, (long long)src[i]);
-            Py_DECREF(t64);
-            return -1;
-        }
-    a->tok = (PyArrayObject *)PyArray_FROMANY((PyObject *)t64, NPY_INT32, 1, 1,
-                                              NPY_ARRAY_CARRAY_RO | NPY_ARRAY_FORCECAST);
-    Py_DECREF(t64);
+    if (PyArray_Check(tok_o) && PyArray_TYPE((PyArrayObject *)tok_o) == NPY_INT32) {
+        // int32 ids, as armorm.model hands them: taken as they are (no copy when contiguous)
+        a->tok = (PyArrayObject *)PyArray_FROMANY(tok_o, NPY_INT32, 1, 1, NPY_ARRAY_CARRAY_RO);
+        if (!a->tok) PyErr_Format(PyExc_TypeError, "tokens must be a 1-D integer array");
+    } else {
+        // Other ids are read as int64 with numpy's safe casting (floats are refused) and range-checked
+        // before narrowing: a forced cast to int32 would silently wrap 2**32 to the valid id 0.
+        PyArrayObject *t64 = as_i64_1d(tok_o, "tokens");
+        if (!t64) return -1;
+        npy_intp nt = PyArray_DIM(t64, 0);
+        const int64_t *src = PyArray_DATA(t64);
+        for (npy_intp i = 0; i < nt; i++)
+            if (src[i] < INT32_MIN || src[i] > INT32_MAX) {  // smaller ones: batch_validate names sequence and position
+                PyErr_Format(PyExc_ValueError, "tokens[%lld]: token id %lld is outside the embedding",
+                             (long long)i, (long long)src[i]);
+                Py_DECREF(t64);
+                return -1;
+            }
+        a->tok = (PyArrayObject *)PyArray_FROMANY((PyObject *)t64, NPY_INT32, 1, 1,
+                                                  NPY_ARRAY_CARRAY_RO | NPY_ARRAY_FORCECAST);
+        Py_DECREF(t64);
+    }
     if (!a->tok) return -1;
     if (!(a->cu = as_i64_1d(cu_o, "cu_seqlens"))) return -1;
     const npy_intp T = PyArray_DIM(a->tok, 0), nb = PyArray_DIM(a->cu, 0) - 1;
@@ -336,63 +337,142 @@ static PyObject *PyModel_validate(PyModel *self, PyObject *args, PyObject *kw) {
     return res;
 }
 
-static PyObject *PyModel_forward(PyModel *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"tokens", "cu_seqlens", "reward_pos", "gating_pos", "fields", "index_base", NULL};
-    PyObject *tok_o, *cu_o, *rp_o = Py_None, *gp_o = Py_None, *fields = NULL;
-    long long base = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOOL", kwlist, &tok_o, &cu_o, &rp_o, &gp_o, &fields, &base))
-        return NULL;
+// A field list (None: the model's default for a batch with or without gating
+// positions) as FIELD_BIT()s; a name the model does not produce is a ValueError
+// listing those it does.
+static int parse_fields(const Config *c, PyObject *fields, int have_gating_pos, unsigned *bits) {
+    if (!fields || fields == Py_None) {
+        *bits = model_default_fields(c, have_gating_pos);
+        return 0;
+    }
+    PyObject *seq = PyUnicode_Check(fields) ? NULL : PySequence_Fast(fields, "fields must be a sequence of str");
+    if (!seq) {
+        if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_TypeError, "fields must be a sequence of str");
+        }
+        return -1;
+    }
+    *bits = 0;
+    int rc = 0;
+    for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(seq) && rc == 0; j++) {
+        PyObject *o = PySequence_Fast_GET_ITEM(seq, j);
+        const char *name = PyUnicode_Check(o) ? PyUnicode_AsUTF8(o) : NULL;
+        if (!name) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_TypeError, "fields must be a sequence of str");
+            rc = -1;
+            break;
+        }
+        const int f = field_from_name(name);
+        if (f < 0) {
+            ArmError e = {{0}};
+            field_unavailable(c, name, &e);
+            raise_arm(&e);
+            rc = -1;
+        } else {
+            *bits |= FIELD_BIT(f);
+        }
+    }
+    Py_DECREF(seq);
+    return rc;
+}
+
+static PyObject *PyModel_plan(PyModel *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"fields", NULL};
+    PyObject *fields = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O", kwlist, &fields)) return NULL;
     if (check_loaded(self)) return NULL;
     const Config *c = &self->model.cfg;
-    BatchArrays ba;
-    Batch b;
-    PyObject *result = NULL, *arrays[7] = {0};
-    static const char *names[7] = {"hidden_state", "prompt_embedding", "rewards", "gating_output",
-                                   "score", "logits", "all_hidden"};
-    if (parse_batch(tok_o, cu_o, rp_o, gp_o, base, &ba, &b)) goto done;
-    const npy_intp T = PyArray_DIM(ba.tok, 0), nb = b.B;
-    PyArrayObject *gp = ba.gp;
-    const npy_intp H = c->hidden_size, K = c->num_objectives, NL = c->num_labels;
-    npy_intp shapes[7][2] = {{nb, H}, {nb, H}, {nb, K}, {nb, K}, {nb, 0}, {nb, NL}, {T, H}};
-    int ndims[7] = {2, 2, 2, 2, 1, 2, 2};
-    int allowed[7] = {1, gp != NULL, c->arch == ARCH_ARMORM, c->arch == ARCH_ARMORM,
-                      c->arch == ARCH_ARMORM || c->arch == ARCH_SEQCLS, c->arch == ARCH_SEQCLS, 1};
-    float *ptr[7] = {0};
-    PyObject *fseq = fields ? PySequence_Fast(fields, "fields must be a sequence of str") : NULL;
-    if (fields && !fseq) goto done;
-    for (int i = 0; i < 7; i++) {
-        int want = 0;
-        if (!fseq) {
-            want = allowed[i] && i != 6;
-        } else {
-            for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(fseq); j++) {
-                PyObject *s = PySequence_Fast_GET_ITEM(fseq, j);
-                if (PyUnicode_Check(s) && PyUnicode_CompareWithASCIIString(s, names[i]) == 0) want = 1;
-            }
-            if (want && !allowed[i]) {
-                Py_DECREF(fseq);
-                PyErr_Format(PyExc_ValueError, "field '%s' is not available for this model or batch", names[i]);
-                goto done;
-            }
-        }
-        if (!want) continue;
-        arrays[i] = PyArray_ZEROS(ndims[i], shapes[i], NPY_FLOAT32, 0);
-        if (!arrays[i]) { Py_XDECREF(fseq); goto done; }
-        ptr[i] = PyArray_DATA((PyArrayObject *)arrays[i]);
-    }
-    Py_XDECREF(fseq);
-    Outputs out = {ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], ptr[5], ptr[6]};
+    unsigned bits;
+    OutputPlan p;
     ArmError e = {{0}};
+    if (parse_fields(c, fields, 1, &bits)) return NULL;
+    if (output_plan(c, bits, &p, &e)) return raise_arm(&e);
+    PyObject *names = PyTuple_New(__builtin_popcount(p.fields));
+    if (!names) return NULL;
+    for (int f = 0, i = 0; f < N_FIELDS; f++)
+        if (p.fields & FIELD_BIT(f)) {
+            PyObject *n = PyUnicode_FromString(field_names[f]);
+            if (!n) { Py_DECREF(names); return NULL; }
+            PyTuple_SET_ITEM(names, i++, n);
+        }
+    return Py_BuildValue("(NO)", names, p.gating ? Py_True : Py_False);
+}
+
+// One packed group of the call on the model's backend, with the GIL released.
+static int run_backend(PyModel *self, const Batch *b, const OutputPlan *p, Outputs *o, ArmError *e) {
     int r;
-    self->busy++;
     Py_BEGIN_ALLOW_THREADS
 #ifdef ARMORM_WITH_CUDA
     if (self->cuda)
-        r = cuda_forward(self->cuda, &self->model, &b, &out, &e);
+        r = cuda_forward(self->cuda, &self->model, b, p, o, e);
     else
 #endif
-        r = forward_cpu(&self->model, &b, &out, cancel_check, NULL, &e);
+        r = forward_cpu(&self->model, b, p, o, cancel_check, NULL, e);
     Py_END_ALLOW_THREADS
+    return r;
+}
+
+static PyObject *PyModel_forward(PyModel *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"tokens", "cu_seqlens", "reward_pos", "gating_pos", "fields", "index_base",
+                             "batch_tokens", "progress", NULL};
+    PyObject *tok_o, *cu_o, *rp_o = Py_None, *gp_o = Py_None, *fields = Py_None, *progress = Py_None;
+    long long base = 0, budget = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOOL$LO", kwlist, &tok_o, &cu_o, &rp_o, &gp_o, &fields, &base,
+                                     &budget, &progress))
+        return NULL;
+    if (check_loaded(self)) return NULL;
+    if (progress != Py_None && !PyCallable_Check(progress))
+        return PyErr_Format(PyExc_TypeError, "progress must be callable or None");
+    const Config *c = &self->model.cfg;
+    BatchArrays ba;
+    Batch b;
+    OutputPlan plan;
+    ArmError e = {{0}};
+    PyObject *result = NULL, *arrays[N_FIELDS] = {0};
+    int64_t *cu = NULL;
+    unsigned bits;
+    if (parse_batch(tok_o, cu_o, rp_o, gp_o, base, &ba, &b)) goto done;
+    if (parse_fields(c, fields, b.gating_pos != NULL, &bits)) goto done;
+    // every check, on the whole call, before any compute
+    if (output_plan(c, bits, &plan, &e) || batch_check(&self->model, &b, &plan, &e)) {
+        raise_arm(&e);
+        goto done;
+    }
+    const int64_t T = b.cu_seqlens[b.B];
+    int64_t row[N_FIELDS];  // floats per sequence (per token for all_hidden)
+    for (int f = 0; f < N_FIELDS; f++) {
+        if (!(plan.fields & FIELD_BIT(f))) continue;
+        int64_t shape[2];
+        const int nd = output_shape(c, (Field)f, b.B, T, shape);
+        npy_intp dims[2] = {(npy_intp)shape[0], nd > 1 ? (npy_intp)shape[1] : 0};
+        row[f] = nd > 1 ? shape[1] : 1;
+        if (!(arrays[f] = PyArray_ZEROS(nd, dims, NPY_FLOAT32, 0))) goto done;
+    }
+    cu = PyMem_Malloc(sizeof *cu * (size_t)(b.B + 1));
+    if (!cu) { PyErr_NoMemory(); goto done; }
+    // packed groups of at most batch_tokens tokens (0: the whole call at once), each run on the backend
+    self->busy++;
+    int r = 0;
+    for (int first = 0, end; first < b.B && r == 0; first = end) {
+        end = budget > 0 ? batch_next_group(b.cu_seqlens, b.B, first, budget) : b.B;
+        const int64_t t0 = b.cu_seqlens[first];
+        for (int i = first; i <= end; i++) cu[i - first] = b.cu_seqlens[i] - t0;
+        const Batch g = {b.tokens + t0, cu, end - first, b.reward_pos ? b.reward_pos + first : NULL,
+                         b.gating_pos ? b.gating_pos + first : NULL, b.index_base + first};
+        Outputs o = {0};
+        for (int f = 0; f < N_FIELDS; f++)
+            if (arrays[f])
+                *outputs_slot(&o, (Field)f) = (float *)PyArray_DATA((PyArrayObject *)arrays[f]) +
+                                              (f == FIELD_ALL_HIDDEN ? t0 : first) * row[f];
+        r = run_backend(self, &g, &plan, &o, &e);
+        if (r == 0 && progress != Py_None) {
+            PyObject *pr = PyObject_CallFunction(progress, "ii", end, b.B);
+            if (pr) Py_DECREF(pr);
+            else r = -4;  // the callback raised
+        }
+    }
     self->busy--;
 #ifdef ARMORM_WITH_CUDA
     if (r == CUDA_ERR_DEVICE) {
@@ -404,15 +484,32 @@ static PyObject *PyModel_forward(PyModel *self, PyObject *args, PyObject *kw) {
         if (!PyErr_Occurred()) PyErr_SetNone(PyExc_KeyboardInterrupt);
         goto done;
     }
+    if (r == -4) goto done;
     if (r) { raise_arm(&e); goto done; }
     result = PyDict_New();
     if (!result) goto done;
-    for (int i = 0; i < 7; i++)
-        if (arrays[i] && PyDict_SetItemString(result, names[i], arrays[i])) { Py_CLEAR(result); goto done; }
+    for (int f = 0; f < N_FIELDS; f++)
+        if (arrays[f] && PyDict_SetItemString(result, field_names[f], arrays[f])) { Py_CLEAR(result); goto done; }
 done:
-    for (int i = 0; i < 7; i++) Py_XDECREF(arrays[i]);
+    for (int f = 0; f < N_FIELDS; f++) Py_XDECREF(arrays[f]);
+    PyMem_Free(cu);
     batch_arrays_clear(&ba);
     return result;
+}
+
+static PyObject *PyModel_get_fields(PyModel *self, void *unused) {
+    (void)unused;
+    if (check_loaded(self)) return NULL;
+    const unsigned bits = model_fields(&self->model.cfg);
+    PyObject *names = PyTuple_New(__builtin_popcount(bits));
+    if (!names) return NULL;
+    for (int f = 0, i = 0; f < N_FIELDS; f++)
+        if (bits & FIELD_BIT(f)) {
+            PyObject *n = PyUnicode_FromString(field_names[f]);
+            if (!n) { Py_DECREF(names); return NULL; }
+            PyTuple_SET_ITEM(names, i++, n);
+        }
+    return names;
 }
 
 static PyObject *tensor_to_array(const StTensor *t) {
@@ -476,7 +573,13 @@ static PyObject *PyModel_get_device(PyModel *self, void *c) {
 
 static PyMethodDef PyModel_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))PyModel_forward, METH_VARARGS | METH_KEYWORDS,
-     "forward(tokens, cu_seqlens, reward_pos=None, gating_pos=None, fields=None, index_base=0) -> dict of arrays"},
+     "forward(tokens, cu_seqlens, reward_pos=None, gating_pos=None, fields=None, index_base=0, *, batch_tokens=0,\n"
+     "progress=None) -> dict of arrays, one row per sequence. Checks the whole call, then runs it in packed\n"
+     "groups of consecutive sequences of at most batch_tokens tokens (0: one group; a longer sequence runs\n"
+     "alone), calling progress(sequences_done, sequences_total) after each."},
+    {"plan", (PyCFunction)(void (*)(void))PyModel_plan, METH_VARARGS | METH_KEYWORDS,
+     "plan(fields=None) -> (fields, needs_gating_positions): what forward computes for `fields` (None: the\n"
+     "model's default) and whether it reads the gating positions; ValueError for a field the model lacks"},
     {"validate", (PyCFunction)(void (*)(void))PyModel_validate, METH_VARARGS | METH_KEYWORDS,
      "validate(tokens, cu_seqlens, reward_pos=None, gating_pos=None, index_base=0): the checks forward makes, "
      "without computing"},
@@ -490,6 +593,9 @@ static PyGetSetDef PyModel_getset[] = {{"closed", (getter)PyModel_get_closed, NU
                                         "matmul path chosen at load: portable, avx2, avx512 or avx512bf16 "
                                         "(ARMORM_KERNEL forces one)", NULL},
                                        {"device", (getter)PyModel_get_device, NULL, "'cpu' or 'cuda:N'", NULL},
+                                       {"fields", (getter)PyModel_get_fields, NULL,
+                                        "the output fields this model produces, in the order forward returns them",
+                                        NULL},
                                        {NULL, NULL, NULL, NULL, NULL}};
 
 static PyTypeObject PyModelType = {
@@ -504,59 +610,6 @@ static PyTypeObject PyModelType = {
     .tp_getset = PyModel_getset,
 };
 
-// ---- module functions -----------------------------------------------------
-
-static PyObject *st_to_list(const StFile *f) {
-    PyObject *lst = PyList_New(f->n_tensors);
-    if (!lst) return NULL;
-    for (int i = 0; i < f->n_tensors; i++) {
-        const StTensor *t = &f->tensors[i];
-        PyObject *shape = PyTuple_New(t->ndim);
-        if (!shape) { Py_DECREF(lst); return NULL; }
-        for (int d = 0; d < t->ndim; d++) PyTuple_SET_ITEM(shape, d, PyLong_FromLongLong(t->shape[d]));
-        PyObject *item = Py_BuildValue("{s:s,s:s,s:N,s:(KK)}", "name", t->name, "dtype", t->dtype_name, "shape",
-                                       shape, "data_offsets", (unsigned long long)t->begin,
-                                       (unsigned long long)t->end);
-        if (!item) { Py_DECREF(lst); return NULL; }
-        PyList_SET_ITEM(lst, i, item);
-    }
-    return lst;
-}
-
-static PyObject *py_inspect_safetensors(PyObject *m, PyObject *arg) {
-    (void)m;
-    PyObject *enc;
-    if (!PyUnicode_FSConverter(arg, &enc)) return NULL;
-    StFile f;
-    memset(&f, 0, sizeof f);
-    f.fd = -1;
-    char err[ARM_ERRLEN] = {0};
-    int r;
-    Py_BEGIN_ALLOW_THREADS
-    r = st_open(&f, PyBytes_AS_STRING(enc), err, sizeof err);
-    Py_END_ALLOW_THREADS
-    Py_DECREF(enc);
-    if (r) return PyErr_Format(PyExc_ValueError, "%s", err);
-    PyObject *lst = st_to_list(&f);
-    st_close(&f);
-    return lst;
-}
-
-static PyObject *py_parse_safetensors_bytes(PyObject *m, PyObject *arg) {
-    (void)m;
-    Py_buffer view;
-    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE)) return NULL;
-    StFile f;
-    memset(&f, 0, sizeof f);
-    f.fd = -1;
-    char err[ARM_ERRLEN] = {0};
-    int r = st_parse_buffer(&f, view.buf, (size_t)view.len, "<bytes>", err, sizeof err);
-    PyObject *res = r ? PyErr_Format(PyExc_ValueError, "%s", err) : st_to_list(&f);
-    st_close(&f);
-    PyBuffer_Release(&view);
-    return res;
-}
-
 static PyObject *py_cuda_device_count(PyObject *m, PyObject *unused) {
     (void)m;
     (void)unused;
@@ -567,177 +620,9 @@ static PyObject *py_cuda_device_count(PyObject *m, PyObject *unused) {
 #endif
 }
 
-// ---- gemm: op(a) @ op(b) with bf16 operands (training) --------------------
-
-// a 2-D C-contiguous float32 or uint16 (bf16 bits) array as a GemmOperand
-static int to_operand(PyObject *o, const char *name, int trans, GemmOperand *op) {
-    if (!PyArray_Check(o)) {
-        PyErr_Format(PyExc_TypeError, "gemm: %s must be a NumPy array, got %s", name, Py_TYPE(o)->tp_name);
-        return -1;
-    }
-    PyArrayObject *arr = (PyArrayObject *)o;
-    const int t = PyArray_TYPE(arr);
-    if (PyArray_NDIM(arr) != 2) {
-        PyErr_Format(PyExc_ValueError, "gemm: %s must be 2-D, got %d dimensions", name, PyArray_NDIM(arr));
-        return -1;
-    }
-    if (t != NPY_FLOAT32 && t != NPY_UINT16) {
-        PyErr_Format(PyExc_TypeError, "gemm: %s must be float32 or uint16 (bf16 bits)", name);
-        return -1;
-    }
-    if (!PyArray_IS_C_CONTIGUOUS(arr) || !PyArray_ISALIGNED(arr) || PyArray_ISBYTESWAPPED(arr)) {
-        PyErr_Format(PyExc_ValueError, "gemm: %s must be C-contiguous, aligned and native byte order", name);
-        return -1;
-    }
-    op->data = PyArray_DATA(arr);
-    op->dtype = t == NPY_FLOAT32 ? WT_F32 : WT_BF16;
-    op->rows = PyArray_DIM(arr, 0);
-    op->cols = PyArray_DIM(arr, 1);
-    op->trans = trans;
-    return 0;
-}
-
-static int overlaps(PyArrayObject *x, PyObject *y) {
-    if (!PyArray_Check(y)) return 0;
-    const char *a0 = PyArray_BYTES(x), *a1 = a0 + PyArray_NBYTES(x);
-    const char *b0 = PyArray_BYTES((PyArrayObject *)y), *b1 = b0 + PyArray_NBYTES((PyArrayObject *)y);
-    return a0 < b1 && b0 < a1;
-}
-
-static PyObject *py_gemm(PyObject *m, PyObject *args, PyObject *kw) {
-    (void)m;
-    static char *kwlist[] = {"a", "b", "trans_a", "trans_b", "out", "accumulate", "num_threads", "kernel", NULL};
-    PyObject *a, *b, *out = Py_None;
-    int ta = 0, tb = 0, acc = 0, nthreads = 0;
-    const char *kernel = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$ppOpiz", kwlist, &a, &b, &ta, &tb, &out, &acc, &nthreads,
-                                     &kernel))
-        return NULL;
-    GemmOperand oa, ob;
-    if (to_operand(a, "a", ta, &oa) || to_operand(b, "b", tb, &ob)) return NULL;
-    const int64_t M = ta ? oa.cols : oa.rows, K = ta ? oa.rows : oa.cols;
-    const int64_t K2 = tb ? ob.cols : ob.rows, N = tb ? ob.rows : ob.cols;
-    if (K != K2)
-        return PyErr_Format(PyExc_ValueError, "gemm: op(a) is (%lld, %lld) but op(b) is (%lld, %lld): inner sizes differ",
-                            (long long)M, (long long)K, (long long)K2, (long long)N);
-    if (nthreads < 0 || nthreads > 1024)
-        return PyErr_Format(PyExc_ValueError, "gemm: num_threads must be in 0..1024 (0: every core), got %d",
-                            nthreads);
-#ifdef _OPENMP
-    if (nthreads == 0) nthreads = omp_get_num_procs();
-#else
-    if (nthreads == 0) nthreads = 1;
-#endif
-    GemmGeneralPath path = gemm_general_best();
-    if (kernel && strcmp(kernel, "portable") == 0) path = GEMM_GENERAL_PORTABLE;
-    else if (kernel && strcmp(kernel, "auto") != 0 && strcmp(kernel, gemm_general_name(path)) != 0)
-        return PyErr_Format(PyExc_ValueError, "gemm: kernel must be 'auto', 'portable' or (on this CPU) '%s', got '%s'",
-                            gemm_general_name(path), kernel);
-    PyArrayObject *res;
-    if (out == Py_None) {
-        if (acc) return PyErr_Format(PyExc_ValueError, "gemm: accumulate=True needs out=");
-        npy_intp dims[2] = {(npy_intp)M, (npy_intp)N};
-        res = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
-        if (!res) return NULL;
-    } else {
-        if (!PyArray_Check(out) || PyArray_TYPE((PyArrayObject *)out) != NPY_FLOAT32 ||
-            PyArray_NDIM((PyArrayObject *)out) != 2 || PyArray_DIM((PyArrayObject *)out, 0) != M ||
-            PyArray_DIM((PyArrayObject *)out, 1) != N)
-            return PyErr_Format(PyExc_ValueError, "gemm: out must be a float32 array of shape (%lld, %lld)",
-                                (long long)M, (long long)N);
-        res = (PyArrayObject *)out;
-        if (!PyArray_IS_C_CONTIGUOUS(res) || !PyArray_ISALIGNED(res) || !PyArray_ISWRITEABLE(res) ||
-            PyArray_ISBYTESWAPPED(res))
-            return PyErr_Format(PyExc_ValueError, "gemm: out must be C-contiguous, aligned, native and writeable");
-        if (overlaps(res, a) || overlaps(res, b))
-            return PyErr_Format(PyExc_ValueError, "gemm: out must not share memory with a or b");
-        Py_INCREF(res);
-    }
-    int r;
-    float *c = (float *)PyArray_DATA(res);
-    Py_BEGIN_ALLOW_THREADS
-    r = gemm_general(c, &oa, &ob, acc, nthreads, path);
-    Py_END_ALLOW_THREADS
-    if (r) {
-        Py_DECREF(res);
-        return PyErr_NoMemory();
-    }
-    return (PyObject *)res;
-}
-
-// a writeable (or, for g, readable) C-contiguous float32 array of n elements
-static float *f32_data(PyObject *o, const char *name, int writeable, npy_intp *n) {
-    if (!PyArray_Check(o) || PyArray_TYPE((PyArrayObject *)o) != NPY_FLOAT32) {
-        PyErr_Format(PyExc_TypeError, "adamw_update: %s must be a float32 NumPy array", name);
-        return NULL;
-    }
-    PyArrayObject *a = (PyArrayObject *)o;
-    if (!PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISALIGNED(a) || PyArray_ISBYTESWAPPED(a) ||
-        (writeable && !PyArray_ISWRITEABLE(a))) {
-        PyErr_Format(PyExc_ValueError, "adamw_update: %s must be C-contiguous, aligned, native%s", name,
-                     writeable ? " and writeable" : "");
-        return NULL;
-    }
-    if (*n >= 0 && PyArray_SIZE(a) != *n) {
-        PyErr_Format(PyExc_ValueError, "adamw_update: %s has %lld elements, the parameter %lld", name,
-                     (long long)PyArray_SIZE(a), (long long)*n);
-        return NULL;
-    }
-    *n = PyArray_SIZE(a);
-    return (float *)PyArray_DATA(a);
-}
-
-static PyObject *py_adamw_update(PyObject *mod, PyObject *args, PyObject *kw) {
-    (void)mod;
-    static char *kwlist[] = {"param", "grad", "m", "v", "lr", "beta1", "beta2", "eps", "weight_decay", "step",
-                             "num_threads", NULL};
-    PyObject *po, *go, *mo, *vo;
-    AdamWParams hp = {1e-3f, 0.9f, 0.999f, 1e-8f, 1e-2f, 0};  // torch.optim.AdamW's defaults
-    long long step = 0;
-    int nthreads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|$fffffLi", kwlist, &po, &go, &mo, &vo, &hp.lr, &hp.beta1,
-                                     &hp.beta2, &hp.eps, &hp.weight_decay, &step, &nthreads))
-        return NULL;
-    if (step < 1) return PyErr_Format(PyExc_ValueError, "adamw_update: step must be >= 1, got %lld", step);
-    if (nthreads < 1 || nthreads > 1024)
-        return PyErr_Format(PyExc_ValueError, "adamw_update: num_threads must be in 1..1024, got %d", nthreads);
-    hp.step = step;
-    npy_intp n = -1;
-    float *p = f32_data(po, "param", 1, &n), *g = p ? f32_data(go, "grad", 0, &n) : NULL;
-    float *m = g ? f32_data(mo, "m", 1, &n) : NULL, *v = m ? f32_data(vo, "v", 1, &n) : NULL;
-    if (!v) return NULL;
-    PyArrayObject *arrs[4] = {(PyArrayObject *)po, (PyArrayObject *)go, (PyArrayObject *)mo, (PyArrayObject *)vo};
-    for (int i = 0; i < 4; i++)
-        for (int j = i + 1; j < 4; j++)
-            if (overlaps(arrs[i], (PyObject *)arrs[j]))
-                return PyErr_Format(PyExc_ValueError, "adamw_update: param, grad, m and v must not share memory");
-    Py_BEGIN_ALLOW_THREADS
-    adamw_update(p, m, v, g, (int64_t)n, &hp, nthreads);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
-static PyObject *py_gemm_kernel(PyObject *m, PyObject *unused) {
-    (void)m;
-    (void)unused;
-    return PyUnicode_FromString(gemm_general_name(gemm_general_best()));
-}
-
 static PyMethodDef module_methods[] = {
-    {"gemm", (PyCFunction)(void (*)(void))py_gemm, METH_VARARGS | METH_KEYWORDS,
-     "gemm(a, b, *, trans_a=False, trans_b=False, out=None, accumulate=False, num_threads=0, kernel=None)\n"
-     "-> float32 (M, N) = [out +] op(a) @ op(b); operands float32 or uint16 bf16 bits, rounded to bf16,\n"
-     "products summed in fp32 (vdpbf16ps where the CPU has AVX512_BF16, else plain C); num_threads=0: every core"},
-    {"adamw_update", (PyCFunction)(void (*)(void))py_adamw_update, METH_VARARGS | METH_KEYWORDS,
-     "adamw_update(param, grad, m, v, *, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, step,\n"
-     "num_threads=1): one torch.optim.AdamW update of float32 arrays, in place; step counts from 1"},
-    {"gemm_kernel", py_gemm_kernel, METH_NOARGS, "gemm_kernel() -> 'avx512bf16' or 'portable': gemm's path here"},
     {"cuda_device_count", py_cuda_device_count, METH_NOARGS,
      "cuda_device_count() -> number of usable CUDA devices (0 without a driver, a GPU or a CUDA build)"},
-    {"inspect_safetensors", py_inspect_safetensors, METH_O,
-     "inspect_safetensors(path) -> list of {name, dtype, shape, data_offsets}; ValueError on a bad file"},
-    {"parse_safetensors_bytes", py_parse_safetensors_bytes, METH_O,
-     "parse_safetensors_bytes(buf) -> like inspect_safetensors, for an in-memory file (fuzzing)"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "armorm._core",
@@ -752,6 +637,10 @@ PyMODINIT_FUNC PyInit__core(void) {
     Py_INCREF(&PyModelType);
     if (PyModule_AddObject(mod, "Model", (PyObject *)&PyModelType) < 0) {
         Py_DECREF(&PyModelType);
+        Py_DECREF(mod);
+        return NULL;
+    }
+    if (add_safetensors_api(mod) || add_numeric_functions(mod)) {
         Py_DECREF(mod);
         return NULL;
     }
