@@ -395,7 +395,8 @@ _RAY_OPTIONS = ("ray_address", "actors", "threads_per_actor", "device", "batch_r
 
 
 def _add_ray_arguments(s: argparse.ArgumentParser, files: bool) -> None:
-    """--ray and its options (armorm/ray.py; docs/ray.md). `files`: score's file formats and --overwrite."""
+    """--ray and its options (armorm/ray.py; docs/ray.md). `files`: score's batches, file formats and
+    --overwrite (the preparations' unit of work is their --chunk-rows)."""
     g = s.add_argument_group("Ray (pip install 'armorm[ray]'; docs/ray.md)")
     g.add_argument("--ray", action="store_true", help="run on a Ray cluster with Ray Data: a pool of actors, each "
                    "loading the model once")
@@ -408,9 +409,9 @@ def _add_ray_arguments(s: argparse.ArgumentParser, files: bool) -> None:
                    "Ray (default: 1)")
     g.add_argument("--device", choices=["cpu", "cuda"], help="where each actor runs the model; cuda reserves one "
                    "GPU per actor (default: cpu)")
-    g.add_argument("--batch-rows", type=_int_at_least(1), metavar="N", help="rows per Ray Data batch, scored in one packed "
-                   "call; a batch is the unit redone when an actor dies (default: 256)")
     if files:
+        g.add_argument("--batch-rows", type=_int_at_least(1), metavar="N", help="rows per Ray Data batch, scored "
+                       "in one packed call; a batch is the unit redone when an actor dies (default: 256)")
         g.add_argument("--input-format", choices=["parquet", "jsonl"], help="format of --input (default: from "
                        "the file names)")
         g.add_argument("--output-format", choices=["parquet", "jsonl"], help="format of the files written to "

@@ -37,6 +37,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .data import ListSource
+
 try:
     import pyarrow as pa
     import ray
@@ -263,6 +265,207 @@ def add_row_ids(ds: "ray.data.Dataset", column: str = "id") -> "ray.data.Dataset
     return out
 
 
+# =========================================================================== stage-1/2 embedding
+#
+# The single-machine preparation (`armorm.train.stage1.prepare`, `stage2.prepare`) stays the one place that
+# reads, shuffles, shards, validates, tokenizes, chunks and writes: on the driver it runs with a backbone
+# (`_RayBackbone`) whose forward passes come from a Ray Data job, `Embedder` actors that embed whole
+# chunks of the same rows (each chunk through the same public `prepare` on that chunk's records). Until
+# the preparation loop exposes its per-chunk work, this is the adapter between the two (docs/ray.md).
+
+
+class _ChunkSource(ListSource):
+    """The records of one chunk, named in errors as in the whole dataset ("file.jsonl:12")."""
+
+    def __init__(self, records: List[Dict[str, Any]], wheres: List[str]) -> None:
+        super().__init__(records, "chunk", "<chunk>")
+        self._wheres = wheres
+
+    def where(self, row: int) -> str:
+        return self._wheres[int(row)]
+
+
+def _stage_module(stage: int) -> Any:
+    if stage == 1:
+        from .train import stage1
+        return stage1
+    if stage == 2:
+        from .train import stage2
+        return stage2
+    raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+
+
+class Embedder:
+    """A `map_batches` callable class that embeds chunks of dataset rows for stage 1 or stage 2.
+
+    Constructed once per actor: loads the backbone (`model`, weights in
+    `torch_dtype`, `num_threads` threads, `device`) and opens `dataset`
+    (which every node must reach at the same path, or a hub id). Each input
+    row is a chunk, {"chunk": c, "rows": [dataset row indices]}; each output
+    row holds, for the chunk's sequences in the order the preparation runs
+    them, `hidden_state` and (stage 2) `prompt_embedding` as float32 bytes
+    [n, H], with `n` and `hidden` (stage 1: one sequence per row; stage 2:
+    chosen then rejected of each pair short enough for `seq_len`). A bad
+    row raises the preparation's DatasetError naming it ("file.jsonl:12").
+    """
+
+    def __init__(self, model: str, dataset: Any, *, stage: int, split: str = "train",
+                 objectives: Optional[Sequence[str]] = None, seq_len: int = 8192, torch_dtype: str = "bfloat16",
+                 batch_tokens: int = 8192, num_threads: Optional[int] = None, device: str = "cpu",
+                 check_finite: bool = True) -> None:
+        from .data import open_dataset
+        from .model import ArmoRM
+        self.stage = _stage_module(stage)
+        self.options = dict(objectives=objectives) if stage == 1 else dict(seq_len=seq_len)
+        self.batch_tokens = batch_tokens
+        self.source = open_dataset(dataset, split=split)
+        self.backbone = ArmoRM.from_pretrained(model, architecture="LlamaModel", torch_dtype=torch_dtype,
+                                               device_map=_device_map(device), max_batch_tokens=batch_tokens,
+                                               num_threads=num_threads or _default_threads(),
+                                               check_finite=check_finite)
+
+    def __call__(self, batch: Any) -> "pa.Table":
+        import tempfile
+        from .safetensors_io import SafetensorsFile
+        chunks, rows = batch["chunk"].to_pylist(), batch["rows"].to_pylist()
+        out: Dict[str, List[Any]] = {"chunk": [], "n": [], "hidden": [], "hidden_state": [], "prompt_embedding": []}
+        for c, idx in zip(chunks, rows):
+            src = _ChunkSource(self.source.take(idx), [self.source.where(int(r)) for r in idx])
+            with tempfile.TemporaryDirectory(prefix="armorm-chunk-") as tmp:
+                path = self.stage.prepare(self.backbone, src, tmp, seed=None, chunk_rows=len(idx),
+                                          batch_tokens=self.batch_tokens, embeddings_dtype="float32",
+                                          progress=False, quiet=True, **self.options)
+                f = SafetensorsFile(path)
+                emb = np.asarray(f.read("embeddings"), dtype=np.float32) if "embeddings" in f else None
+                pe = np.asarray(f.read("prompt_embeddings"), dtype=np.float32) \
+                    if "prompt_embeddings" in f else None
+            H = emb.shape[-1] if emb is not None else 0
+            hs = emb.reshape(-1, H) if emb is not None else np.zeros((0, 0), np.float32)
+            out["chunk"].append(c)
+            out["n"].append(hs.shape[0])
+            out["hidden"].append(H)
+            out["hidden_state"].append(hs.tobytes())
+            out["prompt_embedding"].append(b"" if pe is None else pe.reshape(-1, H).tobytes())
+        return pa.table({"chunk": pa.array(out["chunk"], pa.int64()), "n": pa.array(out["n"], pa.int64()),
+                         "hidden": pa.array(out["hidden"], pa.int64()),
+                         "hidden_state": pa.array(out["hidden_state"], pa.large_binary()),
+                         "prompt_embedding": pa.array(out["prompt_embedding"], pa.large_binary())})
+
+
+def _ray_backbone_class() -> type:
+    from .model import ArmoRM, RewardOutput
+
+    class _RayBackbone(ArmoRM):
+        """The backbone as the driver's preparation sees it: tokenizer and config from the model directory
+        (weights mapped, never read); each forward pass is the next chunk of the Ray Data job."""
+
+        requested_dtype = "bfloat16"
+        chunks: Any = None
+
+        @property
+        def dtype(self) -> str:  # what the result records, as a run on one machine records it
+            return self.requested_dtype
+
+        def score_sequences(self, sequences: Sequence[Any], reward_pos: Any = None, fields: Any = None,
+                            batch_tokens: Any = None, progress: Any = None, names: Any = None) -> RewardOutput:
+            while True:
+                row = next(self.chunks)
+                if row["n"]:  # a stage-2 chunk whose pairs were all too long is never asked for
+                    break
+            n, H = int(row["n"]), int(row["hidden"])
+            if n != len(sequences):
+                raise RuntimeError(f"chunk {row['chunk']}: the Ray job embedded {n} sequences, the preparation "
+                                   f"asks for {len(sequences)}")
+            out = {"hidden_state": np.frombuffer(row["hidden_state"], np.float32).reshape(n, H)}
+            if row["prompt_embedding"]:
+                out["prompt_embedding"] = np.frombuffer(row["prompt_embedding"], np.float32).reshape(n, H)
+            if progress is not None:
+                progress(n, n)
+            return RewardOutput(**{f: out[f] for f in (fields or out)})
+
+    return _RayBackbone
+
+
+def prepare_dataset(stage: int, model: Union[str, os.PathLike], dataset: Any, output: Union[str, os.PathLike], *,
+                    actors: int = 1, threads_per_actor: int = 1, device: str = "cpu", n_shards: int = 1,
+                    shard_idx: int = 1, split: str = "train", seed: Optional[int] = 0,
+                    shard_mode: str = "contiguous", chunk_rows: Optional[int] = None,
+                    objectives: Optional[Sequence[str]] = None, seq_len: int = 8192, torch_dtype: str = "bfloat16",
+                    batch_tokens: int = 8192, check_finite: bool = True, restart: bool = False,
+                    embedder: type = Embedder, **prepare_kwargs: Any) -> str:
+    """`stage{1,2}.prepare` with its forward passes on a pool of `actors` Ray actors; returns the file's path.
+
+    The file is the one the single-machine preparation writes (same rows,
+    order, values and metadata): that preparation runs here, on the driver,
+    and only the backbone's work is done by `Embedder` actors (or the
+    `embedder` subclass given), one chunk of `chunk_rows` rows per Ray Data
+    batch. `model` and `dataset` must be readable at the same paths on every
+    node. Other arguments are `prepare`'s (name, embeddings_dtype,
+    overwrite, progress, quiet). An interrupted run's chunks are not resumed
+    on Ray: rerun without Ray to finish it, or pass `restart=True`.
+    """
+    from .data import open_dataset
+    from .hub import resolve_model_path
+    mod = _stage_module(stage)
+    chunk_rows = chunk_rows or (1024 if stage == 1 else 512)
+    model = str(resolve_model_path(model))
+    src = open_dataset(dataset, split=split)  # opened once here; the preparation takes it as is
+    name = prepare_kwargs.get("name") or src.name
+    final = os.path.join(os.fspath(output), mod.shard_file_name(name, shard_idx, n_shards))
+    partial = os.path.join(os.fspath(output), f".{os.path.basename(final)}.partial")
+    if os.path.isdir(partial) and not restart and not os.path.exists(final):
+        raise ValueError(f"{partial} holds an interrupted run's chunks, which Ray does not resume: rerun without "
+                         "--ray to finish it on this machine, or pass --restart to start over")
+    rows = mod.shard_rows(len(src), seed=seed, n_shards=n_shards, shard_idx=shard_idx, shard_mode=shard_mode)
+    items = [{"chunk": c, "rows": rows[a:a + chunk_rows].tolist()} for c, a in enumerate(range(0, rows.size,
+                                                                                          chunk_rows))]
+    options = dict(objectives=objectives) if stage == 1 else dict(seq_len=seq_len)
+    job = _ChunkJob(items, embedder, dict(model=model, dataset=_dataset_ref(dataset), stage=stage, split=split,
+                                          torch_dtype=torch_dtype, batch_tokens=batch_tokens,
+                                          num_threads=threads_per_actor, device=device, check_finite=check_finite,
+                                          **options), actors, threads_per_actor, device)
+    backbone = _ray_backbone_class().from_pretrained(model, architecture="LlamaModel", torch_dtype="auto",
+                                                     check_finite=False, num_threads=1)
+    backbone.requested_dtype, backbone.chunks = str(torch_dtype), job
+    try:
+        return mod.prepare(backbone, src, output, n_shards=n_shards, shard_idx=shard_idx, split=split, seed=seed,
+                           shard_mode=shard_mode, chunk_rows=chunk_rows, batch_tokens=batch_tokens,
+                           torch_dtype=torch_dtype, restart=restart, **options, **prepare_kwargs)
+    finally:
+        job.close()
+        backbone.close()
+
+
+class _ChunkJob:
+    """The Ray Data job of a preparation, started when the preparation first needs the backbone (never,
+    when its file is already complete); its chunks' results stream in chunk order."""
+
+    def __init__(self, items: List[Dict[str, Any]], embedder: type, kwargs: Dict[str, Any], actors: int,
+                 threads_per_actor: int, device: str) -> None:
+        self.args = (items, embedder, kwargs, actors, threads_per_actor, device)
+        self.rows: Any = None
+
+    def __next__(self) -> Dict[str, Any]:
+        if self.rows is None:
+            items, embedder, kwargs, actors, threads, device = self.args
+            ds = _map(ray.data.from_items(items), embedder, kwargs, actors, threads, device, batch_rows=1)
+            self.rows = iter(ds.iter_rows())
+        return next(self.rows)
+
+    def close(self) -> None:
+        """Stops the job (a preparation that failed on the driver leaves no actors working)."""
+        close = getattr(self.rows, "close", None)
+        if close is not None:
+            close()
+
+
+def _dataset_ref(dataset: Any) -> Any:
+    """A local dataset path as an absolute path (every node must hold it there); anything else as given."""
+    if isinstance(dataset, (str, os.PathLike)) and os.path.exists(dataset):
+        return os.path.abspath(dataset)
+    return dataset
+
+
 # =========================================================================== files
 
 
@@ -469,14 +672,18 @@ def error_message(e: BaseException) -> str:
 # =========================================================================== the command line
 
 
-def _resources(args: Any) -> Tuple[int, int, str, int]:
+def _show_progress(args: Any) -> bool:
+    return not args.no_progress and (args.progress or sys.stderr.isatty())
+
+
+def _resources(args: Any, ray_progress: bool) -> Tuple[int, int, str]:
+    """--actors, --threads-per-actor and --device, after connecting to (or starting) the cluster."""
     if getattr(args, "threads", None):
         raise ValueError("--threads sets one process's threads; with --ray use --threads-per-actor")
-    actors = args.actors or 1
-    threads = args.threads_per_actor or 1
-    device = args.device or "cpu"
-    _device_map(device)
-    return actors, threads, device, args.batch_rows or DEFAULT_BATCH_ROWS
+    actors, threads, device = args.actors or 1, args.threads_per_actor or 1, args.device or "cpu"
+    connect(args.ray_address, cpus=actors * threads, gpus=actors if device.startswith("cuda") else 0,
+            progress=ray_progress)
+    return actors, threads, device
 
 
 def _model_ref(model: str) -> str:
@@ -503,19 +710,17 @@ def cli_score(args: Any) -> int:
     from .hub import DEFAULT_MODEL
     if not args.input or not args.output:
         raise ValueError("--ray needs --input (files, a directory or a glob) and --output DIR")
-    actors, threads, device, batch_rows = _resources(args)
     paths, fmt = resolve_inputs(args.input, args.input_format)
     out_fmt = args.output_format or fmt
     if not _is_uri(args.output):
         _check_output(args.output, args.overwrite)
-    connect(args.ray_address, cpus=actors * threads, gpus=actors if device.startswith("cuda") else 0,
-            progress=bool(args.progress and not args.no_progress))
+    actors, threads, device = _resources(args, ray_progress=_show_progress(args))  # Ray Data's progress bars
     ds = read_rows(paths, fmt)
     n = _run(ds.count, f"reading {args.input}: ")
     if "id" not in ds.schema().names:
         ds = add_row_ids(ds)
     scored = score_dataset(ds, _model_ref(args.model or DEFAULT_MODEL), actors=actors, threads_per_actor=threads,
-                           device=device, batch_rows=batch_rows, dtype=args.dtype, max_length=args.max_length,
+                           device=device, batch_rows=args.batch_rows or DEFAULT_BATCH_ROWS, dtype=args.dtype, max_length=args.max_length,
                            truncation=not args.no_truncation, batch_tokens=args.batch_tokens, top_k=args.top_k,
                            check_finite=not args.no_check_finite)
     _run(lambda: write_rows(scored, args.output, out_fmt, expected_rows=n, overwrite=args.overwrite))
@@ -531,3 +736,24 @@ def _check_output(output: str, overwrite: bool) -> None:
         raise ValueError(f"--output {output}: directory {parent} does not exist")
     if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)) and not overwrite:
         raise ValueError(f"--output {output}: exists and is not empty (pass --overwrite to replace it)")
+
+
+def cli_prepare(args: Any, stage: int) -> int:
+    """`armorm prepare-stage1/2 --ray`: the file the command writes on one machine, embedded by Ray actors."""
+    actors, threads, device = _resources(args, ray_progress=False)  # the preparation's own bar instead
+    kwargs: Dict[str, Any] = dict(objectives=args.objectives, seed=args.seed) if stage == 1 else \
+        dict(seq_len=args.seq_len, seed=None if args.no_shuffle else args.seed)
+    try:
+        path = _run(lambda: prepare_dataset(
+            stage, args.model, args.dataset, args.output, actors=actors, threads_per_actor=threads, device=device,
+            n_shards=args.n_shards, shard_idx=args.shard_idx, split=args.split, name=args.name,
+            shard_mode=args.shard_mode, chunk_rows=args.chunk_rows, batch_tokens=args.batch_tokens,
+            embeddings_dtype=args.embeddings_dtype, torch_dtype=args.dtype, progress=_show_progress(args),
+            overwrite=args.overwrite, restart=args.restart,
+            check_finite=not args.no_check_finite, quiet=False, **kwargs))
+    except KeyboardInterrupt:
+        print("armorm: interrupted (a run on Ray does not resume: rerun with --restart, or without --ray to "
+              "finish its chunks on this machine)", file=sys.stderr)
+        return 130
+    print(path)
+    return 0

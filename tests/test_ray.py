@@ -268,3 +268,82 @@ def test_cli_ray_option_errors(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "armorm: error: --actors needs --ray"
     assert cli_main(["score", "--ray", "--input", str(tmp_path / "none-*.jsonl"), "--output", str(tmp_path / "o")]) == 2
     assert "matches none" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- stage-1/2 embedding
+
+
+def _prepare(stage: int, tiny: Path, dataset: Path, out: Path, *extra: str, ray_args=()) -> Path:
+    args = [f"prepare-stage{stage}", "--model", str(tiny), "--dataset", str(dataset), "--output", str(out),
+            "--no-progress", *extra, *ray_args]
+    assert cli_main(args) == 0
+    files = sorted(out.glob("*.safetensors"))
+    assert len(files) == 1 and not [p for p in out.iterdir() if p.name.startswith(".")]
+    return files[0]
+
+
+def test_stage1_on_ray_writes_the_single_machine_file(cluster, tiny, tmp_path):
+    data = tiny / "data" / "stage1.jsonl"
+    one = _prepare(1, tiny, data, tmp_path / "one", "--chunk-rows", "48")
+    ray_file = _prepare(1, tiny, data, tmp_path / "ray", "--chunk-rows", "48",
+                        ray_args=("--ray", "--actors", str(ACTORS)))
+    assert ray_file.name == one.name
+    assert ray_file.read_bytes() == one.read_bytes()  # rows, order, values and metadata
+    # complete: a second run returns it without starting a job
+    assert _prepare(1, tiny, data, tmp_path / "ray", "--chunk-rows", "48",
+                    ray_args=("--ray", "--actors", str(ACTORS))).read_bytes() == one.read_bytes()
+
+
+def test_stage2_on_ray_writes_the_single_machine_file(cluster, tiny, tmp_path):
+    """Shuffled pairs, some too long for --seq-len (a whole chunk of them), then RewardBench's ids and subsets."""
+    recs = [json.loads(line) for line in (tiny / "data" / "pairs.jsonl").read_text().splitlines()[:40]]
+    long = {"role": "assistant", "content": "long " * 80}
+    for r in recs[10:20]:
+        r["rejected"] = r["rejected"][:1] + [long]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    for data, extra in ((pairs, ("--chunk-rows", "10", "--seq-len", "300", "--seed", "5")),
+                        (tiny / "data" / "rewardbench.jsonl", ("--chunk-rows", "25", "--no-shuffle"))):
+        one = _prepare(2, tiny, data, tmp_path / f"one-{data.stem}", *extra)
+        ray_file = _prepare(2, tiny, data, tmp_path / f"ray-{data.stem}", *extra,
+                            ray_args=("--ray", "--actors", str(ACTORS)))
+        assert ray_file.read_bytes() == one.read_bytes()
+
+
+def test_an_embedding_actor_killed_mid_run_changes_nothing(cluster, tiny, tmp_path):
+    data = tiny / "data" / "stage1.jsonl"
+    one = _prepare(1, tiny, data, tmp_path / "one", "--chunk-rows", "40")
+    marker = str(tmp_path / "killed-once")
+
+    class DiesOnce(ar.Embedder):
+        def __call__(self, batch):
+            if 3 in batch["chunk"].to_pylist():
+                try:
+                    fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    pass
+                else:
+                    os.close(fd)
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return super().__call__(batch)
+
+    path = ar.prepare_dataset(1, tiny, data, tmp_path / "ray", actors=ACTORS, chunk_rows=40, embedder=DiesOnce,
+                              progress=False, quiet=True)
+    assert os.path.exists(marker), "the actor was not killed"
+    assert Path(path).read_bytes() == one.read_bytes()
+
+
+def test_stage1_bad_row_on_ray_names_it(cluster, tiny, tmp_path, capsys):
+    lines = (tiny / "data" / "stage1.jsonl").read_text().splitlines()[:30]
+    rec = json.loads(lines[22])
+    rec["helpsteer-helpfulness"] = "high"
+    lines[22] = json.dumps(rec)
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    args = ["prepare-stage1", "--model", str(tiny), "--dataset", str(data), "--output", str(tmp_path / "out"),
+            "--chunk-rows", "8", "--no-progress"]
+    assert cli_main(args) == 2
+    single = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "row 22 (bad.jsonl line 23): objective 'helpsteer-helpfulness'" in single
+    assert cli_main(args + ["--restart", "--ray", "--actors", str(ACTORS)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == single
