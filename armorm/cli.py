@@ -403,10 +403,10 @@ def _add_ray_arguments(s: argparse.ArgumentParser, files: bool) -> None:
     g.add_argument("--ray-address", metavar="ADDR", help="the cluster to join (e.g. 10.0.0.1:6379, or auto for "
                    "the one `ray start` runs on this machine; default: $RAY_ADDRESS, else a Ray instance started "
                    "on this machine for this run)")
-    g.add_argument("--actors", type=_int_at_least(1), metavar="N", help="actors, each holding one copy of the model "
-                   "(default: 1)")
-    g.add_argument("--threads-per-actor", type=_int_at_least(1), metavar="N", help="CPU threads of each actor, reserved from "
-                   "Ray (default: 1)")
+    g.add_argument("--actors", type=_int_at_least(1), metavar="N",
+                   help="actors, each holding one copy of the model (default: 1)")
+    g.add_argument("--threads-per-actor", type=_int_at_least(1), metavar="N",
+                   help="CPU threads of each actor, reserved from Ray (default: 1)")
     g.add_argument("--device", choices=["cpu", "cuda"], help="where each actor runs the model; cuda reserves one "
                    "GPU per actor (default: cpu)")
     if files:

@@ -12,8 +12,8 @@ Ray Data does the scheduling: `Dataset.map_batches` with a callable class
 GPU. Each batch of rows is tokenized and scored in one packed
 `score_sequences` call inside the actor, so packing and the sharing of
 common prompt prefixes between responses apply as on one machine; a row's
-result never depends on the rows it is batched with, so any number of
-actors gives the single-process results bit for bit.
+result never depends on the rows it is batched with, so on the CPU any
+number of actors gives the single-process results bit for bit.
 
 Fault tolerance is Ray Data's: its actor pools are created with
 `max_restarts=-1` and `max_task_retries=-1`, so an actor that dies (killed,
@@ -656,17 +656,18 @@ def user_error(e: BaseException) -> Optional[BaseException]:
 
 def error_message(e: BaseException) -> str:
     """One line for the command line: the failing error's own message, without Ray's tracebacks."""
+    import re
     inner = user_error(e) or e
-    if type(inner) is not RowError:  # Ray may have kept only the remote traceback's text
-        for line in str(e).splitlines():
-            if line.startswith(f"{__name__}.RowError: "):
-                return line.split(": ", 1)[1]
+    if type(inner).__module__.split(".")[0] != "armorm":
+        # Ray may have kept an armorm error (a bad row, a model that fails to load in an actor) as the text of
+        # the remote traceback only
+        found = [m.group(1) for m in re.finditer(r"^armorm(?:\.\w+)+Error: (.+)$", str(e), re.M)]
+        if found:
+            return found[-1]
     text = [line for line in str(inner).strip().splitlines() if line.strip()]
-    name = type(inner).__name__
     if not text:
-        return name
-    return text[0] if isinstance(inner, (RowError, ValueError, OSError)) and type(inner).__module__.startswith(
-        "armorm") else f"{name}: {text[0]}"
+        return type(inner).__name__
+    return text[0] if type(inner).__module__.split(".")[0] == "armorm" else f"{type(inner).__name__}: {text[0]}"
 
 
 # =========================================================================== the command line
@@ -687,8 +688,16 @@ def _resources(args: Any, ray_progress: bool) -> Tuple[int, int, str]:
 
 
 def _model_ref(model: str) -> str:
-    """A local model directory as an absolute path (every node must hold it there); a hub id as given."""
-    return os.path.abspath(model) if os.path.isdir(model) else model
+    """A local model directory as an absolute path (every node must hold it there), checked here first (its
+    config and tensors are mapped, not read: a bad checkpoint is one line, not every actor failing); a hub id
+    as given (each node finds it in its cache or downloads it)."""
+    from .hub import resolve_model_path
+    from .model import ArmoRM
+    if os.path.exists(os.path.expanduser(model)) or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        path = resolve_model_path(model)
+        ArmoRM.from_pretrained(path, torch_dtype="auto", check_finite=False, num_threads=1).close()
+        return os.path.abspath(path)
+    return model
 
 
 def _run(what: Any, context: str = "") -> Any:
@@ -714,15 +723,16 @@ def cli_score(args: Any) -> int:
     out_fmt = args.output_format or fmt
     if not _is_uri(args.output):
         _check_output(args.output, args.overwrite)
+    model = _model_ref(args.model or DEFAULT_MODEL)
     actors, threads, device = _resources(args, ray_progress=_show_progress(args))  # Ray Data's progress bars
     ds = read_rows(paths, fmt)
     n = _run(ds.count, f"reading {args.input}: ")
     if "id" not in ds.schema().names:
         ds = add_row_ids(ds)
-    scored = score_dataset(ds, _model_ref(args.model or DEFAULT_MODEL), actors=actors, threads_per_actor=threads,
-                           device=device, batch_rows=args.batch_rows or DEFAULT_BATCH_ROWS, dtype=args.dtype, max_length=args.max_length,
-                           truncation=not args.no_truncation, batch_tokens=args.batch_tokens, top_k=args.top_k,
-                           check_finite=not args.no_check_finite)
+    scored = score_dataset(ds, model, actors=actors, threads_per_actor=threads,
+                           device=device, batch_rows=args.batch_rows or DEFAULT_BATCH_ROWS, dtype=args.dtype,
+                           max_length=args.max_length, truncation=not args.no_truncation,
+                           batch_tokens=args.batch_tokens, top_k=args.top_k, check_finite=not args.no_check_finite)
     _run(lambda: write_rows(scored, args.output, out_fmt, expected_rows=n, overwrite=args.overwrite))
     print(f"wrote {n} scores to {args.output} ({out_fmt}, {actors} actor{'s' if actors > 1 else ''})",
           file=sys.stderr)

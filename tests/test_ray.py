@@ -176,16 +176,13 @@ def test_pairs_score_both_sides(cluster, tiny):
         _same_bits(_struct_matrix(table[f"{side}_rewards"].combine_chunks()), ref.rewards)
 
 
-def test_an_actor_killed_mid_run_changes_nothing(cluster, tiny, tmp_path):
-    rows = _conversation_rows(tiny, 30)
-    victim = rows[17]["id"]
-    marker = str(tmp_path / "killed-once")
+def _dies_once(base: type, column: str, value, marker: str) -> type:
+    """`base` whose actor kills its own process (SIGKILL: no cleanup, as a lost node would) when a batch holds
+    `value` in `column`, the first time only (`marker` is created first, atomically)."""
 
-    class DiesOnce(ar.Scorer):
-        """Kills its own process (SIGKILL: no cleanup, as a lost node) on the victim row, the first time only."""
-
+    class DiesOnce(base):
         def __call__(self, batch):
-            if victim in batch["id"].to_pylist():
+            if value in batch[column].to_pylist():
                 try:
                     fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
                 except FileExistsError:
@@ -195,6 +192,15 @@ def test_an_actor_killed_mid_run_changes_nothing(cluster, tiny, tmp_path):
                     os.kill(os.getpid(), signal.SIGKILL)
             return super().__call__(batch)
 
+    return DiesOnce
+
+
+def test_an_actor_killed_mid_run_changes_nothing(cluster, tiny, tmp_path):
+    rows = _conversation_rows(tiny, 30)
+    victim = rows[17]["id"]
+    marker = str(tmp_path / "killed-once")
+
+    DiesOnce = _dies_once(ar.Scorer, "id", victim, marker)
     ds = ray.data.from_arrow(_table(rows))
     table = pa.concat_tables(ray.get(ar.score_dataset(ds, tiny, actors=ACTORS, batch_rows=3,
                                                       scorer=DiesOnce).to_arrow_refs()))
@@ -268,6 +274,11 @@ def test_cli_ray_option_errors(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "armorm: error: --actors needs --ray"
     assert cli_main(["score", "--ray", "--input", str(tmp_path / "none-*.jsonl"), "--output", str(tmp_path / "o")]) == 2
     assert "matches none" in capsys.readouterr().err
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "p", "response": "r"}\n')
+    assert cli_main(["score", "--ray", "--model", str(tmp_path / "no-model"), "--input", str(tmp_path / "in.jsonl"),
+                     "--output", str(tmp_path / "o")]) == 2  # checked before any Ray work
+    assert capsys.readouterr().err.strip().splitlines() == [f"armorm: error: model directory {tmp_path}/no-model "
+                                                             "does not exist"]
 
 
 # ---------------------------------------------------------------------------- stage-1/2 embedding
@@ -315,18 +326,7 @@ def test_an_embedding_actor_killed_mid_run_changes_nothing(cluster, tiny, tmp_pa
     one = _prepare(1, tiny, data, tmp_path / "one", "--chunk-rows", "40")
     marker = str(tmp_path / "killed-once")
 
-    class DiesOnce(ar.Embedder):
-        def __call__(self, batch):
-            if 3 in batch["chunk"].to_pylist():
-                try:
-                    fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                except FileExistsError:
-                    pass
-                else:
-                    os.close(fd)
-                    os.kill(os.getpid(), signal.SIGKILL)
-            return super().__call__(batch)
-
+    DiesOnce = _dies_once(ar.Embedder, "chunk", 3, marker)
     path = ar.prepare_dataset(1, tiny, data, tmp_path / "ray", actors=ACTORS, chunk_rows=40, embedder=DiesOnce,
                               progress=False, quiet=True)
     assert os.path.exists(marker), "the actor was not killed"
