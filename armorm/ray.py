@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .data import ListSource
+from .model import ArmoRM, RewardOutput
 
 try:
     import pyarrow as pa
@@ -241,26 +242,31 @@ def _map(ds: "ray.data.Dataset", cls: type, kwargs: Dict[str, Any], actors: int,
     return out
 
 
+@ray.remote
+def _num_rows(block: "pa.Table") -> int:
+    return block.num_rows
+
+
+@ray.remote
+def _with_row_ids(block: "pa.Table", first: int, column: str) -> "pa.Table":
+    return block.add_column(0, column, pa.array(np.arange(first, first + block.num_rows, dtype=np.int64)))
+
+
 def add_row_ids(ds: "ray.data.Dataset", column: str = "id") -> "ray.data.Dataset":
     """`ds` with a `column` of int64 row numbers in input order (0, 1, ...), for rows that carry no id.
 
-    Built on `Dataset.zip` with `ray.data.range` under preserve_order (its
-    deprecation warns of unordered execution, which preserve_order rules
-    out); a Ray without `zip` (2.64 and later) needs the rows to carry ids.
+    The input is materialized (in Ray's object store, spilled to disk when
+    large), its blocks counted, and each block numbered from its offset.
+    (`Dataset.zip` with `ray.data.range` would avoid the materialization, but
+    it is deprecated and goes in Ray 2.64.)
     """
     if column in (ds.schema().names if ds.schema() is not None else []):
         raise ValueError(f"the dataset already has a {column!r} column")
-    if not hasattr(ds, "zip"):
-        raise ValueError(f"the rows have no {column!r} column and this Ray cannot number them "
-                         "(Dataset.zip is gone): give every row an id")
-    import warnings
     ds.context.execution_options.preserve_order = True
-    ids = ray.data.range(ds.count())
-    if column != "id":
-        ids = ids.rename_columns({"id": column})
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*zip.*deprecated", category=DeprecationWarning)
-        out = ids.zip(ds)
+    refs = ds.materialize().to_arrow_refs()  # the blocks, in order
+    counts = ray.get([_num_rows.remote(r) for r in refs])
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    out = ray.data.from_arrow_refs([_with_row_ids.remote(r, int(o), column) for r, o in zip(refs, offsets)])
     out.context.execution_options.preserve_order = True
     return out
 
@@ -314,7 +320,6 @@ class Embedder:
                  batch_tokens: int = 8192, num_threads: Optional[int] = None, device: str = "cpu",
                  check_finite: bool = True) -> None:
         from .data import open_dataset
-        from .model import ArmoRM
         self.stage = _stage_module(stage)
         self.options = dict(objectives=objectives) if stage == 1 else dict(seq_len=seq_len)
         self.batch_tokens = batch_tokens
@@ -331,14 +336,21 @@ class Embedder:
         out: Dict[str, List[Any]] = {"chunk": [], "n": [], "hidden": [], "hidden_state": [], "prompt_embedding": []}
         for c, idx in zip(chunks, rows):
             src = _ChunkSource(self.source.take(idx), [self.source.where(int(r)) for r in idx])
+            emb = pe = None
             with tempfile.TemporaryDirectory(prefix="armorm-chunk-") as tmp:
-                path = self.stage.prepare(self.backbone, src, tmp, seed=None, chunk_rows=len(idx),
-                                          batch_tokens=self.batch_tokens, embeddings_dtype="float32",
-                                          progress=False, quiet=True, **self.options)
-                f = SafetensorsFile(path)
-                emb = np.asarray(f.read("embeddings"), dtype=np.float32) if "embeddings" in f else None
-                pe = np.asarray(f.read("prompt_embeddings"), dtype=np.float32) \
-                    if "prompt_embeddings" in f else None
+                try:
+                    path = self.stage.prepare(self.backbone, src, tmp, seed=None, chunk_rows=len(idx),
+                                              batch_tokens=self.batch_tokens, embeddings_dtype="float32",
+                                              progress=False, quiet=True, **self.options)
+                except ValueError as e:
+                    # stage 2 refuses to write a file of no pairs; a chunk of them is empty, not an error
+                    if "is longer than seq_len" not in str(e) or "every pair" not in str(e):
+                        raise
+                else:
+                    f = SafetensorsFile(path)
+                    emb = np.asarray(f.read("embeddings"), dtype=np.float32)
+                    pe = np.asarray(f.read("prompt_embeddings"), dtype=np.float32) \
+                        if "prompt_embeddings" in f else None
             H = emb.shape[-1] if emb is not None else 0
             hs = emb.reshape(-1, H) if emb is not None else np.zeros((0, 0), np.float32)
             out["chunk"].append(c)
@@ -352,38 +364,38 @@ class Embedder:
                          "prompt_embedding": pa.array(out["prompt_embedding"], pa.large_binary())})
 
 
-def _ray_backbone_class() -> type:
-    from .model import ArmoRM, RewardOutput
+class _RayBackbone(ArmoRM):
+    """The backbone as the driver's preparation sees it: tokenizer and config from the model directory
+    (weights mapped, never read); each forward pass is the next chunk of the Ray Data job (`chunks`)."""
 
-    class _RayBackbone(ArmoRM):
-        """The backbone as the driver's preparation sees it: tokenizer and config from the model directory
-        (weights mapped, never read); each forward pass is the next chunk of the Ray Data job."""
+    requested_dtype = "bfloat16"
+    chunks: Any = None
+    next_chunk = 0  # the Ray job's results must come in chunk order: checked, not assumed
 
-        requested_dtype = "bfloat16"
-        chunks: Any = None
+    @property
+    def dtype(self) -> str:  # what the result records, as a run on one machine records it
+        return self.requested_dtype
 
-        @property
-        def dtype(self) -> str:  # what the result records, as a run on one machine records it
-            return self.requested_dtype
-
-        def score_sequences(self, sequences: Sequence[Any], reward_pos: Any = None, fields: Any = None,
-                            batch_tokens: Any = None, progress: Any = None, names: Any = None) -> RewardOutput:
-            while True:
-                row = next(self.chunks)
-                if row["n"]:  # a stage-2 chunk whose pairs were all too long is never asked for
-                    break
-            n, H = int(row["n"]), int(row["hidden"])
-            if n != len(sequences):
-                raise RuntimeError(f"chunk {row['chunk']}: the Ray job embedded {n} sequences, the preparation "
-                                   f"asks for {len(sequences)}")
-            out = {"hidden_state": np.frombuffer(row["hidden_state"], np.float32).reshape(n, H)}
-            if row["prompt_embedding"]:
-                out["prompt_embedding"] = np.frombuffer(row["prompt_embedding"], np.float32).reshape(n, H)
-            if progress is not None:
-                progress(n, n)
-            return RewardOutput(**{f: out[f] for f in (fields or out)})
-
-    return _RayBackbone
+    def score_sequences(self, sequences: Sequence[Any], reward_pos: Any = None, fields: Any = None,
+                        batch_tokens: Any = None, progress: Any = None, names: Any = None) -> RewardOutput:
+        while True:
+            row = next(self.chunks)
+            if row["chunk"] != self.next_chunk:
+                raise RuntimeError(f"the Ray job returned chunk {row['chunk']} where chunk {self.next_chunk} was "
+                                   "due; nothing was written")
+            self.next_chunk += 1
+            if row["n"]:  # a stage-2 chunk whose pairs were all too long is never asked for
+                break
+        n, H = int(row["n"]), int(row["hidden"])
+        if n != len(sequences):
+            raise RuntimeError(f"chunk {row['chunk']}: the Ray job embedded {n} sequences, the preparation "
+                               f"asks for {len(sequences)}")
+        out = {"hidden_state": np.frombuffer(row["hidden_state"], np.float32).reshape(n, H)}
+        if row["prompt_embedding"]:
+            out["prompt_embedding"] = np.frombuffer(row["prompt_embedding"], np.float32).reshape(n, H)
+        if progress is not None:
+            progress(n, n)
+        return RewardOutput(**{f: out[f] for f in (fields or out)})
 
 
 def prepare_dataset(stage: int, model: Union[str, os.PathLike], dataset: Any, output: Union[str, os.PathLike], *,
@@ -424,7 +436,7 @@ def prepare_dataset(stage: int, model: Union[str, os.PathLike], dataset: Any, ou
                                           torch_dtype=torch_dtype, batch_tokens=batch_tokens,
                                           num_threads=threads_per_actor, device=device, check_finite=check_finite,
                                           **options), actors, threads_per_actor, device)
-    backbone = _ray_backbone_class().from_pretrained(model, architecture="LlamaModel", torch_dtype="auto",
+    backbone = _RayBackbone.from_pretrained(model, architecture="LlamaModel", torch_dtype="auto",
                                                      check_finite=False, num_threads=1)
     backbone.requested_dtype, backbone.chunks = str(torch_dtype), job
     try:
@@ -542,35 +554,45 @@ def read_rows(paths: Sequence[str], fmt: str) -> "ray.data.Dataset":
     return ds
 
 
-def _count_rows(directory: str, fmt: str) -> int:
-    files = [os.path.join(directory, f) for f in os.listdir(directory) if not f.startswith(".")]
+def column_values(ds: "ray.data.Dataset", column: str) -> List[Any]:
+    """The values of one column, in row order, on the driver (a dataset's ids, say)."""
+    tables = ray.get(ds.select_columns([column]).to_arrow_refs())
+    return [v for t in tables for v in t[column].to_pylist()]
+
+
+def _written_ids(directory: str, fmt: str, column: str) -> List[Any]:
+    """The `column` of the files Ray wrote to `directory`, files in name order (their row order)."""
+    files = sorted(os.path.join(directory, f) for f in os.listdir(directory) if not f.startswith("."))
     if fmt == "parquet":
         import pyarrow.parquet as pq
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    n = 0
+        return [v for f in files for v in pq.read_table(f, columns=[column])[column].to_pylist()]
+    ids = []
     for f in files:
         with open(f, "rb") as fh:
-            n += sum(1 for line in fh if line.strip())
-    return n
+            ids += [json.loads(line)[column] for line in fh if line.strip()]
+    return ids
 
 
-def write_rows(ds: "ray.data.Dataset", output: str, fmt: str, *, expected_rows: Optional[int] = None,
-               overwrite: bool = False, min_rows_per_file: int = 100_000) -> None:
-    """Writes `ds` to the directory `output` with Ray Data's writers (files named in row order).
+def write_rows(ds: "ray.data.Dataset", output: str, fmt: str, *, expected_ids: Optional[Sequence[Any]] = None,
+               id_column: str = "id", overwrite: bool = False) -> None:
+    """Writes `ds` to the directory `output` with Ray Data's writers, one file per block, named in row order.
 
     A local `output` is written to a temporary directory beside it and renamed
-    when complete, so it appears whole or not at all; with `expected_rows`
-    the files are counted first (a node that wrote to its own local disk
-    instead of a shared one shows up here). A URI is written in place.
+    when complete, so it appears whole or not at all. With `expected_ids`
+    (the input's ids, in order) the files' ids are read back first and must
+    be the same, in the same order: a row lost, written twice or out of
+    order, or a node that wrote to its own local disk instead of a shared
+    one, is an error, not an output. A URI is written in place.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
 
     def write(path: str) -> None:
+        # no min_rows_per_file: Ray 2.60's write bundling can reorder blocks (seen in this project's tests)
         if fmt == "parquet":
-            ds.write_parquet(path, min_rows_per_file=min_rows_per_file)
+            ds.write_parquet(path)
         else:
-            ds.write_datasink(JsonlDatasink(path, min_rows_per_file=min_rows_per_file))
+            ds.write_datasink(JsonlDatasink(path))
 
     if _is_uri(output):
         write(output)
@@ -581,12 +603,16 @@ def write_rows(ds: "ray.data.Dataset", output: str, fmt: str, *, expected_rows: 
     tmp = make_temp_dir(os.path.dirname(output), os.path.basename(output))
     try:
         write(tmp)
-        if expected_rows is not None:
-            got = _count_rows(tmp, fmt)
-            if got != expected_rows:
-                raise RuntimeError(f"--output {output}: {got} of {expected_rows} rows reached this machine's "
-                                   "disk; on a cluster of several machines --output must be a directory every "
-                                   "node shares (NFS) or a URI (s3://...)")
+        if expected_ids is not None:
+            got = _written_ids(tmp, fmt, id_column)
+            if len(got) != len(expected_ids):
+                raise RuntimeError(f"--output {output}: {len(got)} of {len(expected_ids)} rows reached this "
+                                   "machine's disk; on a cluster of several machines --output must be a directory "
+                                   "every node shares (NFS) or a URI (s3://...)")
+            if list(got) != list(expected_ids):
+                i = next(k for k, (a, b) in enumerate(zip(got, expected_ids)) if a != b)
+                raise RuntimeError(f"--output {output}: the rows written differ from the input's at row {i} "
+                                   f"(id {got[i]!r}, expected {expected_ids[i]!r}); nothing was written")
         if os.path.lexists(output):
             shutil.rmtree(output) if os.path.isdir(output) and not os.path.islink(output) else os.unlink(output)
         os.replace(tmp, output)
@@ -692,7 +718,6 @@ def _model_ref(model: str) -> str:
     config and tensors are mapped, not read: a bad checkpoint is one line, not every actor failing); a hub id
     as given (each node finds it in its cache or downloads it)."""
     from .hub import resolve_model_path
-    from .model import ArmoRM
     if os.path.exists(os.path.expanduser(model)) or model.startswith((".", "/", "~")) or model.count("/") != 1:
         path = resolve_model_path(model)
         ArmoRM.from_pretrained(path, torch_dtype="auto", check_finite=False, num_threads=1).close()
@@ -726,14 +751,17 @@ def cli_score(args: Any) -> int:
     model = _model_ref(args.model or DEFAULT_MODEL)
     actors, threads, device = _resources(args, ray_progress=_show_progress(args))  # Ray Data's progress bars
     ds = read_rows(paths, fmt)
-    n = _run(ds.count, f"reading {args.input}: ")
-    if "id" not in ds.schema().names:
-        ds = add_row_ids(ds)
+    if "id" in _run(ds.schema, f"reading {args.input}: ").names:
+        ids = _run(lambda: column_values(ds, "id"), f"reading {args.input}: ")
+    else:
+        ds = _run(lambda: add_row_ids(ds), f"reading {args.input}: ")
+        ids = list(range(ds.count()))
+    n = len(ids)
     scored = score_dataset(ds, model, actors=actors, threads_per_actor=threads,
                            device=device, batch_rows=args.batch_rows or DEFAULT_BATCH_ROWS, dtype=args.dtype,
                            max_length=args.max_length, truncation=not args.no_truncation,
                            batch_tokens=args.batch_tokens, top_k=args.top_k, check_finite=not args.no_check_finite)
-    _run(lambda: write_rows(scored, args.output, out_fmt, expected_rows=n, overwrite=args.overwrite))
+    _run(lambda: write_rows(scored, args.output, out_fmt, expected_ids=ids, overwrite=args.overwrite))
     print(f"wrote {n} scores to {args.output} ({out_fmt}, {actors} actor{'s' if actors > 1 else ''})",
           file=sys.stderr)
     return 0

@@ -157,8 +157,12 @@ def _check_scores(table, rows, tiny: Path) -> None:
 def test_two_actors_score_as_one_process_bit_for_bit(cluster, tiny, tmp_path):
     rows = _conversation_rows(tiny)
     ds = ray.data.read_parquet(_write_parquet_parts(rows, tmp_path / "in", parts=3))
-    out = ar.score_dataset(ds, tiny, actors=ACTORS, batch_rows=5).to_arrow_refs()
-    _check_scores(pa.concat_tables(ray.get(out)), rows, tiny)
+    scored = ar.score_dataset(ds, tiny, actors=ACTORS, batch_rows=5)
+    # written as several files, whose sorted names give the rows in input order
+    ar.write_rows(scored, str(tmp_path / "out"), "parquet", expected_ids=[r["id"] for r in rows])
+    files = sorted((tmp_path / "out").iterdir())
+    assert len(files) > 1
+    _check_scores(pa.concat_tables([pq.read_table(f) for f in files]), rows, tiny)
 
 
 def test_pairs_score_both_sides(cluster, tiny):
@@ -306,17 +310,19 @@ def test_stage1_on_ray_writes_the_single_machine_file(cluster, tiny, tmp_path):
 
 
 def test_stage2_on_ray_writes_the_single_machine_file(cluster, tiny, tmp_path):
-    """Shuffled pairs, some too long for --seq-len (a whole chunk of them), then RewardBench's ids and subsets."""
+    """Pairs, some too long for --seq-len (unshuffled: a whole chunk of them; shuffled), then RewardBench's
+    ids and subsets."""
     recs = [json.loads(line) for line in (tiny / "data" / "pairs.jsonl").read_text().splitlines()[:40]]
     long = {"role": "assistant", "content": "long " * 80}
     for r in recs[10:20]:
         r["rejected"] = r["rejected"][:1] + [long]
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    for data, extra in ((pairs, ("--chunk-rows", "10", "--seq-len", "300", "--seed", "5")),
+    for data, extra in ((pairs, ("--chunk-rows", "10", "--seq-len", "300", "--no-shuffle")),
+                        (pairs, ("--chunk-rows", "10", "--seq-len", "300", "--seed", "5", "--name", "shuffled")),
                         (tiny / "data" / "rewardbench.jsonl", ("--chunk-rows", "25", "--no-shuffle"))):
-        one = _prepare(2, tiny, data, tmp_path / f"one-{data.stem}", *extra)
-        ray_file = _prepare(2, tiny, data, tmp_path / f"ray-{data.stem}", *extra,
+        one = _prepare(2, tiny, data, tmp_path / f"one-{data.stem}-{len(extra)}", *extra)
+        ray_file = _prepare(2, tiny, data, tmp_path / f"ray-{data.stem}-{len(extra)}", *extra,
                             ray_args=("--ray", "--actors", str(ACTORS)))
         assert ray_file.read_bytes() == one.read_bytes()
 
