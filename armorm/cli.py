@@ -116,6 +116,9 @@ def _print_table(convs: Sequence[Sequence[Dict[str, str]]], recs: Sequence[Dict[
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    if _ray_requested(args):
+        from .ray import cli_score
+        return cli_score(args)
     from .hub import resolve_model_path
     from .pipeline import ArmoRMPipeline
     from .progress import make_progress
@@ -181,6 +184,9 @@ def _show_progress(args: argparse.Namespace) -> bool:
 def cmd_prepare(args: argparse.Namespace) -> int:
     """prepare-stage1 and prepare-stage2: the same sharded, resumable loop (armorm.train.prepare), each
     stage's own options."""
+    if _ray_requested(args):
+        from .ray import cli_prepare
+        return cli_prepare(args, stage=int(args.stage[-1]))
     import importlib
     stage = importlib.import_module(f".train.{args.stage}", __package__)
     own = {"objectives": args.objectives} if args.stage == "stage1" else {"seq_len": args.seq_len}
@@ -364,6 +370,45 @@ def _add_check_finite(s: argparse.ArgumentParser) -> None:
                         "the tensor) and skip that scan of the weights")
 
 
+_RAY_OPTIONS = ("ray_address", "actors", "threads_per_actor", "device", "batch_rows", "input_format",
+                "output_format")
+
+
+def _add_ray_arguments(s: argparse.ArgumentParser, files: bool) -> None:
+    """--ray and its options (armorm/ray.py; docs/ray.md). `files`: score's batches, file formats and
+    --overwrite (the preparations' unit of work is their --chunk-rows)."""
+    g = s.add_argument_group("Ray (pip install 'armorm[ray]'; docs/ray.md)")
+    g.add_argument("--ray", action="store_true", help="run on a Ray cluster with Ray Data: a pool of actors, each "
+                   "loading the model once")
+    g.add_argument("--ray-address", metavar="ADDR", help="the cluster to join (e.g. 10.0.0.1:6379, or auto for "
+                   "the one `ray start` runs on this machine; default: $RAY_ADDRESS, else a Ray instance started "
+                   "on this machine for this run)")
+    g.add_argument("--actors", type=_int_at_least(1), metavar="N",
+                   help="actors, each holding one copy of the model (default: 1)")
+    g.add_argument("--threads-per-actor", type=_int_at_least(1), metavar="N",
+                   help="CPU threads of each actor, reserved from Ray (default: 1)")
+    g.add_argument("--device", choices=["cpu", "cuda"], help="where each actor runs the model; cuda reserves one "
+                   "GPU per actor (default: cpu)")
+    if files:
+        g.add_argument("--batch-rows", type=_int_at_least(1), metavar="N", help="rows per Ray Data batch, scored "
+                       "in one packed call; a batch is the unit redone when an actor dies (default: 256)")
+        g.add_argument("--input-format", choices=["parquet", "jsonl"], help="format of --input (default: from "
+                       "the file names)")
+        g.add_argument("--output-format", choices=["parquet", "jsonl"], help="format of the files written to "
+                       "--output DIR (default: the input's)")
+        g.add_argument("--overwrite", action="store_true", help="replace a non-empty --output DIR")
+
+
+def _ray_requested(args: argparse.Namespace) -> bool:
+    """True with --ray; a Ray option without --ray is an error rather than silently ignored."""
+    if getattr(args, "ray", False):
+        return True
+    given = [o for o in _RAY_OPTIONS if getattr(args, o, None) is not None]
+    if given:
+        raise InputError(f"--{given[0].replace('_', '-')} needs --ray")
+    return False
+
+
 def _add_plot(s: argparse.ArgumentParser) -> None:
     """--plot for the evaluation commands: each calls _check_plot(args) first and _write_plot(args, report)
     last (eval-rewardbench2 too: armorm.plot.rewardbench reads its result as it reads RewardBench 1's)."""
@@ -395,6 +440,7 @@ def _add_prepare_arguments(s: argparse.ArgumentParser, chunk_rows: int) -> None:
     s.add_argument("--restart", action="store_true", help="discard the partial work of an interrupted run")
     _add_check_finite(s)
     _add_common(s)
+    _add_ray_arguments(s, files=False)
 
 
 def _add_eval_inputs(s: argparse.ArgumentParser, scores_help: str, embeddings_what: str) -> None:
@@ -452,9 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", metavar="DIR", help=f"model directory or hub id (default: {DEFAULT_MODEL})")
     s.add_argument("--input", metavar="JSONL",
                    help="one conversation per line: {\"messages\": [...]} or {\"prompt\", \"response\"}, and an "
-                        "optional \"id\" (default: the model card's example)")
+                        "optional \"id\" (default: the model card's example); with --ray: Parquet or JSONL files, "
+                        "a directory or a glob, rows may also be chosen/rejected pairs")
     s.add_argument("--output", metavar="JSONL", help="write one result per line here, atomically "
-                   "(default: stdout)")
+                   "(default: stdout); with --ray: a directory of Parquet or JSONL files")
     s.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES,
                    help="dtype the backbone weights are held in, as the model card's torch_dtype")
     s.add_argument("--batch-tokens", type=_int_at_least(1), default=8192, help="tokens per packed batch")
@@ -465,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=_int_at_least(0), default=3, help="objectives listed per conversation")
     _add_check_finite(s)
     _add_common(s)
+    _add_ray_arguments(s, files=True)
     s.set_defaults(func=cmd_score)
     serve_command.add_parser(sub)
 

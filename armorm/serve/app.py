@@ -30,7 +30,6 @@ from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .scheduler import (DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_QUEUE_TOKENS, DEFAULT_MAX_WAIT_MS, BatchFailed,
                         QueueFull, Scheduler, Stopped, TooLarge)
 
-_SCORED_ARCHITECTURES = ("LlamaForRewardModelWithGating", "LlamaForSequenceClassification")
 
 
 def _usage(tokens: int) -> Dict[str, Any]:
@@ -47,9 +46,10 @@ class _Server:
     def __init__(self, model: Any, names: List[str], max_batch_tokens: int, max_wait_ms: float,
                  max_queue_tokens: int, max_length: Optional[int], api_key: Optional[str],
                  max_body_bytes: int) -> None:
-        if model.architecture not in _SCORED_ARCHITECTURES or "score" not in self._fields_of(model):
+        if "score" not in self._fields_of(model):
             raise ValueError(f"{model.name_or_path}: a {model.architecture} has no reward head; armorm serve "
-                             "needs an ArmoRM or a LlamaForSequenceClassification checkpoint")
+                             "needs an ArmoRM (*ForRewardModelWithGating) or a *ForSequenceClassification "
+                             "checkpoint")
         limit = model.config.max_position_embeddings
         if max_length is None:
             max_length = limit
@@ -73,9 +73,9 @@ class _Server:
 
     @staticmethod
     def _fields_of(model: Any) -> List[str]:
-        if model.architecture == "LlamaForRewardModelWithGating" and model.config.core["compute_head"]:
+        if model.config.kind == "armorm" and model.config.core["compute_head"]:
             return ["score", "rewards", "gating_output"]
-        if model.architecture == "LlamaForSequenceClassification" and model.config.core["compute_head"]:
+        if model.config.kind == "seqcls" and model.config.core["compute_head"]:
             return ["score", "logits"]
         return []
 

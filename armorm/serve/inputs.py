@@ -70,7 +70,7 @@ class Encoder:
         self.tokenizer = model.tokenizer
         self.max_length = int(max_length)
         self.vocab_size = int(model.config.core["vocab_size"])
-        self.gated = model.architecture == "LlamaForRewardModelWithGating"
+        self.gated = model.config.kind == "armorm"
         self.pattern = list(model.gating_pattern or [])
         tok = self.tokenizer
         self.bos: Optional[int] = None
