@@ -417,17 +417,18 @@ def prepare_dataset(stage: int, model: Union[str, os.PathLike], dataset: Any, ou
     """
     from .data import open_dataset
     from .hub import resolve_model_path
+    from .train import prepare as prep
     mod = _stage_module(stage)
     chunk_rows = chunk_rows or (1024 if stage == 1 else 512)
     model = str(resolve_model_path(model))
     src = open_dataset(dataset, split=split)  # opened once here; the preparation takes it as is
     name = prepare_kwargs.get("name") or src.name
-    final = os.path.join(os.fspath(output), mod.shard_file_name(name, shard_idx, n_shards))
+    final = os.path.join(os.fspath(output), prep.shard_file_name(name, shard_idx, n_shards))
     partial = os.path.join(os.fspath(output), f".{os.path.basename(final)}.partial")
     if os.path.isdir(partial) and not restart and not os.path.exists(final):
         raise ValueError(f"{partial} holds an interrupted run's chunks, which Ray does not resume: rerun without "
                          "--ray to finish it on this machine, or pass --restart to start over")
-    rows = mod.shard_rows(len(src), seed=seed, n_shards=n_shards, shard_idx=shard_idx, shard_mode=shard_mode)
+    rows = prep.shard_rows(len(src), seed=seed, n_shards=n_shards, shard_idx=shard_idx, shard_mode=shard_mode)
     items = [{"chunk": c, "rows": rows[a:a + chunk_rows].tolist()} for c, a in enumerate(range(0, rows.size,
                                                                                           chunk_rows))]
     options = dict(objectives=objectives) if stage == 1 else dict(seq_len=seq_len)
@@ -436,7 +437,7 @@ def prepare_dataset(stage: int, model: Union[str, os.PathLike], dataset: Any, ou
                                           num_threads=threads_per_actor, device=device, check_finite=check_finite,
                                           **options), actors, threads_per_actor, device)
     backbone = _RayBackbone.from_pretrained(model, architecture="LlamaModel", torch_dtype="auto",
-                                                     check_finite=False, num_threads=1)
+                                            check_finite=False, num_threads=1)
     backbone.requested_dtype, backbone.chunks = str(torch_dtype), job
     try:
         return mod.prepare(backbone, src, output, n_shards=n_shards, shard_idx=shard_idx, split=split, seed=seed,
