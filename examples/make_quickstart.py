@@ -153,7 +153,11 @@ report"""),
   network), from the command line or `armorm.train` (README, "Training", with a worked example).
 - **Evaluation**: `armorm eval-rewardbench --model DIR --dataset filtered.parquet --plot rewardbench.png`
   prints the table, and draws the bars above (README, "Training", step 5;
-  [docs/rewardbench.md](../docs/rewardbench.md))."""),
+  [docs/rewardbench.md](../docs/rewardbench.md)); `armorm eval-rewardbench2` does RewardBench 2.
+- **Serving an RLHF trainer**: `armorm serve --model DIR` answers OpenRLHF's `/get_reward` and the
+  vLLM/SGLang routes verl calls, batching every client's requests together (README, "Serve").
+- **Many machines**: `armorm score --ray` and `prepare-stage1/2 --ray` on a Ray cluster (README,
+  "Running across machines (Ray)")."""),
     ("code", [], """\
 rm.model.close()  # unmaps the weights
 import shutil
