@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -45,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from cpu_prefill import timeit  # noqa: E402
+from machine import describe  # noqa: E402
 from make_checkpoint import SHAPES, make_checkpoint  # noqa: E402
 
 #: Llama-3's "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n": ends every prompt
@@ -53,16 +52,6 @@ HEADER = [128009, 128006, 78191, 128007, 271]
 PAIR_PROMPT = (30, 600)
 PAIR_RESPONSE = (20, 400)
 
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def random_ids(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -211,9 +200,8 @@ def main() -> int:
         hf = None
 
     s = SHAPES[args.shape]
-    la = os.getloadavg()
-    where = cpu_name() if args.device == "cpu" else args.device
-    print(f"\nbest-of-N on {where}, {args.threads} threads, load average {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}; "
+    where = describe() if args.device == "cpu" else args.device
+    print(f"\nbest-of-N on {where}; {args.threads} threads; "
           f"shape {args.shape} (hidden {s['hidden']}, {s['layers']} layers, {s['heads']}/{s['kv_heads']} heads, "
           f"intermediate {s['inter']}), {args.dtype}{'; transformers ' + hf_version if hf_version else ''}; "
           f"median of {args.reps}")

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402
 
 SHAPES = {
     # hidden, layers, heads, kv_heads, intermediate (make_tiny_model's arguments)
@@ -40,16 +40,6 @@ SHAPES = {
     "1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192),
 }
 
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def checkpoint(cache: Path, shape: str) -> Path:
@@ -144,8 +134,7 @@ def main() -> int:
     dims = ", ".join(f"{k} {v}" for k, v in SHAPES[args.shape].items())
     print(f"\nray overhead: {args.shape}-shaped ArmoRM ({dims}), {args.dtype} weights, {args.rows} rows x "
           f"~{args.tokens} tokens ({n_tokens} tokens), Ray batches of {args.batch_rows} rows, ray {ray.__version__}")
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs, load average "
-          f"{tuple(round(x, 2) for x in os.getloadavg())}; medians of {args.reps} runs\n")
+    print(f"{describe()}; medians of {args.reps} runs\n")
     rows = [("1 process x 2 threads: load + score", t_one, n_tokens / t_one),
             ("  of which scoring", scoring, n_tokens / scoring),
             ("Ray, 2 actors x 1 thread: job (actors start, load, score, collect)", t_ray, n_tokens / t_ray)]

@@ -62,6 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
+from machine import describe  # noqa: E402
 
 WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have an "
          "they you were her she there can all their one been has more if will would we so no some what when up "
@@ -317,7 +318,7 @@ def main() -> int:
         a.stop()
         c.stop()
 
-    print(f"\n{_cpu()}; load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"\n{describe()} (at the end)")
     print("| clients | requests (tokens) | offline tok/s | offline, passive OpenMP wait | armorm serve tok/s "
           "| % of the better offline | p50 s | p99 s "
           "| transformers server tok/s | p50 s | p99 s | armorm / transformers | scores = offline | "
@@ -330,18 +331,6 @@ def main() -> int:
               f"| {ra['tok_s'] / rc['tok_s']:.2f}x | {'yes' if exact else 'NO'} | {diff:.1e} |")
     return 0 if all(r[7] for r in rows) else 1
 
-
-def _cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = re.search(r"Model name:\s*(.+)", out).group(1).strip()
-        cpus = re.search(r"^CPU\(s\):\s*(\d+)", out, re.M).group(1)
-        flags = re.search(r"Flags:\s*(.+)", out).group(1).split()
-        isa = "AVX-512 + AVX512_BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags else \
-            "AVX2" if "avx2" in flags else "no AVX2"
-        return f"CPU: {name}, {cpus} CPUs, {isa}"
-    except Exception:  # noqa: BLE001 - informational only
-        return "CPU: unknown (lscpu failed)"
 
 
 if __name__ == "__main__":
