@@ -778,3 +778,22 @@ def test_verl_custom_reward_function(server, ref, monkeypatch):
     with pytest.raises(RuntimeError, match="404"):
         monkeypatch.setenv("ARMORM_SERVE_URL", server.url + "/nowhere")
         mod.compute_score("ds", "x", None, {"question": "q"})
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma2"])
+def test_other_families_sequence_classifiers_are_served(tmp_path, family):
+    """A *ForSequenceClassification of another family is a reward model too: served, scores as offline."""
+    from checkpoints import make_seqcls
+    make_seqcls(tmp_path / family, family=family, hidden=32, heads=4, kv_heads=2, inter=64, layers=2, vocab=300)
+    rng = np.random.default_rng(21)
+    seqs = [rng.integers(1, 300, size=n).tolist() for n in (7, 30, 19)]
+    with armorm.ArmoRM.from_pretrained(tmp_path / family) as model:
+        expected = offline(model, seqs)
+        with inprocess(model, max_wait_ms=0) as (url, _, _):
+            async def main():
+                async with aiohttp.ClientSession() as s:
+                    return await post(s, url + "/classify", {"input": seqs, "use_activation": False})
+
+            status, body, _ = run(main())
+    assert status == 200, body
+    assert [d["probs"][-1] for d in body["data"]] == [float(x) for x in expected.score]
