@@ -21,10 +21,7 @@
 """
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,7 +31,7 @@ import armorm
 from armorm.config import load_config
 from checkpoints import make_armorm, make_backbone, make_seqcls
 from reference import ALL_PATHS, PATTERN, random_conv, runnable_paths
-from test_loading import misalign, put_nonfinite
+from test_loading import load_rss, misalign, put_nonfinite
 
 PATHS = runnable_paths()
 PATH_PARAMS = [pytest.param(p, marks=pytest.mark.skipif(p not in PATHS, reason=f"this CPU cannot run the {p} "
@@ -252,34 +249,6 @@ def test_nonfinite_in_a_packed_matrix_is_counted(monkeypatch, tmp_path, path, st
     assert load(monkeypatch, path, tiny.path, True, check_finite=False, **kw)._core.prepacked
 
 
-RSS_CHILD = r"""
-import json, sys
-sys.path.insert(0, sys.argv[3])
-import armorm
-
-def status():
-    out = {}
-    for line in open("/proc/self/status"):
-        k, _, v = line.partition(":")
-        if k in ("VmHWM", "RssAnon", "RssFile"):
-            out[k] = int(v.split()[0]) * 1024
-    return out
-
-before = status()
-m = armorm.ArmoRM.from_pretrained(sys.argv[1], num_threads=2, prepack=json.loads(sys.argv[2]))
-after = status()
-print(json.dumps({"before": before, "after": after, "packed": m.prepacked_bytes}))
-"""
-
-
-def load_rss(monkeypatch, path: Path, kernel: str, prepack) -> dict:
-    monkeypatch.setenv("ARMORM_KERNEL", kernel)
-    root = str(Path(armorm.__file__).resolve().parents[1])
-    p = subprocess.run([sys.executable, "-c", RSS_CHILD, str(path), json.dumps(prepack), root],
-                       capture_output=True, text=True, check=True)
-    return json.loads(p.stdout)
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 @pytest.mark.parametrize("path", SIMD_PARAMS)
 def test_source_pages_released(monkeypatch, tmp_path, path):
@@ -287,10 +256,11 @@ def test_source_pages_released(monkeypatch, tmp_path, path):
     d = tmp_path / "m"
     make_backbone(d, dtype="float32", hidden=512, heads=8, kv_heads=2, inter=2048, layers=8, vocab=1000)
     size = (d / "model.safetensors").stat().st_size
-    off = load_rss(monkeypatch, d, path, False)
-    on = load_rss(monkeypatch, d, path, None)
-    packed = on["packed"]
-    assert off["packed"] == 0 and packed > 0.9 * size
+    monkeypatch.setenv("ARMORM_KERNEL", path)  # (the child's environment)
+    off = load_rss(d, prepack=False)
+    on = load_rss(d, prepack=None)
+    packed = on["prepacked_bytes"]
+    assert off["prepacked_bytes"] == 0 and packed > 0.9 * size
     # held as stored, the scanned pages stay mapped; prepacked, only the small tensors' pages may
     assert off["after"]["RssFile"] - off["before"]["RssFile"] > 0.9 * size
     assert on["after"]["RssFile"] - on["before"]["RssFile"] < 8 * 2**20
