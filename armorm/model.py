@@ -223,7 +223,7 @@ class ArmoRM:
                         torch_dtype: Any = None, dtype: Any = None, num_threads: Optional[int] = None,
                         gating_pattern: Optional[Sequence[int]] = None, tokenizer: Any = None,
                         architecture: Optional[str] = None, max_batch_tokens: int = 8192,
-                        check_finite: bool = True,
+                        check_finite: bool = True, prepack: Optional[bool] = None,
                         **hf_kwargs: Any) -> "ArmoRM":
         """Loads a model directory (or a hub id found in the local HF cache).
 
@@ -238,6 +238,12 @@ class ArmoRM:
         any checkpoint.
         `check_finite` (default True) refuses checkpoints holding NaN/inf
         weights, naming the tensor; False skips that scan of the weights.
+        `prepack` holds the backbone matrices in the CPU matrix kernel's
+        packed layout from load on (docs/model.md, 'Prepacked weights'):
+        None (default) where that takes no more memory than the weights as
+        held, True wherever the kernel path has a packed layout (a ValueError
+        on the portable path or a GPU), False never. Results are the same
+        bits either way; `prepacked_bytes` says what was done.
         """
         unknown = set(hf_kwargs) - _HF_IGNORED_KWARGS
         if unknown:
@@ -251,6 +257,7 @@ class ArmoRM:
         files = weight_files(path)
         core_cfg = dict(config.core)  # (load_config decided compute_head from `architecture`)
         core_cfg["check_finite"] = int(bool(check_finite))
+        core_cfg["prepack"] = -1 if prepack is None else int(bool(prepack))
         nt = default_num_threads() if num_threads is None else int(num_threads)
         if not 1 <= nt <= 1024:
             raise ValueError(f"num_threads must be in 1..1024, got {num_threads!r}")
@@ -292,6 +299,11 @@ class ArmoRM:
     @property
     def architecture(self) -> str:
         return self.config.architecture
+
+    @property
+    def prepacked_bytes(self) -> int:
+        """Bytes of the backbone matrices held in the CPU kernel's packed layout; 0 when not prepacked."""
+        return int(self._core.prepacked_bytes)
 
     @property
     def dtype(self) -> str:

@@ -1,7 +1,8 @@
 """Large models on a small machine: load time, peak RSS and prefill speed of an 8B-shaped checkpoint.
 
     flock /tmp/armorm-bench.lock python benchmarks/big_model.py [--dir /work/bigckpt] [--shape 8b]
-        [--threads 2] [--reps 3] [--prefill-reps 2] [--no-fp32] [--no-prefill]
+        [--threads 2] [--reps 3] [--prefill-reps 2] [--score-reps 5] [--no-fp32] [--no-prefill]
+        [--prepack-checkpoint bf16|fp32]
 
 Uses DIR/<shape>-bf16 and DIR/<shape>-fp32 (random ArmoRM-shaped checkpoints
 with the same values, written by benchmarks/make_checkpoint.py when missing:
@@ -14,6 +15,13 @@ imports only armorm (no torch), so RSS is the model's, not the harness's:
 - load + scoring one 16-token conversation: wall time (median of --reps) and
   peak RSS (VmHWM, which counts the file pages of the mapped checkpoint that
   the process has touched, as well as its own memory);
+- prepacked weights (docs/model.md, 'Prepacked weights') off and on (the
+  default, auto): load time, peak RSS, the first 16-token call and the median
+  of --score-reps more (a lone short request: a read of every weight), the
+  packed bytes (0 where auto does not apply: bf16 weights on a CPU without
+  AVX512_BF16), and the scores, which must be equal bit for bit. Which
+  checkpoint: --prepack-checkpoint (fp32 is held as stored, in fp32: prepacked
+  on every SIMD path);
 - prefill of 2 sequences of 512 tokens (after a 16-token warm-up call): tokens/s;
 - the fp32 checkpoint loaded with torch_dtype=bfloat16: load time, peak RSS
   (well under the 32 GB of fp32 weights means the fp32 copy was never held)
@@ -67,7 +75,8 @@ def long_sequences(n: int, length: int, vocab: int = 128256) -> List[List[int]]:
     return seqs
 
 
-def child(task: str, path: str, threads: int, dtype: str, prefill_reps: int) -> Dict[str, Any]:
+def child(task: str, path: str, threads: int, dtype: str, prefill_reps: int, prepack: str,
+          score_reps: int) -> Dict[str, Any]:
     """One measurement in this (fresh) process."""
     t_import = time.perf_counter()
     sys.path.insert(0, str(ROOT))
@@ -78,11 +87,13 @@ def child(task: str, path: str, threads: int, dtype: str, prefill_reps: int) -> 
         kw["torch_dtype"] = dtype
     if task == "load_nocheck":
         kw["check_finite"] = False
+    kw["prepack"] = {"auto": None, "on": True, "off": False}[prepack]
     t0 = time.perf_counter()
     model = armorm.ArmoRM.from_pretrained(path, **kw)
     out["load_s"] = time.perf_counter() - t0
     out["after_load"] = proc_status()
     out["dtype"] = model.dtype
+    out["prepacked_bytes"] = model.prepacked_bytes
     if task in ("score16", "prefill"):
         t1 = time.perf_counter()
         r = model([CONVERSATION])
@@ -90,6 +101,12 @@ def child(task: str, path: str, threads: int, dtype: str, prefill_reps: int) -> 
         out["load_score16_s"] = time.perf_counter() - t0
         out["score"] = float(r.score[0])
         out["score_hex"] = r.score[0].item().hex()
+        warm = []
+        for _ in range(score_reps if task == "score16" else 0):
+            t = time.perf_counter()
+            model([CONVERSATION])
+            warm.append(time.perf_counter() - t)
+        out["score16_warm_s"] = warm
     if task == "prefill":
         seqs = long_sequences(2, 512)
         times = []
@@ -105,9 +122,11 @@ def child(task: str, path: str, threads: int, dtype: str, prefill_reps: int) -> 
     return out
 
 
-def run_child(task: str, path: Path, args: argparse.Namespace, dtype: str = "auto") -> Dict[str, Any]:
+def run_child(task: str, path: Path, args: argparse.Namespace, dtype: str = "auto",
+              prepack: str = "auto") -> Dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", task, "--path", str(path), "--threads", str(args.threads),
-           "--child-dtype", dtype, "--prefill-reps", str(args.prefill_reps)]
+           "--child-dtype", dtype, "--prefill-reps", str(args.prefill_reps), "--child-prepack", prepack,
+           "--score-reps", str(args.score_reps)]
     t = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -115,8 +134,11 @@ def run_child(task: str, path: Path, args: argparse.Namespace, dtype: str = "aut
         raise SystemExit(f"{task} on {path} failed ({p.returncode}):\n{p.stderr[-4000:]}")
     res = json.loads(p.stdout.strip().splitlines()[-1])
     res["process_s"] = wall
-    print(f"  {task:<13} {path.name:<10} dtype {res['dtype']:<9} load {res['load_s']:6.2f} s"
+    print(f"  {task:<13} {path.name:<10} dtype {res['dtype']:<9} prepack {prepack:<4} "
+          f"({res['prepacked_bytes'] / GB:5.2f} GB) load {res['load_s']:6.2f} s"
           + (f"  load+score16 {res['load_score16_s']:6.2f} s" if "load_score16_s" in res else "")
+          + (f"  score16 {res['score16_s'] * 1e3:.1f} ms, then median "
+             f"{statistics.median(res['score16_warm_s']) * 1e3:.1f} ms" if res.get("score16_warm_s") else "")
           + (f"  prefill {', '.join(f'{x:.1f}' for x in res['prefill_s'])} s" if "prefill_s" in res else "")
           + f"  peak RSS {res['end']['VmHWM'] / GB:5.2f} GB  (process {wall:.1f} s)", flush=True)
     return res
@@ -160,17 +182,23 @@ def main() -> int:
     ap.add_argument("--prefill-reps", type=int, default=2, help="timed 2x512 calls (median)")
     ap.add_argument("--no-fp32", action="store_true", help="skip the fp32 checkpoint")
     ap.add_argument("--no-prefill", action="store_true", help="skip the 2x512 prefill")
+    ap.add_argument("--score-reps", type=int, default=5, help="16-token calls after the first, per process (median)")
+    ap.add_argument("--prepack-checkpoint", choices=["bf16", "fp32"], default="bf16",
+                    help="the checkpoint (held as stored) of the prepack off / on comparison")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--child-dtype", default="auto", help=argparse.SUPPRESS)
+    ap.add_argument("--child-prepack", default="auto", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.path, args.threads, args.child_dtype, args.prefill_reps)))
+        print(json.dumps(child(args.child, args.path, args.threads, args.child_dtype, args.prefill_reps,
+                               args.child_prepack, args.score_reps)))
         return 0
 
     root = Path(args.dir)
     bf16 = ensure_checkpoint(root / f"{args.shape}-bf16", args.shape, "bf16")
-    fp32 = None if args.no_fp32 else ensure_checkpoint(root / f"{args.shape}-fp32", args.shape, "fp32")
+    fp32 = None if args.no_fp32 and args.prepack_checkpoint != "fp32" else \
+        ensure_checkpoint(root / f"{args.shape}-fp32", args.shape, "fp32")
     size = lambda d: sum(p.stat().st_size for p in d.glob("*.safetensors")) / GB  # noqa: E731
     print(f"start: {machine()}")
     print(f"{bf16}: {size(bf16):.2f} GB" + (f"; {fp32}: {size(fp32):.2f} GB" if fp32 else ""))
@@ -183,7 +211,16 @@ def main() -> int:
     nochecks = [run_child("load_nocheck", bf16, args) for _ in range(args.reps)]
     scores = [run_child("score16", bf16, args) for _ in range(args.reps)]
     prefill = None if args.no_prefill else run_child("prefill", bf16, args)
-    fp = run_child("score16", fp32, args, dtype="bfloat16") if fp32 else None
+    fp = run_child("score16", fp32, args, dtype="bfloat16") if fp32 and not args.no_fp32 else None
+    pp_ckpt = fp32 if args.prepack_checkpoint == "fp32" else bf16
+    if pp_ckpt != bf16:
+        read_files(pp_ckpt)
+        run_child("load", pp_ckpt, args, prepack="off")  # page cache warm, untimed
+    # interleaved, so that a change in the machine's load hits both alike
+    pp = {"off": [], "auto": []}
+    for _ in range(args.reps):
+        for mode in pp:
+            pp[mode].append(run_child("score16", pp_ckpt, args, prepack=mode))
     end_machine = machine()
     print(f"end: {end_machine}")
 
@@ -219,6 +256,26 @@ def main() -> int:
         same = fp["score_hex"] == scores[0]["score_hex"]
         row("fp32-as-bf16 score == bf16 score (bitwise)", "equal", f"{fp['score']:.6f} vs {scores[0]['score']:.6f}",
             same)
+    off, auto = pp["off"], pp["auto"]
+    name = f"{pp_ckpt.name} as stored"
+    packed = auto[0]["prepacked_bytes"]
+    row(f"prepacked weights, {name} (auto)", "-",
+        f"{packed / GB:.2f} GB" if packed else "not applied (0 bytes)", None)
+    for mode, rs in (("off", off), ("auto", auto)):
+        row(f"  prepack {mode}: from_pretrained (scan on)", "-", f"{med([r['load_s'] for r in rs]):.2f} s", None)
+    for mode, rs in (("off", off), ("auto", auto)):
+        row(f"  prepack {mode}: peak RSS, load + score", "-", f"{max(r['end']['VmHWM'] for r in rs) / GB:.2f} GB",
+            None)
+    for mode, rs in (("off", off), ("auto", auto)):
+        row(f"  prepack {mode}: first 16-token call", "-", f"{med([r['score16_s'] for r in rs]) * 1e3:.1f} ms", None)
+    # (with --score-reps 0, the first calls)
+    warm = {mode: med([x for r in rs for x in r["score16_warm_s"]] or [r["score16_s"] for r in rs])
+            for mode, rs in (("off", off), ("auto", auto))}
+    for mode in warm:
+        row(f"  prepack {mode}: 16-token call, later calls", "-", f"{warm[mode] * 1e3:.1f} ms", None)
+    row("  16-token call, prepack off / auto", "reported", f"{warm['off'] / warm['auto']:.2f}x", None)
+    same = len({r["score_hex"] for r in off + auto}) == 1
+    row("  score, prepack off == auto (bitwise)", "equal", f"{off[0]['score']:.6f} vs {auto[0]['score']:.6f}", same)
     w = max(len(r[0]) for r in rows)
     print(f"\n{args.shape} ({size(bf16):.1f} GB bf16), median of {args.reps} processes; {end_machine}")
     print(f"{'figure':<{w}}  {'goal':<22} {'measured':<28} pass")

@@ -2,13 +2,15 @@
 //
 // Loading is all-or-nothing: every shard is mapped and parsed, every tensor is
 // matched against the list the config implies (names, shapes, dtypes), and
-// only then are pointers bound or dtypes converted, in one pass over the
-// bytes that also looks for NaN/inf (weight_pass.c). Any defect frees
-// everything and returns an error naming the tensor and file.
+// only then are pointers bound or dtypes converted (or matrices packed for
+// the GEMM kernel: prepack_kernel), in one pass over the bytes that also looks
+// for NaN/inf (weight_pass.c). Any defect frees everything and returns an
+// error naming the tensor and file.
 #define _GNU_SOURCE
 #include "model.h"
 #include "dtype.h"
 #include "weight_pass.h"
+#include "cpu/gemm.h"
 
 #include <math.h>
 #include <stdarg.h>
@@ -65,6 +67,7 @@ int config_validate(const Config *c, ArmError *e) {
     if (!(c->attn_softcap >= 0.0f) || !isfinite(c->attn_softcap))
         return arm_fail(e, "config: attn_logit_softcapping must be a positive finite number or absent");
     if (c->sliding_window < 0) return arm_fail(e, "config: sliding_window must be positive or absent");
+    if (c->prepack < -1 || c->prepack > 1) return arm_fail(e, "prepack must be -1 (auto), 0 or 1, got %d", c->prepack);
     if (c->arch == ARCH_ARMORM) {
         if (c->num_objectives <= 0 || c->num_objectives > 65536)
             return arm_fail(e, "config: num_objectives must be in 1..65536, got %d", c->num_objectives);
@@ -96,6 +99,7 @@ typedef struct {
     int optional;         // may be absent (tied lm_head)
     int unused;           // present in the file but not read (lm_head)
     int add_one;          // a norm weight held as 1 + w (Config.norm_offset)
+    int gemm;             // a matrix the forward pass multiplies by through gemm_run: may be prepacked
     const StTensor *found;
     int found_file;
     const void *bound;    // where the tensor is held: the mapping or a converted buffer
@@ -136,6 +140,15 @@ static Expect *expect_add(ExpectList *l, ArmError *e, int ndim, int64_t d0, int6
         if (!x_) goto fail;                                        \
         x_->kind = DEST_W;                                         \
         x_->w = (dst);                                             \
+    } while (0)
+// A projection matrix (x @ W^T in the forward pass): prepacked when that applies.
+#define ADD_MAT(dst, a, b, ...)                                    \
+    do {                                                           \
+        Expect *x_ = expect_add(&L, e, 2, a, b, __VA_ARGS__);      \
+        if (!x_) goto fail;                                        \
+        x_->kind = DEST_W;                                         \
+        x_->w = (dst);                                             \
+        x_->gemm = 1;                                              \
     } while (0)
 // An RMSNorm weight: held as 1 + w when the family's norms scale by (1 + w).
 #define ADD_NORM(dst, n, ...)                                      \
@@ -199,10 +212,38 @@ static void convert(void *dst, WDType d, const void *src, WDType s, int64_t n) {
 
 static size_t wsize(WDType t) { return t == WT_F32 ? 4 : 2; }
 
+// The kernel the backbone matrices are packed for at load, or NULL (docs/model.md,
+// 'Prepacked weights'): the one the forward pass's products run on, when they run
+// on a GEMM kernel (not the portable path) and, by default (prepack -1), only when
+// its layout takes no more bytes per element than the held dtype: bf16 weights on
+// an fp32 kernel (widened to fp32 as they are packed) would double in memory, so
+// they stay as stored and are packed block by block in every call.
+static int prepack_kernel(const Model *m, WDType held, const GemmKernel **out, ArmError *e) {
+    const GemmKernel *g = gemm_kernel_for(m->kernel, held);
+    *out = NULL;
+    if (m->cfg.prepack == 0) return 0;
+    if (!g) {
+        if (m->cfg.prepack < 0) return 0;
+        return arm_fail(e, "prepack: the %s kernel path reads the weights as they are held; it has no packed layout",
+                        arm_kernel_name(m->kernel));
+    }
+    if (m->cfg.prepack < 0 && (size_t)(4 / g->kstep) > wsize(held)) return 0;  // a packed step is 4 bytes
+    *out = g;
+    return 0;
+}
+
+// Bytes of a (rows, cols) matrix packed for g: whole panels, a multiple of 64.
+static size_t packed_size(const GemmKernel *g, int64_t rows, int64_t cols) {
+    return (size_t)((rows + g->nw - 1) / g->nw) * (size_t)gemm_panel_words(g, cols) * 4;
+}
+
 // Points a found tensor's destination at the mapping (stored dtype = held
-// dtype: zero copy) or at a new buffer it will be converted into, and fills
-// in what the weight pass must do with its bytes. Scalars are read after the pass.
-static int plan(Model *m, Expect *x, WDType wdtype, int check, WeightJob *j, ArmError *e) {
+// dtype: zero copy), at a new buffer it will be converted into, or (a
+// projection matrix with `pack` set) at `packed`, where the pass packs it for
+// that kernel, and fills in what the weight pass must do with its bytes.
+// Scalars are read after the pass.
+static int plan(Model *m, Expect *x, WDType wdtype, int check, const GemmKernel *pack, uint32_t *packed,
+                WeightJob *j, ArmError *e) {
     const StTensor *t = x->found;
     WDType s = WT_F32;
     wdtype_of(t->dtype, &s);  // checked by the caller
@@ -210,10 +251,18 @@ static int plan(Model *m, Expect *x, WDType wdtype, int check, WeightJob *j, Arm
     WDType want = x->kind == DEST_W && x->ndim == 2 ? wdtype : WT_F32;
     *j = (WeightJob){.src = t->data, .src_dtype = s, .n = t->numel, .dst_dtype = want, .check = check};
     x->bound = t->data;
-    // A tensor not aligned to its element size (legal in safetensors, never
-    // written by the usual tools) is copied too: the kernels read aligned data.
-    // So is a norm weight held as 1 + w: the mapping is read-only.
-    if (s != want || (uintptr_t)t->data % wsize(s) != 0 || x->add_one) {
+    if (pack && x->gemm) {
+        // converted (when it must be) strip by strip as it is packed: no whole converted copy
+        j->pack = pack;
+        j->rows = x->shape[0];
+        j->cols = x->shape[1];
+        j->packed = packed;
+        j->release = 1;  // only the packed copy is read from now on
+        x->bound = NULL;
+    } else if (s != want || (uintptr_t)t->data % wsize(s) != 0 || x->add_one) {
+        // A tensor not aligned to its element size (legal in safetensors, never
+        // written by the usual tools) is copied too: the kernels read aligned data.
+        // So is a norm weight held as 1 + w: the mapping is read-only.
         void *buf = own(m, (size_t)t->numel * wsize(want), e);
         if (!buf) return -1;
         j->dst = buf;
@@ -227,6 +276,7 @@ static int plan(Model *m, Expect *x, WDType wdtype, int check, WeightJob *j, Arm
         x->w->cols = x->ndim == 2 ? x->shape[1] : x->shape[0];
         x->w->dtype = want;
         x->w->data = x->bound;
+        x->w->packed = j->packed;
     } else if (x->kind == DEST_F32) {
         *x->f = x->bound;
     }
@@ -319,10 +369,10 @@ int model_load(Model *m, const Config *cfg, const char *const *paths, int n_path
     for (int l = 0; l < c->num_layers; l++) {
         LayerWeights *lw = &m->w.layers[l];
         ADD_NORM(&lw->attn_norm, H, "%slayers.%d.input_layernorm.weight", P, l);
-        ADD_W(&lw->q, 2, QD, H, "%slayers.%d.self_attn.q_proj.weight", P, l);
-        ADD_W(&lw->k, 2, KD, H, "%slayers.%d.self_attn.k_proj.weight", P, l);
-        ADD_W(&lw->v, 2, KD, H, "%slayers.%d.self_attn.v_proj.weight", P, l);
-        ADD_W(&lw->o, 2, H, QD, "%slayers.%d.self_attn.o_proj.weight", P, l);
+        ADD_MAT(&lw->q, QD, H, "%slayers.%d.self_attn.q_proj.weight", P, l);
+        ADD_MAT(&lw->k, KD, H, "%slayers.%d.self_attn.k_proj.weight", P, l);
+        ADD_MAT(&lw->v, KD, H, "%slayers.%d.self_attn.v_proj.weight", P, l);
+        ADD_MAT(&lw->o, H, QD, "%slayers.%d.self_attn.o_proj.weight", P, l);
         if (c->attention_bias || c->qkv_bias) {
             ADD_W(&lw->q_b, 1, QD, 0, "%slayers.%d.self_attn.q_proj.bias", P, l);
             ADD_W(&lw->k_b, 1, KD, 0, "%slayers.%d.self_attn.k_proj.bias", P, l);
@@ -342,9 +392,9 @@ int model_load(Model *m, const Config *cfg, const char *const *paths, int n_path
         } else {
             ADD_NORM(&lw->mlp_norm, H, "%slayers.%d.post_attention_layernorm.weight", P, l);
         }
-        ADD_W(&lw->gate, 2, I, H, "%slayers.%d.mlp.gate_proj.weight", P, l);
-        ADD_W(&lw->up, 2, I, H, "%slayers.%d.mlp.up_proj.weight", P, l);
-        ADD_W(&lw->down, 2, H, I, "%slayers.%d.mlp.down_proj.weight", P, l);
+        ADD_MAT(&lw->gate, I, H, "%slayers.%d.mlp.gate_proj.weight", P, l);
+        ADD_MAT(&lw->up, I, H, "%slayers.%d.mlp.up_proj.weight", P, l);
+        ADD_MAT(&lw->down, H, I, "%slayers.%d.mlp.down_proj.weight", P, l);
         if (c->mlp_bias) {
             ADD_W(&lw->gate_b, 1, I, 0, "%slayers.%d.mlp.gate_proj.bias", P, l);
             ADD_W(&lw->up_b, 1, I, 0, "%slayers.%d.mlp.up_proj.bias", P, l);
@@ -443,9 +493,29 @@ int model_load(Model *m, const Config *cfg, const char *const *paths, int n_path
         if (L.v[i].found && !L.v[i].unused) order[n_jobs++] = &L.v[i];
     }
     qsort(order, (size_t)n_jobs, sizeof *order, cmp_file_order);
+    // Prepacking: one buffer for every projection matrix, each at a multiple of 64 bytes.
+    const GemmKernel *pack = NULL;
+    if (prepack_kernel(m, wdtype, &pack, e)) goto fail;
+    size_t packed_total = 0;
+    for (int k = 0; pack && k < n_jobs; k++)
+        if (order[k]->gemm) packed_total += packed_size(pack, order[k]->shape[0], order[k]->shape[1]);
+    if (packed_total) {
+        m->packed.p = weight_buffer_alloc(packed_total);
+        if (!m->packed.p) {
+            arm_fail(e, "out of memory allocating %zu bytes for prepacked weights", packed_total);
+            goto fail;
+        }
+        m->packed.bytes = packed_total;
+    }
+    size_t packed_at = 0;
     for (int k = 0; k < n_jobs; k++) {
+        uint32_t *at = NULL;
+        if (pack && order[k]->gemm) {
+            at = (uint32_t *)((char *)m->packed.p + packed_at);
+            packed_at += packed_size(pack, order[k]->shape[0], order[k]->shape[1]);
+        }
         order[k]->job = k;
-        if (plan(m, order[k], wdtype, c->check_finite, &jobs[k], e)) goto fail;
+        if (plan(m, order[k], wdtype, c->check_finite, pack, at, &jobs[k], e)) goto fail;
     }
     if (weight_pass_run(jobs, n_jobs, m->num_threads, e)) goto fail;
     for (int i = 0; i < L.n; i++) {  // name order: the same tensor is named whatever the thread timing
@@ -483,6 +553,7 @@ void model_free(Model *m) {
     free(m->files);
     for (int i = 0; i < m->n_owned; i++) weight_buffer_free(m->owned[i].p, m->owned[i].bytes);
     free(m->owned);
+    weight_buffer_free(m->packed.p, m->packed.bytes);
     free(m->w.layers);
     free(m->w.gate_w);
     free(m->w.gate_b);

@@ -3,7 +3,8 @@
 // Config     : the numbers read from config.json (validated here, not trusted).
 // Weights    : pointers to every tensor the forward pass reads. Each points into
 //              a read-only file mapping (zero copy) or into a buffer this struct
-//              owns when the stored dtype differs from the compute dtype.
+//              owns when the stored dtype differs from the compute dtype; a
+//              prepacked matrix points into Model.packed instead.
 // Model      : Config + Weights + the mapped files. Immutable after model_load,
 //              so one Model may be used by many threads at once: every forward
 //              call allocates its own RunState. There is no global mutable
@@ -59,6 +60,8 @@ typedef struct {
     Arch arch;                 // what the checkpoint holds
     int compute_head;          // 0: skip the head even when present
     int check_finite;          // 1: refuse a checkpoint with NaN/inf in any tensor read
+    int prepack;               // backbone matrices in the GEMM kernel's layout from load on (docs/model.md,
+                               // 'Prepacked weights'): -1 where that costs no memory, 0 never, 1 on every SIMD path
     int hidden_size;           // H
     int intermediate_size;     // I
     int num_layers;
@@ -97,9 +100,10 @@ typedef struct {
 
 // A weight matrix or vector as the kernels see it.
 typedef struct {
-    const void *data;
-    WDType dtype;
+    const void *data;          // NULL for a prepacked matrix: its elements exist only in `packed`
+    WDType dtype;              // the dtype it is held in (prepacked: before packing; picks the kernel)
     int64_t rows, cols;        // vectors: rows = 1
+    const uint32_t *packed;    // the matrix in its GEMM kernel's layout (cpu/gemm.h), or NULL
 } WTensor;
 
 typedef struct {
@@ -137,6 +141,7 @@ typedef struct {
     int n_files;
     OwnedBuf *owned;           // buffers holding converted tensors
     int n_owned, cap_owned;
+    OwnedBuf packed;           // every prepacked matrix (WTensor.packed points in here); bytes 0: none
     float *inv_freq;           // (head_dim/2) RoPE frequencies, precomputed
     float embed_scale;         // embedding multiplier (config_embed_scale for the held dtype)
     int num_threads;
@@ -186,8 +191,9 @@ int config_validate(const Config *c, ArmError *e);
 // no extras), converts where the stored dtype differs from `wdtype`
 // (WT_AUTO: hold the backbone in the embedding's stored dtype) and, with
 // cfg->check_finite, refuses NaN/inf in any tensor read (one pass over the
-// bytes for both: weight_pass.h). Never holds a converted tensor and its
-// source together: source pages are dropped chunk by chunk. Reads
+// bytes for both: weight_pass.h), and with cfg->prepack packs the backbone
+// matrices into Model.packed in that pass. Never holds a converted or packed
+// tensor and its source together: source pages are dropped chunk by chunk. Reads
 // ARMORM_KERNEL (auto|portable|avx2|avx512|avx512bf16) to pick the matmul path;
 // a path this CPU cannot run is an error.
 int model_load(Model *m, const Config *cfg, const char *const *paths, int n_paths,

@@ -96,16 +96,15 @@ static void convert_block(void *dst, WDType d, const void *src, WDType s, size_t
     }
 }
 
-static void run_chunk(WeightJob *j, uint64_t e0, uint64_t e1, uintptr_t pg) {
+// Counts the NaN/inf among elements e0 .. e1 of j's source (when j->check) and
+// converts them to j->dst_dtype into dst (when not NULL), in one read.
+static uint64_t scan(const WeightJob *j, uint64_t e0, uint64_t e1, void *dst) {
     const size_t es = elem_size(j->src_dtype), ed = elem_size(j->dst_dtype);
-    const char *s = (const char *)j->src + e0 * es;
-    const size_t bytes = (size_t)(e1 - e0) * es;
     // A source not aligned to its element size (legal in safetensors, never
     // written by the usual tools) is copied through an aligned buffer first.
-    const int aligned = (uintptr_t)s % es == 0;
+    const int aligned = (uintptr_t)((const char *)j->src + e0 * es) % es == 0;
     const uint64_t step = aligned ? BLOCK : UNALIGNED_BLOCK;
     uint32_t tmp[UNALIGNED_BLOCK];
-    populate(s, bytes, pg);
     uint64_t bad = 0;
     for (uint64_t b = e0; b < e1; b += step) {
         size_t m = (size_t)(e1 - b < step ? e1 - b : step);
@@ -115,8 +114,50 @@ static void run_chunk(WeightJob *j, uint64_t e0, uint64_t e1, uintptr_t pg) {
             p = tmp;
         }
         if (j->check) bad += count_block(p, j->src_dtype, m);
-        if (j->dst) convert_block((char *)j->dst + b * ed, j->dst_dtype, p, j->src_dtype, m);
+        if (dst) convert_block((char *)dst + (b - e0) * ed, j->dst_dtype, p, j->src_dtype, m);
     }
+    return bad;
+}
+
+// A packing job reads its source in place when it is already the held dtype
+// and aligned; otherwise each strip goes through a thread's buffer.
+static int pack_staged(const WeightJob *j) {
+    return j->src_dtype != j->dst_dtype || (uintptr_t)j->src % elem_size(j->src_dtype) != 0;
+}
+
+// Elements of one strip: the rows of one packed panel.
+static uint64_t strip_elems(const WeightJob *j) { return (uint64_t)j->pack->nw * (uint64_t)j->cols; }
+
+// Elements e0 .. e1 (whole strips) of a packing job: each strip converted
+// (into `stage`, when staged), checked, and packed into its panel.
+static uint64_t pack_strips(const WeightJob *j, uint64_t e0, uint64_t e1, void *stage) {
+    const uint64_t se = strip_elems(j);
+    const int64_t pw = gemm_panel_words(j->pack, j->cols);
+    const int staged = pack_staged(j);
+    uint64_t bad = 0;
+    for (uint64_t s0 = e0; s0 < e1; s0 += se) {
+        const uint64_t s1 = e1 - s0 < se ? e1 : s0 + se;
+        // the strip as a matrix of its own: rows past it are the zero padding of W's last panel
+        WTensor w = {.dtype = j->dst_dtype, .rows = (int64_t)((s1 - s0) / (uint64_t)j->cols), .cols = j->cols};
+        if (staged) {
+            bad += scan(j, s0, s1, stage);
+            w.data = stage;
+        } else {
+            if (j->check) bad += scan(j, s0, s1, NULL);
+            w.data = (const char *)j->src + s0 * elem_size(j->src_dtype);
+        }
+        gemm_pack_panel(j->pack, j->packed + (s0 / se) * pw, &w, 0, j->cols);
+    }
+    return bad;
+}
+
+static void run_chunk(WeightJob *j, uint64_t e0, uint64_t e1, uintptr_t pg, void *stage) {
+    const size_t es = elem_size(j->src_dtype), ed = elem_size(j->dst_dtype);
+    const char *s = (const char *)j->src + e0 * es;
+    const size_t bytes = (size_t)(e1 - e0) * es;
+    populate(s, bytes, pg);
+    const uint64_t bad = j->pack ? pack_strips(j, e0, e1, stage)
+                                 : scan(j, e0, e1, j->dst ? (char *)j->dst + e0 * ed : NULL);
     if (j->release) release(s, bytes, pg);
     if (bad) {
 #pragma omp atomic
@@ -124,14 +165,30 @@ static void run_chunk(WeightJob *j, uint64_t e0, uint64_t e1, uintptr_t pg) {
     }
 }
 
+static int has_work(const WeightJob *j) { return j->check || j->dst || j->release || j->pack; }
+
+// Strips per chunk of a packing job: about CHUNK bytes of source, at least one strip.
+static uint64_t strips_per_chunk(const WeightJob *j) {
+    const uint64_t b = strip_elems(j) * elem_size(j->src_dtype);
+    return b >= CHUNK ? 1 : CHUNK / b;
+}
+
 int weight_pass_run(WeightJob *jobs, int n_jobs, int nthreads, ArmError *e) {
     const uintptr_t pg = page_size();
-    // Chunk boundaries sit at multiples of CHUNK in the address space.
-    size_t n_chunks = 0;
+    // Chunk boundaries sit at multiples of CHUNK in the address space (packing jobs: at strip boundaries).
+    size_t n_chunks = 0, stage_bytes = 0;
     for (int i = 0; i < n_jobs; i++) {
+        const WeightJob *j = &jobs[i];
         jobs[i].nonfinite = 0;
-        if (!jobs[i].check && !jobs[i].dst && !jobs[i].release) continue;
-        uintptr_t a = (uintptr_t)jobs[i].src, b = a + jobs[i].n * elem_size(jobs[i].src_dtype);
+        if (!has_work(j)) continue;
+        if (j->pack) {
+            const uint64_t strips = (j->n + strip_elems(j) - 1) / strip_elems(j), per = strips_per_chunk(j);
+            n_chunks += (size_t)((strips + per - 1) / per);
+            const size_t sb = (size_t)strip_elems(j) * elem_size(j->dst_dtype);
+            if (pack_staged(j) && sb > stage_bytes) stage_bytes = sb;
+            continue;
+        }
+        uintptr_t a = (uintptr_t)j->src, b = a + j->n * elem_size(j->src_dtype);
         if (b > a) n_chunks += (size_t)((b - 1) / CHUNK - a / CHUNK + 1);
     }
     if (n_chunks == 0) return 0;
@@ -140,7 +197,12 @@ int weight_pass_run(WeightJob *jobs, int n_jobs, int nthreads, ArmError *e) {
     size_t k = 0;
     for (int i = 0; i < n_jobs; i++) {
         const WeightJob *j = &jobs[i];
-        if (!j->check && !j->dst && !j->release) continue;
+        if (!has_work(j)) continue;
+        if (j->pack) {
+            const uint64_t step = strips_per_chunk(j) * strip_elems(j);
+            for (uint64_t e0 = 0; e0 < j->n; e0 += step) ch[k++] = (Chunk){i, e0, j->n - e0 < step ? j->n : e0 + step};
+            continue;
+        }
         const uint64_t es = elem_size(j->src_dtype);
         const uintptr_t a = (uintptr_t)j->src;
         uint64_t e0 = 0;
@@ -154,16 +216,35 @@ int weight_pass_run(WeightJob *jobs, int n_jobs, int nthreads, ArmError *e) {
         }
     }
     const int64_t nk = (int64_t)k;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
-    for (int64_t c = 0; c < nk; c++) run_chunk(&jobs[ch[c].job], ch[c].e0, ch[c].e1, pg);
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        void *stage = stage_bytes ? malloc(stage_bytes) : NULL;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < nk; c++) {
+            WeightJob *j = &jobs[ch[c].job];
+            if (j->pack && pack_staged(j) && !stage) { failed = 1; continue; }  // every thread must reach the loop
+            run_chunk(j, ch[c].e0, ch[c].e1, pg, stage);
+        }
+        free(stage);
+    }
     free(ch);
+    if (failed) return arm_fail(e, "out of memory for a %zu-byte buffer packing weights", stage_bytes);
+    // The pages a packing job's chunks share (a strip rarely ends on a page boundary).
+    for (int i = 0; i < n_jobs; i++)
+        if (jobs[i].pack && jobs[i].release) release(jobs[i].src, jobs[i].n * elem_size(jobs[i].src_dtype), pg);
     return 0;
 }
 
 #define HUGE_PAGE ((size_t)2 << 20)
 
 void *weight_buffer_alloc(size_t bytes) {
-    if (bytes < HUGE_PAGE) return calloc(1, bytes ? bytes : 1);
+    if (bytes < HUGE_PAGE) {  // (mmap below is page aligned)
+        const size_t b = (bytes + 63) & ~(size_t)63;
+        void *p = aligned_alloc(64, b ? b : 64);
+        if (p) memset(p, 0, b ? b : 64);
+        return p;
+    }
     void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) return NULL;
 #ifdef MADV_HUGEPAGE

@@ -67,10 +67,12 @@ def objects(toolchain, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def core_c_objects(tmp_path_factory):
-    """The core's C files the CUDA backend calls into (batch_validate and what it pulls in)."""
+    """The core's C files the CUDA backend calls into (batch_validate and what it pulls in: model_load's
+    prepacking reaches the CPU GEMM driver and kernels)."""
     out = tmp_path_factory.mktemp("core_objs")
     objs = []
-    for src in ("csrc/model.c", "csrc/weight_pass.c", "csrc/safetensors.c", "csrc/cpu/cpu_features.c"):
+    for src in ("csrc/model.c", "csrc/weight_pass.c", "csrc/safetensors.c", "csrc/cpu/cpu_features.c",
+                "csrc/cpu/gemm_driver.c", "csrc/cpu/matmul_avx2.c", "csrc/cpu/matmul_avx512.c"):
         obj = out / (Path(src).stem + ".o")
         subprocess.run(["gcc", "-std=c11", "-O1", "-fPIC", "-I", str(ROOT / "csrc"), "-c", str(ROOT / src),
                         "-o", str(obj)], check=True, capture_output=True, text=True)

@@ -180,16 +180,17 @@ def status():
     return out
 
 before = status()
-m = armorm.ArmoRM.from_pretrained(sys.argv[1], torch_dtype=sys.argv[2], num_threads=2)
+m = armorm.ArmoRM.from_pretrained(sys.argv[1], num_threads=2, **json.loads(sys.argv[2]))
 after = status()
-print(json.dumps({"before": before, "after": after}))
+print(json.dumps({"before": before, "after": after, "prepacked_bytes": m.prepacked_bytes}))
 """
 
 
-def load_rss(path: Path, dtype: str) -> dict:
+def load_rss(path: Path, **kw) -> dict:
+    """/proc/self/status before and after from_pretrained(path, **kw) in a fresh process, and its prepacked bytes."""
     root = str(Path(armorm.__file__).resolve().parents[1])
-    p = subprocess.run([sys.executable, "-c", RSS_CHILD, str(path), dtype, root], capture_output=True, text=True,
-                       check=True)
+    p = subprocess.run([sys.executable, "-c", RSS_CHILD, str(path), json.dumps(kw), root], capture_output=True,
+                       text=True, check=True)
     return json.loads(p.stdout)
 
 
@@ -206,7 +207,7 @@ def test_fp32_held_in_bf16_never_holds_both(big_embedding_fp32):
     """Peak RSS grows by the bf16 copy plus a few chunks, not by any fp32 tensor (the embedding is 128 MiB)."""
     fp32_bytes = (big_embedding_fp32 / "model.safetensors").stat().st_size
     bf16_bytes = fp32_bytes // 2
-    r = load_rss(big_embedding_fp32, "bfloat16")
+    r = load_rss(big_embedding_fp32, torch_dtype="bfloat16")
     grew = r["after"]["VmHWM"] - r["before"]["VmHWM"]
     assert grew < bf16_bytes + 48 * 2**20, (grew, bf16_bytes)
     assert r["after"]["RssFile"] - r["before"]["RssFile"] < 8 * 2**20  # no source page stays mapped
@@ -217,6 +218,6 @@ def test_zero_copy_scan_leaves_embedding_unmapped(big_embedding_fp32):
     """Held as stored: the scan maps every page, then unmaps the embedding's (read later row by row)."""
     size = (big_embedding_fp32 / "model.safetensors").stat().st_size
     embed = 131072 * 256 * 4
-    r = load_rss(big_embedding_fp32, "float32")
+    r = load_rss(big_embedding_fp32, torch_dtype="float32")
     mapped = r["after"]["RssFile"] - r["before"]["RssFile"]
     assert size - embed - 8 * 2**20 < mapped < size - embed + 8 * 2**20, (mapped, size, embed)

@@ -8,7 +8,8 @@
 // 1. Correctness: every path this CPU runs, every weight dtype, odd shapes,
 //    bias and accumulate, against a double-precision reference (for the bf16
 //    path the reference uses the same bf16-rounded activations); plus
-//    bit-identity of a row computed alone vs in a batch, and across thread counts.
+//    bit-identity of a row computed alone vs in a batch, across thread counts,
+//    and with W prepacked in the kernel's layout (as model.c holds it).
 // 2. Speed: GFLOP/s per path on 4096-sized shapes (T=512, K=4096, N=4096 and
 //    N=14336; K=14336 -> N=4096), median of reps.
 // 3. Peak: a register-only loop of independent vdpbf16ps (each zmm instruction
@@ -77,7 +78,8 @@ static int check_case(int kernel, WDType dt, int64_t T, int64_t N, int64_t K, in
     for (int64_t i = 0; i < N; i++) b[i] = frand();
     for (int64_t i = 0; i < T * N; i++) init[i] = frand();
     void *wd = make_w(dt, N, K, wf);
-    WTensor w = {wd, dt, N, K}, bias = {use_bias ? b : NULL, WT_F32, 1, N};
+    WTensor w = {.data = wd, .dtype = dt, .rows = N, .cols = K};
+    WTensor bias = {.data = use_bias ? b : NULL, .dtype = WT_F32, .rows = 1, .cols = N};
     memcpy(out, init, sizeof(float) * T * N);
     int rc = matmul(out, x, &w, &bias, T, acc, 2, kernel);
     const int rb = uses_bf16_dot(kernel, dt);
@@ -107,6 +109,19 @@ static int check_case(int kernel, WDType dt, int64_t T, int64_t N, int64_t K, in
         matmul(o2, x, &w, &bias, T, acc, nt, kernel);
         if (memcmp(o2, out, sizeof(float) * T * N)) { bad = 1; printf("    thread count %d differs\n", nt); }
         free(o2);
+    }
+    const GemmKernel *g = gemm_kernel_for(kernel, dt);
+    if (g && !bad) {  // W packed whole (gemm.h's prepacked layout), its source not read
+        const int64_t pw = gemm_panel_words(g, K), np = (N + g->nw - 1) / g->nw;
+        uint32_t *packed = aligned_alloc(64, (size_t)(np * pw) * 4);
+        float *o3 = malloc(sizeof(float) * T * N);
+        for (int64_t p = 0; p < np; p++) gemm_pack_panel(g, packed + p * pw, &w, p * g->nw, K);
+        const WTensor wpk = {.data = NULL, .dtype = dt, .rows = N, .cols = K, .packed = packed};
+        memcpy(o3, init, sizeof(float) * T * N);
+        matmul(o3, x, &wpk, &bias, T, acc, 2, kernel);
+        if (memcmp(o3, out, sizeof(float) * T * N)) { bad = 1; printf("    prepacked W differs\n"); }
+        free(o3);
+        free(packed);
     }
     for (int64_t t = 0; t < T && !bad; t += (T > 8 ? 7 : 1)) {
         memcpy(one, init + t * N, sizeof(float) * N);
@@ -237,7 +252,8 @@ static double time_gemm(int kernel, WDType dt, int64_t T, int64_t N, int64_t K, 
     float *x = malloc(sizeof(float) * T * K), *out = malloc(sizeof(float) * T * N);
     for (int64_t i = 0; i < T * K; i++) x[i] = frand();
     void *wd = make_w(dt, N, K, NULL);
-    WTensor w = {wd, dt, N, K}, bias = {NULL, WT_F32, 1, N};
+    WTensor w = {.data = wd, .dtype = dt, .rows = N, .cols = K};
+    WTensor bias = {.data = NULL, .dtype = WT_F32, .rows = 1, .cols = N};
     MatmulRun r = {out, x, &w, &bias, T, nthreads, kernel};
     const double wall = median_rate(run_matmul, &r, 2.0 * T * N * K / 1e9, reps, percore);
     free(x); free(out); free(wd);
@@ -285,7 +301,7 @@ int main(int argc, char **argv) {
                         cases++;
                     }
         }
-        printf("correctness: %d/%d cases pass (double reference, batch and thread bit-identity)\n", cases - fails,
+        printf("correctness: %d/%d cases pass (double reference, batch, thread and prepacked-W bit-identity)\n", cases - fails,
                cases);
     }
     if (only && !strcmp(only, "checks")) return fails != 0;

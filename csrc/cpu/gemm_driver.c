@@ -11,7 +11,7 @@
 //     pack the block's activations (threads split the tiles; shared)
 //     for block of nc output columns (threads, dynamic schedule):
 //       for k block (kc):
-//         pack W[n-block, k-block] into panels (L2)
+//         pack W[n-block, k-block] into panels (L2), unless W comes prepacked
 //         for token tile: for panel: micro-kernel into C (x tile stays in L1)
 //           last k block: epilogue of the tile, out = [out +] (C + bias)
 // Scratch is bounded by the token block, whatever T is.
@@ -52,14 +52,31 @@ static void epilogue(float *out, const float *c, int64_t ldc, const float *bias,
     }
 }
 
-int gemm_run(const GemmKernel *g, float *out, const void *inp, const void *w, int64_t T, int64_t N, int64_t K,
-             const float *bias, int accumulate, int nthreads) {
+int64_t gemm_panel_words(const GemmKernel *g, int64_t K) {
+    return ((K + g->kstep - 1) / g->kstep + 15) / 16 * 16 * g->nw;
+}
+
+void gemm_pack_panel(const GemmKernel *g, uint32_t *dst, const void *w, int64_t n0, int64_t K) {
+    for (int64_t k0 = 0; k0 < K; k0 += g->kc)
+        g->pack_w(dst + k0 / g->kstep * g->nw, w, n0, k0, K - k0 < g->kc ? K - k0 : g->kc);
+}
+
+const GemmKernel *gemm_kernel_for(int path, WDType wdtype) {
+    if (path == ARM_KERNEL_AVX512BF16 && wdtype == WT_BF16) return gemm_kernel_avx512_bf16();
+    if (path >= ARM_KERNEL_AVX512) return gemm_kernel_avx512_f32();
+    if (path == ARM_KERNEL_AVX2) return gemm_kernel_avx2_f32();
+    return NULL;
+}
+
+int gemm_run(const GemmKernel *g, float *out, const void *inp, const void *w, const uint32_t *wpacked, int64_t T,
+             int64_t N, int64_t K, const float *bias, int accumulate, int nthreads) {
     const int64_t mr = g->mr, nw = g->nw, ks = g->kstep;
     const int64_t Ks = (K + ks - 1) / ks;                   // packed k-steps of a whole row
     const int64_t ntiles = (T + mr - 1) / mr;
     const int64_t xtile = Ks * mr;                          // 4-byte words per packed x tile
     const int64_t kcs16 = ((g->kc / ks) + 15) / 16 * 16;    // packed k-steps per W block, rounded
-    const int64_t pstride = kcs16 * nw;                     // words per packed W panel
+    const int64_t pstride = kcs16 * nw;                     // words per panel packed per call
+    const int64_t ppanel = gemm_panel_words(g, K);          // words per prepacked panel (all of K)
     const int64_t npanels = (N + nw - 1) / nw;
     // Panels per task: enough tasks for the threads to balance, at most GEMM_NPAN.
     int64_t npan = npanels / (GEMM_TASKS_PER_THREAD * (int64_t)(nthreads > 0 ? nthreads : 1));
@@ -75,7 +92,7 @@ int gemm_run(const GemmKernel *g, float *out, const void *inp, const void *w, in
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
-        uint32_t *wp = alloc64((size_t)(npan * pstride) * 4);
+        uint32_t *wp = wpacked ? NULL : alloc64((size_t)(npan * pstride) * 4);
         float *cb = alloc64((size_t)(tbt * mr * nc) * sizeof(float));
         for (int64_t tb0 = 0; tb0 < ntiles; tb0 += tbt) {  // every thread runs every block
             const int64_t tbn = ntiles - tb0 < tbt ? ntiles - tb0 : tbt;
@@ -83,19 +100,27 @@ int gemm_run(const GemmKernel *g, float *out, const void *inp, const void *w, in
             for (int64_t i = 0; i < tbn; i++) g->pack_x(xp + i * xtile, inp, T, K, (tb0 + i) * mr);
 #pragma omp for schedule(dynamic, 1)
             for (int64_t task = 0; task < ntasks; task++) {
-                if (!wp || !cb) { failed = 1; continue; }  // every thread must reach the loop
+                if ((!wp && !wpacked) || !cb) { failed = 1; continue; }  // every thread must reach the loop
                 const int64_t n0 = task * nc, nn = N - n0 < nc ? N - n0 : nc;
                 const int64_t np = (nn + nw - 1) / nw;
                 for (int64_t k0 = 0; k0 < K; k0 += g->kc) {
                     const int64_t kcl = K - k0 < g->kc ? K - k0 : g->kc;
                     const int64_t steps = (kcl + ks - 1) / ks;
                     const int last = k0 + kcl >= K;
-                    for (int64_t p = 0; p < np; p++) g->pack_w(wp + p * pstride, w, n0 + p * nw, k0, kcl);
+                    // this k block of the task's first panel, and the words from one panel to the next
+                    const uint32_t *wb = wp;
+                    int64_t wstride = pstride;
+                    if (wpacked) {
+                        wb = wpacked + (n0 / nw) * ppanel + (k0 / ks) * nw;
+                        wstride = ppanel;
+                    } else {
+                        for (int64_t p = 0; p < np; p++) g->pack_w(wp + p * pstride, w, n0 + p * nw, k0, kcl);
+                    }
                     for (int64_t i = 0; i < tbn; i++) {
                         const uint32_t *xt = xp + i * xtile + (k0 / ks) * mr;
                         float *ct = cb + i * mr * nc;
                         for (int64_t p = 0; p < np; p++)
-                            g->ukr(ct + p * nw, nc, xt, wp + p * pstride, steps, k0 == 0);
+                            g->ukr(ct + p * nw, nc, xt, wb + p * wstride, steps, k0 == 0);
                         if (last) epilogue(out, ct, nc, bias, T, N, (tb0 + i) * mr, mr, n0, nn, accumulate);
                     }
                 }

@@ -121,7 +121,7 @@ static int gemm_avx512bf16(float *c, const RowView *va, const RowView *vb, int a
     GemmKernel g = *base;
     g.pack_x = pack_x_view;
     g.pack_w = pack_w_view;
-    return gemm_run(&g, c, va, vb, va->ni, vb->ni, va->K, NULL, accumulate, nthreads);
+    return gemm_run(&g, c, va, vb, NULL, va->ni, vb->ni, va->K, NULL, accumulate, nthreads);
 }
 
 #else

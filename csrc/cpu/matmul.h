@@ -3,7 +3,8 @@
 // only matrix product. (Training's op(A) @ op(B) between two arrays is
 // gemm_general.h; both run on gemm_driver.c's loops, see gemm.h.)
 //
-// W may be F32, BF16 or F16 (read in place from the checkpoint mapping). Work
+// W may be F32, BF16 or F16 (read in place from the checkpoint mapping), or
+// prepacked at load in the SIMD kernel's layout (WTensor.packed). Work
 // is split across threads by blocks of W rows, so every output element is
 // computed by the same instructions whatever the thread count or the batch it
 // belongs to: tail rows are copied into a zero-padded tile and run through the
@@ -125,15 +126,14 @@ static int matmul_portable(float *out, const float *inp, const WTensor *w, const
 // BF16 weights take vdpbf16ps on ARM_KERNEL_AVX512BF16 (activations rounded to
 // bf16); everything else on the SIMD paths is fp32 arithmetic.
 // Returns 0, or -1 when a scratch allocation fails.
+// A prepacked W (w->packed, model.c) was packed at load for this same kernel
+// (gemm_kernel_for of the same path and dtype), and is read in place of w->data.
 static int matmul(float *out, const float *inp, const WTensor *w, const WTensor *bias, int64_t T,
                   int accumulate, int nthreads, int kernel) {
-    const GemmKernel *g = NULL;
-    if (kernel == ARM_KERNEL_AVX512BF16 && w->dtype == WT_BF16) g = gemm_kernel_avx512_bf16();
-    else if (kernel >= ARM_KERNEL_AVX512) g = gemm_kernel_avx512_f32();
-    else if (kernel == ARM_KERNEL_AVX2) g = gemm_kernel_avx2_f32();
+    const GemmKernel *g = gemm_kernel_for(kernel, w->dtype);
     if (!g) return matmul_portable(out, inp, w, bias, T, accumulate, nthreads);
     const float *b = bias && bias->data ? (const float *)bias->data : NULL;  // vectors are fp32
-    return gemm_run(g, out, inp, w, T, w->rows, w->cols, b, accumulate, nthreads);
+    return gemm_run(g, out, inp, w, w->packed, T, w->rows, w->cols, b, accumulate, nthreads);
 }
 
 #endif

@@ -132,7 +132,7 @@ static int config_from_dict(PyObject *d, Config *c) {
     int arch = 0, head = 1, rope = 0;
     double x;
     if (get_int(d, "arch", &arch, 1, 0) || get_int(d, "compute_head", &head, 0, 1) ||
-        get_int(d, "check_finite", &c->check_finite, 0, 1) ||
+        get_int(d, "check_finite", &c->check_finite, 0, 1) || get_int(d, "prepack", &c->prepack, 0, -1) ||
         get_int(d, "hidden_size", &c->hidden_size, 1, 0) ||
         get_int(d, "intermediate_size", &c->intermediate_size, 1, 0) ||
         get_int(d, "num_hidden_layers", &c->num_layers, 1, 0) ||
@@ -228,6 +228,13 @@ static int PyModel_init(PyModel *self, PyObject *args, PyObject *kw) {
     }
     Config cfg;
     if (config_from_dict(cfgd, &cfg)) return -1;
+    if (device >= 0) {  // the GPU holds its own copy (bf16, cuBLAS): the host's is only read while uploading
+        if (cfg.prepack > 0) {
+            PyErr_SetString(PyExc_ValueError, "prepack applies to the CPU engine; a model on a GPU is not prepacked");
+            return -1;
+        }
+        cfg.prepack = 0;
+    }
     PyObject *seq = PySequence_Fast(paths, "paths must be a sequence of str");
     if (!seq) return -1;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
@@ -667,6 +674,18 @@ static PyObject *PyModel_get_kernel(PyModel *self, void *c) {
     return PyUnicode_FromString(arm_kernel_name(self->model.kernel));
 }
 
+static PyObject *PyModel_get_prepacked(PyModel *self, void *c) {
+    (void)c;
+    if (check_loaded(self)) return NULL;
+    return PyBool_FromLong(self->model.packed.bytes > 0);
+}
+
+static PyObject *PyModel_get_prepacked_bytes(PyModel *self, void *c) {
+    (void)c;
+    if (check_loaded(self)) return NULL;
+    return PyLong_FromSize_t(self->model.packed.bytes);
+}
+
 static PyObject *PyModel_get_device(PyModel *self, void *c) {
     (void)c;
     if (self->device < 0) return PyUnicode_FromString("cpu");
@@ -697,6 +716,11 @@ static PyGetSetDef PyModel_getset[] = {{"closed", (getter)PyModel_get_closed, NU
                                         "matmul path chosen at load: portable, avx2, avx512 or avx512bf16 "
                                         "(ARMORM_KERNEL forces one)", NULL},
                                        {"device", (getter)PyModel_get_device, NULL, "'cpu' or 'cuda:N'", NULL},
+                                       {"prepacked", (getter)PyModel_get_prepacked, NULL,
+                                        "True when the backbone matrices are held in the GEMM kernel's packed "
+                                        "layout (config 'prepack'; docs/model.md, 'Prepacked weights')", NULL},
+                                       {"prepacked_bytes", (getter)PyModel_get_prepacked_bytes, NULL,
+                                        "bytes of the prepacked matrices (0 when not prepacked)", NULL},
                                        {"fields", (getter)PyModel_get_fields, NULL,
                                         "the output fields this model produces, in the order forward returns them",
                                         NULL},
