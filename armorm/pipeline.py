@@ -30,6 +30,8 @@ class ArmoRMPipeline:
     tokenizes that text again with the tokenizer's special tokens, as
     allenai/reward-bench feeds classifier reward models (two BOS tokens for
     Llama 3); the default is the model card's single-BOS tokenization.
+    `check_finite`, `prepack`, `num_threads`, `gating_pattern` are
+    `ArmoRM.from_pretrained`'s.
     """
 
     def __init__(self, model_id: Union[str, os.PathLike, None] = None, device_map: Any = "auto",
@@ -37,14 +39,14 @@ class ArmoRMPipeline:
                  max_length: int = 4096, *, tokenizer: Any = None, model: Optional[ArmoRM] = None,
                  num_threads: Optional[int] = None, gating_pattern: Optional[Sequence[int]] = None,
                  batch_tokens: int = 8192, check_finite: bool = True,
-                 harness_tokenization: bool = False) -> None:
+                 harness_tokenization: bool = False, prepack: Optional[bool] = None) -> None:
         if model is None:
             if model_id is None:
                 raise ValueError("give model_id (a model directory or hub id) or model=")
             model = ArmoRM.from_pretrained(model_id, device_map=device_map, torch_dtype=torch_dtype,
                                            trust_remote_code=trust_remote_code, num_threads=num_threads,
                                            gating_pattern=gating_pattern, tokenizer=tokenizer,
-                                           check_finite=check_finite)
+                                           check_finite=check_finite, prepack=prepack)
         elif gating_pattern is not None:
             model.gating_pattern = [int(t) for t in gating_pattern]
         if tokenizer is None:

@@ -164,13 +164,13 @@ def ensure_checkpoint(d: Path, shape: str, dtype: str) -> Path:
 
 
 def machine() -> str:
-    la = os.getloadavg()
+    from machine import describe  # this directory's machine.py (not the function)
     avail = 0
     with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("MemAvailable:"):
                 avail = int(line.split()[1]) * 1024
-    return f"load average {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}, MemAvailable {avail / GB:.1f} GB"
+    return f"{describe()}, MemAvailable {avail / GB:.1f} GB"
 
 
 def main() -> int:
