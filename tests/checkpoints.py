@@ -19,7 +19,7 @@ from typing import Dict, Optional
 import torch
 from safetensors.torch import save_file
 import transformers
-from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaModel
+from transformers import LlamaConfig, LlamaModel
 
 #: Llama-3's rope_scaling, scaled down to the tiny checkpoints' context.
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

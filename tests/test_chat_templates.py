@@ -181,7 +181,7 @@ def test_gemma2_refusal_through_the_pipeline(tmp_path):
     """The pipeline and the CLI name the conversation and the reason (no traceback from Jinja)."""
     import armorm
     from checkpoints import make_armorm
-    tiny = make_armorm(tmp_path / "m", family="gemma2", hidden=32, heads=2, kv_heads=1, head_dim=16, inter=32,
+    make_armorm(tmp_path / "m", family="gemma2", hidden=32, heads=2, kv_heads=1, head_dim=16, inter=32,
                        layers=1, vocab=3400, query_pre_attn_scalar=16)
     synthetic_tokenizer_dir(tmp_path / "m", GEMMA2, GEMMA_SPECIALS, GEMMA_WORDS, bos="<bos>", eos="<eos>",
                             pad="<pad>", unk="<unk>", first_free_id=3000)
