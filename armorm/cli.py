@@ -19,7 +19,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .hub import DEFAULT_MODEL, ModelNotFoundError
 from .serve import command as serve_command
@@ -191,13 +191,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     stage = importlib.import_module(f".train.{args.stage}", __package__)
     own = {"objectives": args.objectives} if args.stage == "stage1" else {"seq_len": args.seq_len}
     seed = None if getattr(args, "no_shuffle", False) else args.seed
+    return _print_prepared(lambda: stage.prepare(
+        args.model, args.dataset, args.output, n_shards=args.n_shards, shard_idx=args.shard_idx, split=args.split,
+        name=args.name, batch_tokens=args.batch_tokens, embeddings_dtype=args.embeddings_dtype, torch_dtype=args.dtype,
+        seed=seed, shard_mode=args.shard_mode, chunk_rows=args.chunk_rows, num_threads=args.threads,
+        progress=_show_progress(args), overwrite=args.overwrite, restart=args.restart, quiet=False,
+        check_finite=not args.no_check_finite, **own))
+
+
+def _print_prepared(prepare: Callable[[], str]) -> int:
+    """Runs a preparation on the shared loop and prints its file; an interrupted one says how to resume."""
     try:
-        path = stage.prepare(args.model, args.dataset, args.output, n_shards=args.n_shards, shard_idx=args.shard_idx,
-                             split=args.split, name=args.name, batch_tokens=args.batch_tokens,
-                             embeddings_dtype=args.embeddings_dtype, torch_dtype=args.dtype, seed=seed,
-                             shard_mode=args.shard_mode, chunk_rows=args.chunk_rows, num_threads=args.threads,
-                             progress=_show_progress(args), overwrite=args.overwrite, restart=args.restart,
-                             quiet=False, check_finite=not args.no_check_finite, **own)
+        path = prepare()
     except ImportError as e:
         print(f"armorm: error: {e}", file=sys.stderr)
         return 2
@@ -301,18 +306,13 @@ def cmd_eval_rewardbench2(args: argparse.Namespace) -> int:
 
 def cmd_prepare_rewardbench2(args: argparse.Namespace) -> int:
     from .train import rewardbench2 as rb2
-    try:
-        path = rb2.prepare(args.model, args.dataset, args.output, split=args.split, name=args.name,
-                           harness_tokenization=args.harness_tokenization, max_length=args.max_length,
-                           truncation=not args.no_truncation, embeddings_dtype=args.embeddings_dtype,
-                           torch_dtype=args.dtype, batch_tokens=args.batch_tokens, num_threads=args.threads,
-                           progress=_show_progress(args), overwrite=args.overwrite,
-                           check_finite=not args.no_check_finite)
-    except ImportError as e:
-        print(f"armorm: error: {e}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
+    return _print_prepared(lambda: rb2.prepare(
+        args.model, args.dataset, args.output, split=args.split, name=args.name,
+        harness_tokenization=args.harness_tokenization, max_length=args.max_length,
+        truncation=not args.no_truncation, embeddings_dtype=args.embeddings_dtype, torch_dtype=args.dtype,
+        batch_tokens=args.batch_tokens, num_threads=args.threads, progress=_show_progress(args),
+        overwrite=args.overwrite, check_finite=not args.no_check_finite, n_shards=args.n_shards,
+        shard_idx=args.shard_idx, chunk_rows=args.chunk_rows, restart=args.restart, quiet=False))
 
 
 def cmd_assemble(args: argparse.Namespace) -> int:
@@ -421,26 +421,31 @@ def _add_prepare_arguments(s: argparse.ArgumentParser, chunk_rows: int) -> None:
     s.add_argument("--model", metavar="DIR", required=True, help="backbone / reward model directory or hub id")
     s.add_argument("--dataset", metavar="PATH", required=True,
                    help="JSONL, Parquet, a datasets save_to_disk directory, or a hub dataset id")
-    s.add_argument("--output", metavar="DIR", required=True, help="directory for the shard file")
-    s.add_argument("--n-shards", type=_int_at_least(1), default=1, help="number of shards")
-    s.add_argument("--shard-idx", type=_int_at_least(1), default=1, help="this shard, 1-based as the reference")
+    _add_output_arguments(s, chunk_rows)
     s.add_argument("--shard-mode", default="contiguous", choices=["contiguous", "strided"],
                    help="datasets' shard(): contiguous blocks (datasets >= 3.1) or every n-th row "
                         "(datasets < 3.1)")
     s.add_argument("--split", default="train", help="dataset split (RewardBench: filtered)")
-    s.add_argument("--name", help="file name stem (default: the dataset's last path component)")
     s.add_argument("--batch-tokens", type=_int_at_least(1), default=8192, help="tokens per packed batch")
-    s.add_argument("--embeddings-dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                   help="stored embedding dtype, as the reference's")
     s.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES,
                    help="dtype the backbone weights are held in, as the reference's")
     s.add_argument("--seed", type=int, default=0, help="shuffle seed before sharding, as the reference's")
-    s.add_argument("--chunk-rows", type=_int_at_least(1), default=chunk_rows, help="rows per resumable chunk")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing output made with other settings")
-    s.add_argument("--restart", action="store_true", help="discard the partial work of an interrupted run")
     _add_check_finite(s)
     _add_common(s)
     _add_ray_arguments(s, files=False)
+
+
+def _add_output_arguments(s: argparse.ArgumentParser, chunk_rows: int) -> None:
+    """Where a preparation on the shared loop (prepare-stage1/2, prepare-rewardbench2) writes, and its resume."""
+    s.add_argument("--output", metavar="DIR", required=True, help="directory for the shard file")
+    s.add_argument("--n-shards", type=_int_at_least(1), default=1, help="number of shards")
+    s.add_argument("--shard-idx", type=_int_at_least(1), default=1, help="this shard, 1-based as the reference")
+    s.add_argument("--name", help="file name stem (default: the dataset's last path component)")
+    s.add_argument("--embeddings-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="stored embedding dtype")
+    s.add_argument("--chunk-rows", type=_int_at_least(1), default=chunk_rows, help="rows per resumable chunk")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output made with other settings")
+    s.add_argument("--restart", action="store_true", help="discard the partial work of an interrupted run")
 
 
 def _add_eval_inputs(s: argparse.ArgumentParser, scores_help: str, embeddings_what: str) -> None:
@@ -660,12 +665,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "Runs every completion of RewardBench 2 through the backbone once and writes the last-token "
                 "embeddings [M,H], one gating-position embedding per prompt [P,H], the completion counts, "
                 "num_correct, ids and subsets to OUTPUT/<name>-00001-of-00001.safetensors, for "
-                "eval-rewardbench2 --embeddings with any regression and gating files.")
-    s.add_argument("--output", metavar="DIR", required=True, help="directory for the embeddings file")
-    s.add_argument("--name", help="file name stem (default: the dataset's last path component)")
-    s.add_argument("--embeddings-dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                   help="stored embedding dtype")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+                "eval-rewardbench2 --embeddings with any regression and gating files. Prompts stay in dataset "
+                "order; they are embedded in chunks, each kept when done, so an interrupted run resumes when "
+                "the same command is run again. --n-shards N writes shard --shard-idx of N (contiguous "
+                "prompts); eval-rewardbench2 --embeddings reads the shards together.")
+    _add_output_arguments(s, chunk_rows=128)
     _add_rewardbench2_model_arguments(s, required=True)
     s.set_defaults(func=cmd_prepare_rewardbench2)
 

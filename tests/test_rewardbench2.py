@@ -534,3 +534,126 @@ def test_embeddings_entry_point_matches_the_model(tiny_rm, dataset, head_files, 
     with pytest.raises(ValueError, match="not a prepare-rewardbench2 file"):
         rb2.scores_from_embeddings(str(reg), reg, gate)
     assert cli.main(["eval-rewardbench2", "--embeddings", str(out), "--regression", str(reg)]) == 2
+
+
+# ----------------------------------------------------------------------------- preparation on the shared loop
+
+
+def _prepare(model, data, out, **kw):
+    kw = dict(dict(embeddings_dtype="float32", torch_dtype="float32", num_threads=1, quiet=True), **kw)
+    return rb2.prepare(str(model), str(data), str(out), **kw)
+
+
+@pytest.mark.parametrize("harness", [False, True])
+def test_prepared_file_is_the_backbones_embeddings(tiny_rm, dataset, head_files, tmp_path, harness):
+    from pathlib import Path
+    from armorm.safetensors_io import SafetensorsFile
+    recs = rb2_records()
+    path = _prepare(tiny_rm, dataset, tmp_path / "c5", chunk_rows=5, harness_tokenization=harness)  # 5 chunks
+    f = SafetensorsFile(path)
+    # a direct score_sequences run over every completion, tokenized as the file's
+    with ArmoRM.from_pretrained(tiny_rm, architecture="LlamaModel", torch_dtype="float32", num_threads=1) as m:
+        pipe = ArmoRMPipeline(model=m, max_length=2048, harness_tokenization=harness)
+        seqs = [s for r in recs for s in pipe.encode(conversations(r))]
+        assert all(s[1] == 128000 for s in seqs) == harness               # the harness's second BOS
+        want = m.score_sequences(seqs, fields=["hidden_state", "prompt_embedding"], share_prefixes=False)
+    first = np.cumsum([0] + [r["total_completions"] for r in recs])[:-1]
+    assert np.array_equal(f.read("embeddings"), np.asarray(want["hidden_state"], np.float32))
+    assert np.array_equal(f.read("prompt_embeddings"), np.asarray(want["prompt_embedding"], np.float32)[first])
+    assert f.read("completions").tolist() == [r["total_completions"] for r in recs]
+    assert f.read("num_correct").tolist() == [r["num_correct"] for r in recs]
+    assert json.loads(f.metadata["ids"]) == [r["id"] for r in recs]
+    assert json.loads(f.metadata["subsets"]) == [r["subset"] for r in recs]
+    assert float(f.metadata["prompt_mismatch"]) == 0.0     # a shared prefix: the same gating embedding exactly
+    settings = json.loads(f.metadata["armorm_rewardbench2"])
+    assert settings["harness_tokenization"] is harness and settings["seed"] is None
+    # the chunking does not show in the file
+    one = _prepare(tiny_rm, dataset, tmp_path / "c100", chunk_rows=100, harness_tokenization=harness)
+    assert Path(one).read_bytes() == Path(path).read_bytes()
+    # and the head on it gives the model's scores, tokenized the same way
+    emb = rb2.scores_from_embeddings(path, *head_files)
+    model = rb2.scores_from_model(str(tiny_rm), str(dataset), torch_dtype="float32", num_threads=1,
+                                  harness_tokenization=harness)
+    assert emb.ids == model.ids and emb.num_correct == model.num_correct
+    np.testing.assert_allclose(np.concatenate(emb.scores), np.concatenate(model.scores), rtol=1e-4, atol=1e-5)
+
+
+def test_prepare_resumes_after_interruption(tiny_rm, dataset, tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+    kw = dict(chunk_rows=4, harness_tokenization=True, embeddings_dtype="bfloat16")
+    full = _prepare(tiny_rm, dataset, tmp_path / "full", **kw)
+
+    def interrupt(done, total):
+        if done >= 9:
+            raise KeyboardInterrupt("simulated")
+
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        _prepare(tiny_rm, dataset, out, progress=interrupt, **kw)
+    assert not list(out.glob("*.safetensors")) and [p for p in out.iterdir() if p.name.startswith(".")]
+    # other settings are refused while the interrupted work is there, unless restarted
+    with pytest.raises(ValueError, match="interrupted run with different settings.*harness_tokenization"):
+        _prepare(tiny_rm, dataset, out, **dict(kw, harness_tokenization=False))
+    seen = []
+    path = _prepare(tiny_rm, dataset, out, progress=lambda done, total: seen.append((done, total)), **kw)
+    assert seen[0][0] >= 8 and seen[-1] == (22, 22)        # finished chunks were not recomputed
+    assert Path(path).read_bytes() == Path(full).read_bytes()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    # the same command again keeps the file; other settings need overwrite
+    assert _prepare(tiny_rm, dataset, out, progress=lambda *a: pytest.fail("recomputed"), **kw) == path
+    with pytest.raises(ValueError, match=r"exists with different settings \(harness_tokenization: True -> False\)"):
+        _prepare(tiny_rm, dataset, out, **dict(kw, harness_tokenization=False))
+    with pytest.raises(ValueError, match="exists with different settings.*max_length: 2048 -> 1000"):
+        _prepare(tiny_rm, dataset, out, **dict(kw, max_length=1000))
+    # the CLI says how to resume
+    monkeypatch.setattr(rb2, "prepare", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert cli.main(["prepare-rewardbench2", "--model", str(tiny_rm), "--dataset", str(dataset), "--output",
+                     str(out), "--no-progress"]) == 130
+    assert "finished chunks are kept: rerun the same command to resume" in capsys.readouterr().err
+
+
+def test_prepare_shards_read_together(tiny_rm, dataset, head_files, tmp_path, capsys):
+    from armorm.safetensors_io import SafetensorsFile
+    one = SafetensorsFile(_prepare(tiny_rm, dataset, tmp_path / "one"))
+    out = tmp_path / "two"
+    for k in (1, 2):
+        assert cli.main(["prepare-rewardbench2", "--model", str(tiny_rm), "--dataset", str(dataset), "--output",
+                         str(out), "--n-shards", "2", "--shard-idx", str(k), "--chunk-rows", "3", "--dtype", "float32",
+                         "--embeddings-dtype", "float32", "--threads", "1", "--no-progress"]) == 0
+    paths = capsys.readouterr().out.split()
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["rb2-00001-of-00002.safetensors", "rb2-00002-of-00002.safetensors"]
+    parts = [SafetensorsFile(p) for p in paths]
+    assert [len(json.loads(p.metadata["ids"])) for p in parts] == [11, 11]       # contiguous, dataset order
+    for t in ("embeddings", "prompt_embeddings", "completions", "num_correct"):
+        assert np.array_equal(np.concatenate([p.read(t) for p in parts]), one.read(t))
+    a, b = rb2.scores_from_embeddings(str(out), *head_files), rb2.scores_from_embeddings(one.path, *head_files)
+    assert a.ids == b.ids and a.num_correct == b.num_correct       # the head's matmul: per file, so not bitwise
+    np.testing.assert_allclose(np.concatenate(a.scores), np.concatenate(b.scores), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("recs, match", [
+    (_mutate(7, total_completions=5), r"row 7 \(bad.jsonl line 8\) \(id '7'\): total_completions is 5"),
+    (_mutate(20, chosen=KeyError), r"row 20 \(bad.jsonl line 21\): no 'chosen'"),
+    (_mutate(20, id="ref:1"), r"line 21\) \(id 'ref:1'\): Ties prompt ref:1 appears twice \(also row 17 "
+                              r"\(bad.jsonl line 18\)"),                # in another chunk
+])
+def test_prepare_names_bad_rows_before_embedding(tiny_rm, tmp_path, capsys, recs, match):
+    data = write_jsonl(tmp_path / "bad.jsonl", recs)
+    out = tmp_path / "out"
+    with pytest.raises(DatasetError, match=match):       # rows in later chunks, and across chunks
+        _prepare(tiny_rm, data, out, chunk_rows=3)
+    assert not list(out.iterdir())                       # checked before any chunk
+    assert cli.main(["prepare-rewardbench2", "--model", str(tiny_rm), "--dataset", str(data), "--output", str(out),
+                     "--chunk-rows", "3", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("armorm: error: row ")
+
+
+def test_prepare_truncation_that_cuts_the_header_names_the_row(tiny_rm, tmp_path):
+    recs = rb2_records()
+    recs[9]["prompt"] = "word " * 80
+    data = write_jsonl(tmp_path / "long.jsonl", recs)
+    with pytest.raises(DatasetError, match=r"row 9 \(long.jsonl line 10\) \(id '9'\), completion 0 \(chosen 0\): "
+                                           r"truncation to max_length=40"):
+        _prepare(tiny_rm, data, tmp_path / "o", max_length=40, chunk_rows=4)
+    assert _prepare(tiny_rm, data, tmp_path / "o", max_length=40, truncation=False, chunk_rows=4, restart=True)

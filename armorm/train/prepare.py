@@ -4,8 +4,8 @@ A preparation turns one shard of a dataset into one safetensors file,
 `<output>/<name>-<shard:05d>-of-<n_shards:05d>.safetensors` (the reference's
 naming; `<name>` defaults to the dataset's last path component). What is
 embedded and written is a `Kind`'s: stage 1's conversations and labels
-(`stage1.prepare`), stage 2's preference pairs (`stage2.prepare`); a kind
-with N completions per prompt (RewardBench 2) is one more `Kind`.
+(`stage1.prepare`), stage 2's preference pairs (`stage2.prepare`), RewardBench
+2's N completions per prompt (`rewardbench2.prepare`).
 
 Rows: the dataset is shuffled with `numpy.random.default_rng(seed)
 .permutation(N)` (seed 0), which is exactly what `datasets.Dataset.shuffle(
@@ -243,6 +243,10 @@ class Kind:
         """The kind's own settings that the result depends on (compared when resuming)."""
         return {}
 
+    def check(self, src: Any, rows: np.ndarray) -> None:
+        """Checks across chunks (ids given twice, ...) of the shard's `rows` of `src`, run before any chunk is
+        embedded; a DatasetError naming the row. Default: none (`parse` checks each chunk)."""
+
     def parse(self, records: List[Dict[str, Any]], wheres: List[str]) -> Any:
         """A chunk's records -> the work to embed; a DatasetError naming the row (before the model loads)."""
         raise NotImplementedError
@@ -388,6 +392,7 @@ def run(kind: Kind, model: Any, dataset: Any, output: Any, *, n_shards: int = 1,
     settings = json.loads(json.dumps(settings))  # normalized (tuples -> lists) for comparisons
     if _already_done(final, settings, kind, overwrite, quiet):
         return final
+    kind.check(src, rows)
     work = _work_dir(output, final, settings, chunk_rows, restart)
 
     n_chunks = -(-rows.size // chunk_rows)

@@ -27,12 +27,14 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ..data import DatasetError, open_dataset
 from ..display import Report
+from ..safetensors_io import SafetensorsFile, save_file
+from . import prepare as prep
 
 #: The official subsets in the leaderboard's order, with their prompt counts in the test split.
 OFFICIAL_COUNTS: Dict[str, int] = {"Factuality": 475, "Precise IF": 160, "Math": 183, "Safety": 450,
@@ -41,6 +43,7 @@ OFFICIAL_COUNTS: Dict[str, int] = {"Factuality": 475, "Precise IF": 160, "Math":
 MAX_LENGTH = 2048
 #: The columns a dataset row needs.
 COLUMNS = ("id", "subset", "prompt", "chosen", "rejected", "num_correct", "total_completions")
+_NEED_COLUMNS = f"RewardBench 2 rows need {', '.join(COLUMNS)}"
 #: Ties weights: tied accuracy, ref accuracy, margin preferred, margin preferred (hard), margin score.
 TIES_WEIGHTS = (0.30, 0.30, 0.20, 0.20, 0.01)
 
@@ -435,30 +438,45 @@ def _row(rec: Dict[str, Any], where: str) -> Row:
 
 def read_dataset(dataset: Any, split: str = "test") -> List[Row]:
     """The dataset's rows, validated (DatasetError naming the row and its id; nothing is scored before)."""
-    return _read_rows(dataset, split)[1]
-
-
-def _read_rows(dataset: Any, split: str) -> Tuple[Any, List[Row]]:
     src = open_dataset(dataset, split=split, columns=list(COLUMNS))
     cols = src.columns()
     if cols is not None:
         missing = [c for c in COLUMNS if c not in cols]
         if missing:
             raise DatasetError(f"{src.location}: no column(s) {', '.join(missing)} (it has {', '.join(cols)}); "
-                               f"RewardBench 2 rows need {', '.join(COLUMNS)}")
-    rows: List[Row] = []
-    step = 512
-    for a in range(0, len(src), step):
-        idx = list(range(a, min(len(src), a + step)))
-        rows += [_row(rec, src.where(i)) for i, rec in zip(idx, src.take(idx))]
+                               f"{_NEED_COLUMNS}")
+    rows = list(_rows(src, range(len(src))))
     if not rows:
         raise DatasetError(f"{src.location}: no rows")
+    _check_rows(rows)
+    return rows
+
+
+def _rows(src: Any, idx: Sequence[int]) -> Iterator[Row]:
+    """The validated rows `idx` of a record source, read a block at a time."""
+    step = 512
+    for a in range(0, len(idx), step):
+        part = [int(i) for i in idx[a:a + step]]
+        yield from (_row(rec, src.where(i)) for i, rec in zip(part, src.take(part)))
+
+
+def _check_rows(rows: Iterable[Row]) -> None:
+    """`check_prompts` over rows (a Ties id given twice, ...) as a DatasetError; keeps no row's text."""
+    ids: List[str] = []
+    subsets: List[str] = []
+    num_correct: List[int] = []
+    no_scores: List[np.ndarray] = []  # check_prompts counts a prompt's completions by its scores
+    wheres: List[str] = []
+    for r in rows:
+        ids.append(r.id)
+        subsets.append(r.subset)
+        num_correct.append(r.num_correct)
+        no_scores.append(np.zeros(len(r.completions)))
+        wheres.append(r.where)
     try:
-        check_prompts(ScoredPrompts([r.id for r in rows], [r.subset for r in rows], [r.num_correct for r in rows],
-                                    [np.zeros(len(r.completions)) for r in rows], [r.where for r in rows]))
+        check_prompts(ScoredPrompts(ids, subsets, num_correct, no_scores, wheres))
     except ValueError as e:
         raise DatasetError(str(e)) from None
-    return src, rows
 
 
 # =========================================================================== scoring with the model
@@ -570,11 +588,86 @@ _META_KEY = "armorm_rewardbench2"
 FORMAT_VERSION = 1
 
 
+class RewardBench2Kind(prep.Kind):
+    """RewardBench 2's preparation on the shared loop (`prepare`): every completion of a prompt -> its last
+    token's final hidden state, and the prompt's gating-position embedding once."""
+
+    title, command, meta_key, version = "RewardBench 2", "prepare-rewardbench2", _META_KEY, FORMAT_VERSION
+    columns = required = COLUMNS
+    missing_hint = _NEED_COLUMNS
+    unit = "prompt"
+    embedding_tensors = ("embeddings", "prompt_embeddings")
+
+    def __init__(self, harness_tokenization: bool = False, max_length: int = MAX_LENGTH,
+                 truncation: bool = True) -> None:
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        self.harness_tokenization = bool(harness_tokenization)
+        self.max_length = int(max_length)
+        self.truncation = bool(truncation)
+
+    def settings(self) -> Dict[str, Any]:
+        return {"harness_tokenization": self.harness_tokenization, "max_length": self.max_length,
+                "truncation": self.truncation}
+
+    def check(self, src: Any, rows: np.ndarray) -> None:
+        _check_rows(_rows(src, rows))
+
+    def parse(self, records: List[Dict[str, Any]], wheres: List[str]) -> Any:
+        return [_row(rec, where) for rec, where in zip(records, wheres)]
+
+    def embed(self, model: Any, work: Any, rows: np.ndarray, batch_tokens: int, report: prep.Report) -> prep.Chunk:
+        pipe = _pipeline(model, self.harness_tokenization, self.max_length, self.truncation, batch_tokens)
+        seqs = _encode(pipe, work, model.config.max_position_embeddings)
+        counts = np.asarray([len(p) for p in seqs], dtype=np.int64)
+        ends = np.cumsum(counts)
+        starts = ends - counts
+        done = {"seqs": 0, "prompts": 0}
+
+        def on_batch(n: int, tokens: int) -> None:  # a prompt counts once all its completions are done
+            done["seqs"] += n
+            prompts = int(np.searchsorted(ends, done["seqs"], side="right"))
+            report(prompts - done["prompts"], tokens)
+            done["prompts"] = prompts
+
+        # one call: a prompt's completions share its tokens, which score_sequences computes once
+        out = prep.embed_sequences(model, [s for p in seqs for s in p], ["hidden_state", "prompt_embedding"],
+                                   batch_tokens, on_batch)
+        pe = out["prompt_embedding"]
+        mismatch = max(float(np.abs(pe[a:b] - pe[a]).max()) for a, b in zip(starts, ends))
+        tensors = {"embeddings": out["hidden_state"], "prompt_embeddings": pe[starts], "completions": counts,
+                   "num_correct": np.asarray([r.num_correct for r in work], dtype=np.int64)}
+        meta = {"ids": json.dumps([r.id for r in work]), "subsets": json.dumps([r.subset for r in work]),
+                "prompt_mismatch": repr(mismatch)}
+        return prep.Chunk(tensors, meta)
+
+    def assemble(self, chunks: List[SafetensorsFile], final: str, metadata: Dict[str, str], st_dtype: str,
+                 rows: int) -> List[str]:
+        M = sum(f.info("embeddings").shape[0] for f in chunks)
+        H = chunks[0].info("embeddings").shape[1]
+        mismatch = max(float(f.metadata["prompt_mismatch"]) for f in chunks)
+        meta = dict(metadata, ids=json.dumps([i for f in chunks for i in json.loads(f.metadata["ids"])]),
+                    subsets=json.dumps([s for f in chunks for s in json.loads(f.metadata["subsets"])]),
+                    prompt_mismatch=repr(mismatch))
+        save_file({"embeddings": (st_dtype, (M, H), (f.read("embeddings") for f in chunks)),
+                   "prompt_embeddings": (st_dtype, (rows, H), (f.read("prompt_embeddings") for f in chunks)),
+                   "completions": ("I64", (rows,), (f.read("completions") for f in chunks)),
+                   "num_correct": ("I64", (rows,), (f.read("num_correct") for f in chunks))}, final, metadata=meta)
+        name = "bfloat16" if st_dtype == "BF16" else "float32"
+        notes = [f"wrote {rows} prompts, {M} completions [{M}, {H}] {name} to {final}"]
+        if mismatch != 0.0:
+            notes.append(f"warning: a prompt's gating embedding differs between its completions by up to "
+                         f"{mismatch:.3g} (their shared prefix should give equal ones); prompt_embeddings holds "
+                         "the first completion's")
+        return notes
+
+
 def prepare(model: Any, dataset: Any, output: Union[str, os.PathLike], *, split: str = "test",
             name: Optional[str] = None, harness_tokenization: bool = False, max_length: int = MAX_LENGTH,
             truncation: bool = True, embeddings_dtype: str = "bfloat16", torch_dtype: str = "bfloat16",
             batch_tokens: int = 8192, num_threads: Optional[int] = None, progress: ProgressArg = False,
-            overwrite: bool = False, check_finite: bool = True) -> str:
+            overwrite: bool = False, check_finite: bool = True, n_shards: int = 1, shard_idx: int = 1,
+            chunk_rows: int = 128, restart: bool = False, quiet: bool = False) -> str:
     """Embeds every completion of the dataset with a backbone, for `scores_from_embeddings`.
 
     For an ArmoRM being trained: the backbone runs once here, and any
@@ -590,59 +683,37 @@ def prepare(model: Any, dataset: Any, output: Union[str, os.PathLike], *, split:
     - `completions` [P] and `num_correct` [P] (int64);
     - metadata `ids` and `subsets` (JSON lists of P strings), the settings, and
       `prompt_mismatch`: the largest difference between a prompt's gating
-      embedding as computed with its first and with any other completion.
+      embedding as computed with its first and with any other completion (0:
+      the shared prefix is computed once).
 
-    The file appears complete or not at all; an existing one is kept unless
-    `overwrite`. Returns its path.
+    It runs on the shared preparation loop (`armorm.train.prepare`): prompts
+    in chunks of `chunk_rows`, each kept when done, so an interrupted run
+    resumes where it stopped (`restart=True` discards its work); the file
+    appears complete or not at all; an existing one made with the same
+    settings is kept, one made with others is an error unless `overwrite`.
+    The dataset is never shuffled; `n_shards` > 1 writes shard `shard_idx`
+    (1-based, contiguous prompts) as `<name>-<shard:05d>-of-<n_shards:05d>`,
+    and `scores_from_embeddings` reads the shards together. `progress`: True
+    for a bar over prompts, or a callback(done, total). Returns the file's path.
     """
-    from ..model import ArmoRM
-    from ..safetensors_io import save_file
-    from .prepare import resolve_embeddings_dtype, shard_file_name
-    st_dtype, _ = resolve_embeddings_dtype(embeddings_dtype)
-    src, rows = _read_rows(dataset, split)
-    output = os.fspath(output)
-    final = os.path.join(output, shard_file_name(name or src.name, 1, 1))
-    if os.path.exists(final) and not overwrite:
-        raise ValueError(f"{final} exists; pass overwrite=True (--overwrite) to replace it")
-    os.makedirs(output, exist_ok=True)
-    own = not isinstance(model, ArmoRM)
-    rm = ArmoRM.from_pretrained(model, architecture="LlamaModel", torch_dtype=torch_dtype,
-                                num_threads=num_threads, max_batch_tokens=batch_tokens,
-                                check_finite=check_finite) if own else model
-    try:
-        pipe = _pipeline(rm, harness_tokenization, max_length, truncation, batch_tokens)
-        seqs = _encode(pipe, rows, rm.config.max_position_embeddings)
-        run = _run_by_prompt(rm, seqs, ["hidden_state", "prompt_embedding"], batch_tokens, progress,
-                             "RewardBench 2 embeddings")
-    finally:
-        if own:
-            rm.close()
-    prompt = [pe[0] for pe in run["prompt_embedding"]]
-    mismatch = max(float(np.abs(pe - pe[0]).max()) for pe in run["prompt_embedding"])
-    settings = {"version": FORMAT_VERSION, "model": str(getattr(rm, "name_or_path", model)),
-                "dataset": src.location, "split": split, "harness_tokenization": bool(harness_tokenization),
-                "max_length": int(max_length), "truncation": bool(truncation), "torch_dtype": str(torch_dtype)}
-    meta = {"format": "pt", _META_KEY: json.dumps(settings), "ids": json.dumps([r.id for r in rows]),
-            "subsets": json.dumps([r.subset for r in rows]), "prompt_mismatch": repr(mismatch)}
-    save_file({"embeddings": np.concatenate(run["hidden_state"], axis=0), "prompt_embeddings": np.stack(prompt),
-               "completions": np.asarray([len(r.completions) for r in rows], dtype=np.int64),
-               "num_correct": np.asarray([r.num_correct for r in rows], dtype=np.int64)},
-              final, metadata=meta, dtypes={"embeddings": st_dtype, "prompt_embeddings": st_dtype})
-    return final
+    show = (lambda done, total, _tokens: progress(done, total)) if callable(progress) else progress
+    return prep.run(RewardBench2Kind(harness_tokenization, max_length, truncation), model, dataset, output,
+                    n_shards=n_shards, shard_idx=shard_idx, split=split, name=name, batch_tokens=batch_tokens,
+                    embeddings_dtype=embeddings_dtype, torch_dtype=torch_dtype, seed=None, chunk_rows=chunk_rows,
+                    num_threads=num_threads, progress=show, overwrite=overwrite, restart=restart, quiet=quiet,
+                    check_finite=check_finite)
 
 
 def scores_from_embeddings(embeddings: Any, regression: Union[str, os.PathLike],
                            gating: Union[str, os.PathLike]) -> ScoredPrompts:
     """Scores from `prepare` files (a glob, directory, file or list; prompts in sorted-path order) with the
     head computed from the regression and gating files of training, as the assembled model computes it."""
-    from ..safetensors_io import SafetensorsFile
-    from .prepare import resolve_embedding_files
     from .rewardbench import load_head
     from .stage2 import head_scores
     W, params, T, hc = load_head(os.fspath(regression), os.fspath(gating))
     H = W.shape[1]
     out = ScoredPrompts([], [], [], [], [])
-    for path in resolve_embedding_files(embeddings):
+    for path in prep.resolve_embedding_files(embeddings):
         f = SafetensorsFile(path)
         missing = [t for t in ("embeddings", "prompt_embeddings", "completions", "num_correct") if t not in f]
         if missing or "ids" not in f.metadata or "subsets" not in f.metadata:
