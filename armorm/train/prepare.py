@@ -403,24 +403,29 @@ def run(kind: Kind, model: Any, dataset: Any, output: Any, *, n_shards: int = 1,
         log(f"resuming: {len(done)} of {n_chunks} chunks already done in {work}", quiet)
     if todo:
         backbone = None
-        done_rows = sum(bounds[c][1] - bounds[c][0] for c in done)
-        with Progress(int(rows.size), show=progress, initial=done_rows, desc=f"embedding {os.path.basename(final)}",
-                      unit=kind.unit) as bar:
-            for c in todo:
-                a, b = bounds[c]
-                idx = rows[a:b]
-                wheres = [src.where(int(r)) for r in idx]
-                work_items = kind.parse(src.take(idx), wheres)
-                if backbone is None:  # loaded once the first rows are known to be good
-                    backbone = load_backbone(model, torch_dtype, num_threads, batch_tokens, check_finite)
-                    if backbone.tokenizer is None:
-                        raise ValueError(f"{backbone.name_or_path} has no tokenizer (tokenizer.json); {kind.title} "
-                                         "formats conversations with the model's chat template")
-                before = bar.done
-                chunk = kind.embed(backbone, work_items, idx, batch_tokens, bar.update)
-                save_file(chunk.tensors, _chunk_path(work, c), metadata=dict(chunk.metadata, rows_in=str(b - a)),
-                          dtypes={t: st_dtype for t in kind.embedding_tensors})
-                bar.update(max(0, (b - a) - (bar.done - before)))  # rows a kind does not report as it goes
+        try:
+            done_rows = sum(bounds[c][1] - bounds[c][0] for c in done)
+            with Progress(int(rows.size), show=progress, initial=done_rows,
+                          desc=f"embedding {os.path.basename(final)}", unit=kind.unit) as bar:
+                for c in todo:
+                    a, b = bounds[c]
+                    idx = rows[a:b]
+                    wheres = [src.where(int(r)) for r in idx]
+                    work_items = kind.parse(src.take(idx), wheres)
+                    if backbone is None:  # loaded once the first rows are known to be good
+                        backbone = load_backbone(model, torch_dtype, num_threads, batch_tokens, check_finite)
+                        if backbone.tokenizer is None:
+                            raise ValueError(f"{backbone.name_or_path} has no tokenizer (tokenizer.json); "
+                                             f"{kind.title} formats conversations with the model's chat template")
+                    before = bar.done
+                    chunk = kind.embed(backbone, work_items, idx, batch_tokens, bar.update)
+                    save_file(chunk.tensors, _chunk_path(work, c),
+                              metadata=dict(chunk.metadata, rows_in=str(b - a)),
+                              dtypes={t: st_dtype for t in kind.embedding_tensors})
+                    bar.update(max(0, (b - a) - (bar.done - before)))  # rows a kind does not report as it goes
+        finally:
+            if backbone is not None and backbone is not model:  # loaded here: unmapped now, even on Ctrl-C
+                backbone.close()
     chunks = [SafetensorsFile(_chunk_path(work, c)) for c in range(n_chunks)]
     meta = {"format": "pt", kind.meta_key: json.dumps(settings)}
     notes = kind.assemble(chunks, final, meta, st_dtype, int(rows.size))
