@@ -234,8 +234,11 @@ def _map(ds: "ray.data.Dataset", cls: type, kwargs: Dict[str, Any], actors: int,
     ds.context.raise_original_map_exception = True  # callers can catch RowError (a ValueError)
     # blocks of at most one batch: a file read as one big block would otherwise go to one actor
     ds = ds.repartition(target_num_rows_per_block=batch_rows)
+    # one batch in flight per actor: a batch queued behind a busy actor would wait while another sits idle
+    # (with Ray's default, the first actor up could take every batch of a short job)
+    pool = ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1)
     out = ds.map_batches(cls, fn_constructor_kwargs=kwargs, batch_size=batch_rows, batch_format="pyarrow",
-                         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=threads_per_actor,
+                         compute=pool, num_cpus=threads_per_actor,
                          num_gpus=1 if device.startswith("cuda") else None)
     out.context.execution_options.preserve_order = True
     return out
