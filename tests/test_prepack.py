@@ -267,3 +267,14 @@ def test_source_pages_released(monkeypatch, tmp_path, path):
     assert on["after"]["RssAnon"] - on["before"]["RssAnon"] > 0.9 * packed
     # peak: the packed copy plus a few chunks in flight, far from packed + source
     assert on["after"]["VmHWM"] - on["before"]["VmHWM"] < packed + 48 * 2**20
+
+
+@pytest.mark.parametrize("path", SIMD_PARAMS)
+def test_pipeline_passes_prepack(monkeypatch, tmp_path, path):
+    from armorm.tiny import make_tiny_model
+    d = make_tiny_model(tmp_path / "toy")  # with a tokenizer, as a pipeline needs
+    monkeypatch.setenv("ARMORM_KERNEL", path)
+    for prepack, packed in ((False, False), (None, True)):
+        rm = armorm.ArmoRMPipeline(str(d), prepack=prepack, torch_dtype="float32")
+        assert (rm.model.prepacked_bytes > 0) == packed
+        rm.model.close()
