@@ -563,17 +563,50 @@ def column_values(ds: "ray.data.Dataset", column: str) -> List[Any]:
     return [v for t in tables for v in t[column].to_pylist()]
 
 
-def _written_ids(directory: str, fmt: str, column: str) -> List[Any]:
-    """The `column` of the files Ray wrote to `directory`, files in name order (their row order)."""
-    files = sorted(os.path.join(directory, f) for f in os.listdir(directory) if not f.startswith("."))
+def _file_ids(path: str, fmt: str, column: str) -> List[Any]:
+    """The `column` of one file Ray wrote, in its row order."""
     if fmt == "parquet":
         import pyarrow.parquet as pq
-        return [v for f in files for v in pq.read_table(f, columns=[column])[column].to_pylist()]
-    ids = []
-    for f in files:
-        with open(f, "rb") as fh:
-            ids += [json.loads(line)[column] for line in fh if line.strip()]
-    return ids
+        return pq.read_table(path, columns=[column])[column].to_pylist()
+    with open(path, "rb") as fh:
+        return [json.loads(line)[column] for line in fh if line.strip()]
+
+
+def _put_files_in_row_order(directory: str, fmt: str, column: str, expected_ids: Sequence[Any],
+                            output: str) -> None:
+    """Renames the files Ray wrote to `directory` so that their names sort in row order, then checks that
+    together they hold exactly `expected_ids`, in order.
+
+    Ray 2.60's writers do not always number a job's files in block order (seen in this project's tests), so
+    the order is taken from the rows themselves: each file (one batch of consecutive rows) goes where its first
+    id stands in the input. Ids must be unique for that; a row lost, written twice or out of order is an error.
+    """
+    names = [f for f in os.listdir(directory) if not f.startswith(".")]
+    ids = {f: _file_ids(os.path.join(directory, f), fmt, column) for f in names}
+    got_n = sum(len(v) for v in ids.values())
+    if got_n != len(expected_ids):
+        raise RuntimeError(f"--output {output}: {got_n} of {len(expected_ids)} rows reached this machine's disk; "
+                           "on a cluster of several machines --output must be a directory every node shares (NFS) "
+                           "or a URI (s3://...)")
+    where = {v: i for i, v in enumerate(expected_ids)}
+    if len(where) == len(expected_ids):  # unique ids: files can be put in order by their first row
+        names.sort(key=lambda f: where.get(ids[f][0], -1) if ids[f] else -1)
+        ext = ".parquet" if fmt == "parquet" else ".jsonl"
+        staged = []
+        for k, f in enumerate(names):  # two steps, so no new name can collide with an old one
+            tmp = os.path.join(directory, f".rename-{k:06d}")
+            os.replace(os.path.join(directory, f), tmp)
+            staged.append(tmp)
+        renamed = [f"part-{k:06d}{ext}" for k in range(len(staged))]
+        for tmp, f in zip(staged, renamed):
+            os.replace(tmp, os.path.join(directory, f))
+        ids = {new: ids[old] for old, new in zip(names, renamed)}
+        names = renamed
+    got = [v for f in sorted(names) for v in ids[f]]
+    if got != list(expected_ids):
+        i = next(k for k, (a, b) in enumerate(zip(got, expected_ids)) if a != b)
+        raise RuntimeError(f"--output {output}: the rows written differ from the input's at row {i} "
+                           f"(id {got[i]!r}, expected {expected_ids[i]!r}); nothing was written")
 
 
 def write_rows(ds: "ray.data.Dataset", output: str, fmt: str, *, expected_ids: Optional[Sequence[Any]] = None,
@@ -607,15 +640,7 @@ def write_rows(ds: "ray.data.Dataset", output: str, fmt: str, *, expected_ids: O
     try:
         write(tmp)
         if expected_ids is not None:
-            got = _written_ids(tmp, fmt, id_column)
-            if len(got) != len(expected_ids):
-                raise RuntimeError(f"--output {output}: {len(got)} of {len(expected_ids)} rows reached this "
-                                   "machine's disk; on a cluster of several machines --output must be a directory "
-                                   "every node shares (NFS) or a URI (s3://...)")
-            if list(got) != list(expected_ids):
-                i = next(k for k, (a, b) in enumerate(zip(got, expected_ids)) if a != b)
-                raise RuntimeError(f"--output {output}: the rows written differ from the input's at row {i} "
-                                   f"(id {got[i]!r}, expected {expected_ids[i]!r}); nothing was written")
+            _put_files_in_row_order(tmp, fmt, id_column, expected_ids, output)
         if os.path.lexists(output):
             shutil.rmtree(output) if os.path.isdir(output) and not os.path.islink(output) else os.unlink(output)
         os.replace(tmp, output)

@@ -353,3 +353,17 @@ def test_stage1_bad_row_on_ray_names_it(cluster, tiny, tmp_path, capsys):
     assert "row 22 (bad.jsonl line 23): objective 'helpsteer-helpfulness'" in single
     assert cli_main(args + ["--restart", "--ray", "--actors", str(ACTORS)]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == single
+
+
+def test_files_written_out_of_order_are_put_in_row_order(tmp_path):
+    """Ray 2.60's writers may number files out of block order: the files are renamed by their rows."""
+    for name, ids in (("b_000000-0.parquet", [5, 6, 7]), ("b_000001-0.parquet", [0, 1, 2, 3, 4]),
+                      ("b_000002-0.parquet", [8])):
+        pq.write_table(pa.table({"id": ids}), tmp_path / name)
+    ar._put_files_in_row_order(str(tmp_path), "parquet", "id", list(range(9)), "OUT")
+    files = sorted(tmp_path.iterdir())
+    assert [f.name for f in files] == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
+    assert [v for f in files for v in pq.read_table(f)["id"].to_pylist()] == list(range(9))
+    pq.write_table(pa.table({"id": [9]}), tmp_path / "extra.parquet")  # a row twice / not in the input
+    with pytest.raises(RuntimeError, match="10 of 9 rows"):
+        ar._put_files_in_row_order(str(tmp_path), "parquet", "id", list(range(9)), "OUT")
