@@ -234,9 +234,9 @@ def _map(ds: "ray.data.Dataset", cls: type, kwargs: Dict[str, Any], actors: int,
     ds.context.raise_original_map_exception = True  # callers can catch RowError (a ValueError)
     # blocks of at most one batch: a file read as one big block would otherwise go to one actor
     ds = ds.repartition(target_num_rows_per_block=batch_rows)
-    # one batch in flight per actor: a batch queued behind a busy actor would wait while another sits idle
-    # (with Ray's default, the first actor up could take every batch of a short job)
-    pool = ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1)
+    # Ray's default tasks in flight per actor: max_tasks_in_flight_per_actor=1 balanced short jobs better
+    # (benchmarks/ray_overhead.py) but, in Ray 2.60, twice let the written files come out of row order
+    pool = ray.data.ActorPoolStrategy(size=actors)
     out = ds.map_batches(cls, fn_constructor_kwargs=kwargs, batch_size=batch_rows, batch_format="pyarrow",
                          compute=pool, num_cpus=threads_per_actor,
                          num_gpus=1 if device.startswith("cuda") else None)
