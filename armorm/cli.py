@@ -120,6 +120,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         from .ray import cli_score
         return cli_score(args)
     from .hub import resolve_model_path
+    from .model import PREPACK_FOR_BATCH_JOBS
     from .pipeline import ArmoRMPipeline
     from .progress import make_progress
     if args.output:
@@ -142,7 +143,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         where = [f"example {i}" for i in range(1, len(convs) + 1)]
     rm = ArmoRMPipeline(path, torch_dtype=args.dtype, max_length=args.max_length, num_threads=args.threads,
                         truncation=not args.no_truncation, batch_tokens=args.batch_tokens,
-                        check_finite=not args.no_check_finite)
+                        check_finite=not args.no_check_finite, prepack=PREPACK_FOR_BATCH_JOBS)
     seqs = rm.encode(convs, names=where)
     show = not args.no_progress and len(seqs) > 1 and (args.progress or sys.stderr.isatty())
     bare = rm.model.config.kind in ("backbone", "causallm")

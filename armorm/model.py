@@ -34,6 +34,14 @@ from .tokenizer import gating_pattern as derive_gating_pattern
 #: "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n".
 LLAMA3_GATING_PATTERN: List[int] = [128009, 128006, 78191, 128007, 271]
 
+#: `prepack` for jobs of large packed batches that load a model for one run (CLI scoring, the
+#: RewardBench evaluations, the preparations, Ray's actors): not prepacked. Their calls run
+#: thousands of tokens, where packing the weights per call costs next to nothing, while
+#: prepacking costs a pass over the weights at load and an anonymous copy per process that
+#: processes on one machine cannot share, as they share a mapped checkpoint
+#: (docs/model.md, 'Prepacked weights', 'Who prepacks').
+PREPACK_FOR_BATCH_JOBS: Optional[bool] = False
+
 _HF_IGNORED_KWARGS = {"trust_remote_code", "low_cpu_mem_usage", "attn_implementation", "use_safetensors",
                       "local_files_only", "use_cache", "revision", "cache_dir", "token", "force_download",
                       "offload_folder", "max_memory"}

@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .data import ListSource
-from .model import ArmoRM, RewardOutput
+from .model import PREPACK_FOR_BATCH_JOBS, ArmoRM, RewardOutput
 
 try:
     import pyarrow as pa
@@ -144,7 +144,8 @@ class Scorer:
         from .pipeline import ArmoRMPipeline
         self.pipeline = ArmoRMPipeline(model, device_map=_device_map(device), torch_dtype=dtype,
                                        max_length=max_length, truncation=truncation, batch_tokens=batch_tokens,
-                                       num_threads=num_threads or _default_threads(), check_finite=check_finite)
+                                       num_threads=num_threads or _default_threads(), check_finite=check_finite,
+                                       prepack=PREPACK_FOR_BATCH_JOBS)
         self.model = self.pipeline.model
         if self.model.config.kind not in ("armorm", "seqcls") or not self.model.config.core["compute_head"]:
             raise ValueError(f"{model}: this checkpoint has no reward head ({self.model.architecture})")
@@ -329,7 +330,7 @@ class Embedder:
         self.backbone = ArmoRM.from_pretrained(model, architecture="LlamaModel", torch_dtype=torch_dtype,
                                                device_map=_device_map(device), max_batch_tokens=batch_tokens,
                                                num_threads=num_threads or _default_threads(),
-                                               check_finite=check_finite)
+                                               check_finite=check_finite, prepack=PREPACK_FOR_BATCH_JOBS)
 
     def __call__(self, batch: Any) -> "pa.Table":
         import tempfile
@@ -439,8 +440,9 @@ def prepare_dataset(stage: int, model: Union[str, os.PathLike], dataset: Any, ou
                                           torch_dtype=torch_dtype, batch_tokens=batch_tokens,
                                           num_threads=threads_per_actor, device=device, check_finite=check_finite,
                                           **options), actors, threads_per_actor, device)
+    # the driver's backbone only describes the model (its forward passes run on the actors): nothing packed
     backbone = _RayBackbone.from_pretrained(model, architecture="LlamaModel", torch_dtype="auto",
-                                            check_finite=False, num_threads=1)
+                                            check_finite=False, num_threads=1, prepack=False)
     backbone.requested_dtype, backbone.chunks = str(torch_dtype), job
     try:
         return mod.prepare(backbone, src, output, n_shards=n_shards, shard_idx=shard_idx, split=split, seed=seed,
@@ -748,7 +750,7 @@ def _model_ref(model: str) -> str:
     from .hub import resolve_model_path
     if os.path.exists(os.path.expanduser(model)) or model.startswith((".", "/", "~")) or model.count("/") != 1:
         path = resolve_model_path(model)
-        ArmoRM.from_pretrained(path, torch_dtype="auto", check_finite=False, num_threads=1).close()
+        ArmoRM.from_pretrained(path, torch_dtype="auto", check_finite=False, num_threads=1, prepack=False).close()
         return os.path.abspath(path)
     return model
 

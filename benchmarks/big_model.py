@@ -9,16 +9,19 @@ with the same values, written by benchmarks/make_checkpoint.py when missing:
 16 GB and 32 GB for 8b). Every figure comes from a fresh Python process that
 imports only armorm (no torch), so RSS is the model's, not the harness's:
 
+The first rows load as `armorm score` and the other batch jobs do
+(armorm.model.PREPACK_FOR_BATCH_JOBS: not prepacked):
+
 - from_pretrained wall time with a warm page cache (the files read once and
   one untimed load first, then the median of --reps processes), with the
   NaN/inf scan (the default) and with check_finite=False;
 - load + scoring one 16-token conversation: wall time (median of --reps) and
   peak RSS (VmHWM, which counts the file pages of the mapped checkpoint that
   the process has touched, as well as its own memory);
-- prepacked weights (docs/model.md, 'Prepacked weights') off and on (the
-  default, auto): load time, peak RSS, the first 16-token call and the median
-  of --score-reps more (a lone short request: a read of every weight), the
-  packed bytes (0 where auto does not apply: bf16 weights on a CPU without
+- prepacked weights (docs/model.md, 'Prepacked weights') off and on (auto,
+  the library's and `armorm serve`'s default): load time, peak RSS, the
+  first 16-token call and the median of --score-reps more (a lone short
+  request: a read of every weight), the packed bytes (0 where auto does not apply: bf16 weights on a CPU without
   AVX512_BF16), and the scores, which must be equal bit for bit. Which
   checkpoint: --prepack-checkpoint (fp32 is held as stored, in fp32: prepacked
   on every SIMD path);
@@ -194,6 +197,8 @@ def main() -> int:
                                args.child_prepack, args.score_reps)))
         return 0
 
+    sys.path.insert(0, str(ROOT))
+    from armorm.model import PREPACK_FOR_BATCH_JOBS
     root = Path(args.dir)
     bf16 = ensure_checkpoint(root / f"{args.shape}-bf16", args.shape, "bf16")
     fp32 = None if args.no_fp32 and args.prepack_checkpoint != "fp32" else \
@@ -205,12 +210,15 @@ def main() -> int:
 
     warm_s = read_files(bf16)
     print(f"read {bf16.name} in {warm_s:.1f} s (page cache as found)", flush=True)
-    first = run_child("load", bf16, args)  # page cache warm now (where RAM allows), but not yet timed
-    loads = [run_child("load", bf16, args) for _ in range(args.reps)]
-    nochecks = [run_child("load_nocheck", bf16, args) for _ in range(args.reps)]
-    scores = [run_child("score16", bf16, args) for _ in range(args.reps)]
-    prefill = None if args.no_prefill else run_child("prefill", bf16, args)
-    fp = run_child("score16", fp32, args, dtype="bfloat16") if fp32 and not args.no_fp32 else None
+    # these rows load as the batch jobs do (armorm score: armorm.model.PREPACK_FOR_BATCH_JOBS, off);
+    # the prepack rows below compare off with the library's default
+    batch = "on" if PREPACK_FOR_BATCH_JOBS else "off" if PREPACK_FOR_BATCH_JOBS is False else "auto"
+    first = run_child("load", bf16, args, prepack=batch)  # page cache warm now (where RAM allows), not timed
+    loads = [run_child("load", bf16, args, prepack=batch) for _ in range(args.reps)]
+    nochecks = [run_child("load_nocheck", bf16, args, prepack=batch) for _ in range(args.reps)]
+    scores = [run_child("score16", bf16, args, prepack=batch) for _ in range(args.reps)]
+    prefill = None if args.no_prefill else run_child("prefill", bf16, args, prepack=batch)
+    fp = run_child("score16", fp32, args, dtype="bfloat16", prepack=batch) if fp32 and not args.no_fp32 else None
     pp_ckpt = fp32 if args.prepack_checkpoint == "fp32" else bf16
     if pp_ckpt != bf16:
         read_files(pp_ckpt)

@@ -278,3 +278,57 @@ def test_pipeline_passes_prepack(monkeypatch, tmp_path, path):
         rm = armorm.ArmoRMPipeline(str(d), prepack=prepack, torch_dtype="float32")
         assert (rm.model.prepacked_bytes > 0) == packed
         rm.model.close()
+
+
+def test_batch_jobs_do_not_prepack_the_library_does(monkeypatch, tmp_path):
+    """Who prepacks (docs/model.md): the one-run batch jobs (CLI scoring, the evaluations, the preparations,
+    Ray's actors) load with PREPACK_FOR_BATCH_JOBS (off); the library's default is auto, which prepacks the
+    toy model's fp32 weights on a SIMD kernel path."""
+    import json
+    from armorm.cli import main as cli_main
+    from armorm.model import PREPACK_FOR_BATCH_JOBS
+    from armorm.tiny import make_tiny_model
+    assert PREPACK_FOR_BATCH_JOBS is False
+    toy = make_tiny_model(tmp_path / "tiny", datasets=True)
+    data = toy / "data"
+    loads = []
+    original = armorm.ArmoRM.from_pretrained.__func__
+
+    def spy(cls, *a, **kw):
+        m = original(cls, *a, **kw)
+        loads.append((kw.get("prepack", "not given"), m.prepacked_bytes))
+        return m
+
+    monkeypatch.setattr(armorm.ArmoRM, "from_pretrained", classmethod(spy))
+    rb2 = tmp_path / "rb2.jsonl"
+    with open(rb2, "w") as f:
+        for i in range(2):
+            f.write(json.dumps({"id": str(i), "subset": "Math", "prompt": f"What is {i} + 1?",
+                                "chosen": [str(i + 1)], "rejected": ["7", "8", "9"], "num_correct": 1,
+                                "total_completions": 4}) + "\n")
+    commands = [
+        ["score", "--model", toy],
+        ["score", "--model", toy, "--input", data / "stage1.jsonl", "--output", tmp_path / "scores.jsonl"],
+        ["prepare-stage1", "--model", toy, "--dataset", data / "stage1.jsonl", "--output", tmp_path / "s1"],
+        ["prepare-stage2", "--model", toy, "--dataset", data / "pairs.jsonl", "--output", tmp_path / "s2"],
+        ["eval-rewardbench", "--model", toy, "--dataset", data / "rewardbench.jsonl"],
+        ["eval-rewardbench2", "--model", toy, "--dataset", rb2],
+        ["prepare-rewardbench2", "--model", toy, "--dataset", rb2, "--output", tmp_path / "rb2"],
+    ]
+    for cmd in commands:
+        loads.clear()
+        assert cli_main([str(c) for c in cmd]) == 0, cmd
+        assert loads and all(p is False and n == 0 for p, n in loads), (cmd, loads)
+    try:
+        import armorm.ray as aray
+    except ImportError:
+        aray = None
+    if aray is not None:  # the actors' classes, constructed here as an actor constructs them
+        loads.clear()
+        aray.Scorer(toy, num_threads=1, dtype="float32")
+        aray.Embedder(str(toy), str(data / "stage1.jsonl"), stage=1, num_threads=1, torch_dtype="float32")
+        assert len(loads) == 2 and all(p is False and n == 0 for p, n in loads), loads
+    loads.clear()
+    pipe = armorm.ArmoRMPipeline(str(toy))
+    simd = pipe.model._core.kernel != "portable"
+    assert loads == [(None, pipe.model.prepacked_bytes)] and (pipe.model.prepacked_bytes > 0) == simd

@@ -27,6 +27,10 @@ def _number(kind: Callable[[str], Any], lo: float) -> Callable[[str], Any]:
     return parse
 
 
+#: --prepack's values, as from_pretrained's `prepack`.
+PREPACK_CHOICES = {"auto": None, "on": True, "off": False}
+
+
 def add_parser(sub: Any) -> None:
     """Registers `armorm serve` on the CLI's subparsers."""
     s = sub.add_parser(
@@ -43,6 +47,10 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16", "auto"],
                    help="dtype the weights are held in; auto keeps the stored dtype (default: bfloat16)")
+    s.add_argument("--prepack", default="auto", choices=list(PREPACK_CHOICES),
+                   help="hold the matrices in the CPU kernel's packed layout from load on: a lone short request "
+                        "then reads each weight once instead of repacking it; auto where that takes no more "
+                        "memory, on / off always / never (docs/model.md, 'Prepacked weights') (default: auto)")
     s.add_argument("--threads", type=_number(int, 1), default=None,
                    help="CPU threads for the model (default: $ARMORM_NUM_THREADS, else every usable core)")
     s.add_argument("--max-batch-tokens", type=_number(int, 1), default=DEFAULT_MAX_BATCH_TOKENS,
@@ -86,6 +94,7 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         api_key = args.api_key if args.api_key is not None else os.environ.get("ARMORM_API_KEY") or None
         run(path, host=args.host, port=args.port, device=args.device, dtype=args.dtype, threads=args.threads,
+            prepack=PREPACK_CHOICES[args.prepack],
             served_model_name=args.served_model_name or [args.model], log_level=args.log_level,
             access_log=args.access_log, max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
             max_queue_tokens=args.max_queue_tokens, max_length=args.max_length, api_key=api_key,

@@ -145,11 +145,12 @@ def model_fingerprint(model: Any, torch_dtype: Any) -> Dict[str, Any]:
 def load_backbone(model: Any, torch_dtype: str, num_threads: Optional[int], batch_tokens: int,
                   check_finite: bool = True) -> Any:
     """The backbone of a model directory (any architecture, heads not computed), or a loaded `ArmoRM` as is."""
-    from ..model import ArmoRM
+    from ..model import PREPACK_FOR_BATCH_JOBS, ArmoRM
     if isinstance(model, ArmoRM):
         return model
     return ArmoRM.from_pretrained(model, architecture="LlamaModel", torch_dtype=torch_dtype,
-                                  num_threads=num_threads, max_batch_tokens=batch_tokens, check_finite=check_finite)
+                                  num_threads=num_threads, max_batch_tokens=batch_tokens, check_finite=check_finite,
+                                  prepack=PREPACK_FOR_BATCH_JOBS)
 
 
 def tokenize(tok: Any, convs: List[List[Dict[str, Any]]], wheres: List[str]) -> List[np.ndarray]:

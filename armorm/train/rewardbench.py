@@ -225,14 +225,14 @@ def scores_from_model(model: Any, dataset: Any, *, split: str = "filtered", batc
                       progress: Any = False, check_finite: bool = True) -> Tuple[List[str], np.ndarray, np.ndarray]:
     """Scores RewardBench rows (prompt/chosen/rejected/subset) end to end with an ArmoRM checkpoint."""
     from ..data import open_dataset
-    from ..model import ArmoRM
+    from ..model import PREPACK_FOR_BATCH_JOBS, ArmoRM
     from ..progress import Progress
     from .prepare import tokenize
     from .stage2 import pair_conversations
     src = open_dataset(dataset, split=split, columns=["prompt", "chosen", "rejected", "subset", "id"])
     rm = model if isinstance(model, ArmoRM) else ArmoRM.from_pretrained(
         model, torch_dtype=torch_dtype, num_threads=num_threads, max_batch_tokens=batch_tokens,
-        check_finite=check_finite)
+        check_finite=check_finite, prepack=PREPACK_FOR_BATCH_JOBS)
     if rm.config.kind != "armorm":
         raise ValueError(f"{rm.name_or_path} is a {rm.architecture}, not an ArmoRM checkpoint")
     if rm.tokenizer is None:

@@ -564,11 +564,12 @@ def scores_from_model(model: Any, dataset: Any, *, split: str = "test", harness_
     header is an error. The dataset is read and tokenized whole before any
     scoring. `progress`: True for a bar over prompts, or a callback(done, total).
     """
-    from ..model import ArmoRM
+    from ..model import PREPACK_FOR_BATCH_JOBS, ArmoRM
     rows = read_dataset(dataset, split)
     own = not isinstance(model, ArmoRM)
     rm = ArmoRM.from_pretrained(model, torch_dtype=torch_dtype, num_threads=num_threads,
-                                max_batch_tokens=batch_tokens, check_finite=check_finite) if own else model
+                                max_batch_tokens=batch_tokens, check_finite=check_finite,
+                                prepack=PREPACK_FOR_BATCH_JOBS) if own else model
     try:
         if rm.config.kind != "armorm":
             raise ValueError(f"{rm.name_or_path} is a {rm.architecture}, not an ArmoRM checkpoint")
