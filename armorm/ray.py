@@ -574,14 +574,35 @@ def _file_ids(path: str, fmt: str, column: str) -> List[Any]:
         return [json.loads(line)[column] for line in fh if line.strip()]
 
 
+def _read_file(path: str, fmt: str) -> Any:
+    """One file Ray wrote, whole: an Arrow table (Parquet) or its lines (JSONL)."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+        return pq.read_table(path)
+    with open(path, "rb") as fh:
+        return [line for line in fh if line.strip()]
+
+
+def _write_file(path: str, fmt: str, rows: Any) -> None:
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+        pq.write_table(rows, path)
+    else:
+        with open(path, "wb") as fh:
+            fh.writelines(rows)
+
+
 def _put_files_in_row_order(directory: str, fmt: str, column: str, expected_ids: Sequence[Any],
                             output: str) -> None:
-    """Renames the files Ray wrote to `directory` so that their names sort in row order, then checks that
-    together they hold exactly `expected_ids`, in order.
+    """Puts the files Ray wrote to `directory` in row order, then checks that together they hold exactly
+    `expected_ids`, in order.
 
-    Ray 2.60's writers do not always number a job's files in block order (seen in this project's tests), so
-    the order is taken from the rows themselves: each file (one batch of consecutive rows) goes where its first
-    id stands in the input. Ids must be unique for that; a row lost, written twice or out of order is an error.
+    Ray 2.60's writers do not always write a job's rows in block order (seen in this project's tests: files
+    numbered out of order, and rows out of order across files), so the order is taken from the rows
+    themselves. With unique ids, each file (one block, normally of consecutive rows) is renamed to where its
+    first id stands in the input; if the rows are still out of order, the files are rewritten here with the
+    rows in input order (the same number of files and rows per file). A row lost or written twice, or rows
+    out of order under ids that are not unique, is an error.
     """
     names = [f for f in os.listdir(directory) if not f.startswith(".")]
     ids = {f: _file_ids(os.path.join(directory, f), fmt, column) for f in names}
@@ -591,7 +612,8 @@ def _put_files_in_row_order(directory: str, fmt: str, column: str, expected_ids:
                            "on a cluster of several machines --output must be a directory every node shares (NFS) "
                            "or a URI (s3://...)")
     where = {v: i for i, v in enumerate(expected_ids)}
-    if len(where) == len(expected_ids):  # unique ids: files can be put in order by their first row
+    unique = len(where) == len(expected_ids)
+    if unique:  # files can be put in order by their first row
         names.sort(key=lambda f: where.get(ids[f][0], -1) if ids[f] else -1)
         ext = ".parquet" if fmt == "parquet" else ".jsonl"
         staged = []
@@ -604,11 +626,37 @@ def _put_files_in_row_order(directory: str, fmt: str, column: str, expected_ids:
             os.replace(tmp, os.path.join(directory, f))
         ids = {new: ids[old] for old, new in zip(names, renamed)}
         names = renamed
-    got = [v for f in sorted(names) for v in ids[f]]
-    if got != list(expected_ids):
-        i = next(k for k, (a, b) in enumerate(zip(got, expected_ids)) if a != b)
-        raise RuntimeError(f"--output {output}: the rows written differ from the input's at row {i} "
-                           f"(id {got[i]!r}, expected {expected_ids[i]!r}); nothing was written")
+    names.sort()
+    got = [v for f in names for v in ids[f]]
+    if got == list(expected_ids):
+        return
+    if unique and len(set(got)) == len(got) and set(got) == set(where):
+        _rewrite_in_row_order(directory, fmt, names, [len(ids[f]) for f in names], [where[v] for v in got])
+        got = [v for f in names for v in _file_ids(os.path.join(directory, f), fmt, column)]
+        if got == list(expected_ids):
+            return
+    i = next((k for k, (a, b) in enumerate(zip(got, expected_ids)) if a != b), len(got))
+    raise RuntimeError(f"--output {output}: the rows written differ from the input's at row {i} "
+                       f"(id {got[i]!r}, expected {expected_ids[i]!r}); nothing was written")
+
+
+def _rewrite_in_row_order(directory: str, fmt: str, names: List[str], counts: List[int],
+                          positions: List[int]) -> None:
+    """Rewrites the files `names` (holding `counts` rows, in that order) so that the rows, read in file order,
+    stand in input order; `positions[j]` is where row j as written stands in the input."""
+    order = np.argsort(np.asarray(positions, dtype=np.int64), kind="stable")
+    parts = [_read_file(os.path.join(directory, f), fmt) for f in names]
+    if fmt == "parquet":
+        rows = pa.concat_tables(parts, promote_options="default").take(pa.array(order))
+    else:
+        flat = [line for part in parts for line in part]
+        rows = [flat[j] for j in order]
+    start = 0
+    for f, n in zip(names, counts):  # each file replaced whole (a temporary name, then renamed over it)
+        tmp = os.path.join(directory, f".rewrite-{f}")
+        _write_file(tmp, fmt, rows.slice(start, n) if fmt == "parquet" else rows[start:start + n])
+        os.replace(tmp, os.path.join(directory, f))
+        start += n
 
 
 def write_rows(ds: "ray.data.Dataset", output: str, fmt: str, *, expected_ids: Optional[Sequence[Any]] = None,
