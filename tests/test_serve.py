@@ -491,6 +491,29 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, model_dir):
     assert r.returncode == 2 and "--max-wait-ms" in r.stderr
 
 
+def test_prepack_option_same_scores(server, model_dir, ref, tmp_path):
+    """--prepack auto (the default) holds the fp32 weights packed on a SIMD kernel path and says so at start;
+    off keeps them mapped; on prepacks (an error on the portable path); every setting gives the offline scores."""
+    rng = np.random.default_rng(11)
+    msgs = conversation(rng, 20, 40)
+    expected = float(offline(ref, [chat_ids(ref, msgs)]).score[0])
+    simd = ref._core.kernel != "portable"
+    assert ("GB prepacked" in server.log_path.read_text()) == simd
+    for setting in ("off", "on"):
+        if setting == "on" and not simd:
+            continue
+        srv = CLIServer(model_dir, tmp_path / f"serve-{setting}.log", "--prepack", setting)
+        try:
+            async def main():
+                async with aiohttp.ClientSession() as s:
+                    return await post(s, srv.url + "/v1/score", {"messages": msgs})
+            status, body, _ = run(main())
+        finally:
+            srv.stop()
+        assert status == 200 and body["data"][0]["score"] == expected
+        assert ("GB prepacked" in srv.log_path.read_text()) == (setting == "on"), srv.log_path.read_text()
+
+
 def test_sigterm_finishes_requests_in_flight(model_dir, ref, hf_tok, tmp_path):
     """Requests queued at SIGTERM are all answered, with the offline scores, and the server exits 0.
 
@@ -797,3 +820,19 @@ def test_other_families_sequence_classifiers_are_served(tmp_path, family):
             status, body, _ = run(main())
     assert status == 200, body
     assert [d["probs"][-1] for d in body["data"]] == [float(x) for x in expected.score]
+
+
+def test_model_loads_on_a_thread_that_ends():
+    """run() loads on a short-lived thread (its OpenMP pool goes with it, docs/serving.md 'Threads'):
+    the value and any exception come back to the caller; the thread is gone afterwards."""
+    from armorm.serve.server import _in_own_thread
+    seen = []
+
+    def load():
+        seen.append(threading.current_thread())
+        return 42
+
+    assert _in_own_thread(load) == 42
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        _in_own_thread(lambda: (_ for _ in ()).throw(FileNotFoundError("no such checkpoint")))

@@ -12,7 +12,7 @@ import signal
 import socket
 import sys
 import threading
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, List, Optional, Union
 
 import uvicorn
 
@@ -68,14 +68,42 @@ def uvicorn_server(app: Any, *, log_level: str = "info", access_log: bool = Fals
     return _Uvicorn(config, app.state.armorm.scheduler.flush)
 
 
+def _in_own_thread(fn: Callable[[], Any]) -> Any:
+    """fn() on a thread that ends when it returns, which takes its OpenMP thread pool with it.
+
+    OpenMP (libgomp) keeps one pool of worker threads per thread that ever
+    started a parallel region. Loading runs parallel passes over the weights;
+    done on the main thread, it would leave a second pool beside the
+    scheduler thread's, and with more OpenMP threads than CPUs libgomp stops
+    spinning at barriers and sleeps instead: the engine ran 5-15% slower in
+    the serve benchmark (docs/serving.md, 'Threads').
+    """
+    result: List[Any] = []
+    error: List[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(fn())
+        except BaseException as e:  # re-raised on the caller's thread
+            error.append(e)
+
+    t = threading.Thread(target=target, name="armorm-load", daemon=True)
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
 def run(model: Union[ArmoRM, str, "os.PathLike[str]"], *, host: str = "127.0.0.1", port: int = 8000,
         device: str = "cpu", dtype: str = "bfloat16", threads: Optional[int] = None,
-        served_model_name: Any = None, log_level: str = "info", access_log: bool = False,
-        announce: Optional[Callable[[str], None]] = None, **app_options: Any) -> None:
+        prepack: Optional[bool] = None, served_model_name: Any = None, log_level: str = "info",
+        access_log: bool = False, announce: Optional[Callable[[str], None]] = None, **app_options: Any) -> None:
     """Serves `model` (a loaded ArmoRM, or a directory / hub id to load) until SIGTERM or Ctrl-C.
 
-    `device`, `dtype`, `threads` are used when loading. `port=0` picks a
-    free port. `announce(line)` is called once the server accepts
+    `device`, `dtype`, `threads` and `prepack` (from_pretrained's: None
+    prepacks where that takes no more memory) are used when loading.
+    `port=0` picks a free port. `announce(line)` is called once the server accepts
     connections (default: the line goes to stderr:
     "armorm serve: ... listening on http://HOST:PORT"). Other keyword
     arguments go to `create_app` (max_batch_tokens, max_wait_ms,
@@ -89,11 +117,14 @@ def run(model: Union[ArmoRM, str, "os.PathLike[str]"], *, host: str = "127.0.0.1
             if not isinstance(model, ArmoRM):
                 if served_model_name is None:
                     served_model_name = str(model)
-                model = ArmoRM.from_pretrained(model, device_map=device, torch_dtype=dtype, num_threads=threads)
+                path = model
+                model = _in_own_thread(lambda: ArmoRM.from_pretrained(path, device_map=device, torch_dtype=dtype,
+                                                                      num_threads=threads, prepack=prepack))
             app = create_app(model, served_model_name=served_model_name, **app_options)
             server = uvicorn_server(app, log_level=log_level, access_log=access_log)
             sock.listen(2048)
-            line = (f"armorm serve: {model.name_or_path} ({model.architecture}, {model.dtype}, {model.device}) "
+            packed = f", {model.prepacked_bytes / 1e9:.2f} GB prepacked" if model.prepacked_bytes else ""
+            line = (f"armorm serve: {model.name_or_path} ({model.architecture}, {model.dtype}, {model.device}{packed}) "
                     f"listening on {_url(sock)}")
             if announce is None:
                 print(line, file=sys.stderr, flush=True)

@@ -484,16 +484,35 @@ static PyObject *PyModel_plan(PyModel *self, PyObject *args, PyObject *kw) {
     return Py_BuildValue("(NO)", names, p.gating ? Py_True : Py_False);
 }
 
-// One packed group of the call on the model's backend, with the GIL released.
+// 1 when the calling thread (holding the GIL) is Python's main thread, the only one that runs signal
+// handlers; 0 otherwise or when that cannot be told (the error is cleared: polling is an optimisation).
+static int on_main_thread(void) {
+    PyObject *threading = PyImport_ImportModule("threading");
+    PyObject *main = threading ? PyObject_CallMethod(threading, "main_thread", NULL) : NULL;
+    PyObject *ident = main ? PyObject_GetAttrString(main, "ident") : NULL;
+    const int yes = ident && PyLong_Check(ident) &&
+                    PyLong_AsUnsignedLong(ident) == PyThread_get_thread_ident();
+    Py_XDECREF(ident);
+    Py_XDECREF(main);
+    Py_XDECREF(threading);
+    PyErr_Clear();
+    return yes;
+}
+
+// One packed group of the call on the model's backend, with the GIL released. Signals are polled only
+// on the main thread: elsewhere (a server's scheduler thread) PyErr_CheckSignals does nothing, and
+// taking the GIL for it between attention slices would stall every OpenMP thread at the next barrier
+// while other Python threads hold the GIL.
 static int run_backend(PyModel *self, const Batch *b, const OutputPlan *p, Outputs *o, ArmError *e) {
     int r;
+    const CancelFn cancel = on_main_thread() ? cancel_check : NULL;
     Py_BEGIN_ALLOW_THREADS
 #ifdef ARMORM_WITH_CUDA
     if (self->cuda)
         r = cuda_forward(self->cuda, &self->model, b, p, o, e);
     else
 #endif
-        r = forward_cpu(&self->model, b, p, o, cancel_check, NULL, e);
+        r = forward_cpu(&self->model, b, p, o, cancel, NULL, e);
     Py_END_ALLOW_THREADS
     return r;
 }
