@@ -7,10 +7,9 @@
 Uses DIR/<shape>-bf16 and DIR/<shape>-fp32 (random ArmoRM-shaped checkpoints
 with the same values, written by benchmarks/make_checkpoint.py when missing:
 16 GB and 32 GB for 8b). Every figure comes from a fresh Python process that
-imports only armorm (no torch), so RSS is the model's, not the harness's:
-
-The first rows load as `armorm score` and the other batch jobs do
-(armorm.model.PREPACK_FOR_BATCH_JOBS: not prepacked):
+imports only armorm (no torch), so RSS is the model's, not the harness's.
+Every row but the prepacking comparison loads as `armorm score` and the other
+batch jobs do (armorm.model.PREPACK_FOR_BATCH_JOBS: not prepacked):
 
 - from_pretrained wall time with a warm page cache (the files read once and
   one untimed load first, then the median of --reps processes), with the
@@ -21,10 +20,10 @@ The first rows load as `armorm score` and the other batch jobs do
 - prepacked weights (docs/model.md, 'Prepacked weights') off and on (auto,
   the library's and `armorm serve`'s default): load time, peak RSS, the
   first 16-token call and the median of --score-reps more (a lone short
-  request: a read of every weight), the packed bytes (0 where auto does not apply: bf16 weights on a CPU without
-  AVX512_BF16), and the scores, which must be equal bit for bit. Which
-  checkpoint: --prepack-checkpoint (fp32 is held as stored, in fp32: prepacked
-  on every SIMD path);
+  request: a read of every weight), the packed bytes (0 where auto does not
+  apply: bf16 weights on a CPU without AVX512_BF16), and the scores, which
+  must be equal bit for bit. Which checkpoint: --prepack-checkpoint (fp32
+  is held as stored, in fp32: prepacked on every SIMD path);
 - prefill of 2 sequences of 512 tokens (after a 16-token warm-up call): tokens/s;
 - the fp32 checkpoint loaded with torch_dtype=bfloat16: load time, peak RSS
   (well under the 32 GB of fp32 weights means the fp32 copy was never held)
