@@ -499,13 +499,10 @@ static int on_main_thread(void) {
     return yes;
 }
 
-// One packed group of the call on the model's backend, with the GIL released. Signals are polled only
-// on the main thread: elsewhere (a server's scheduler thread) PyErr_CheckSignals does nothing, and
-// taking the GIL for it between attention slices would stall every OpenMP thread at the next barrier
-// while other Python threads hold the GIL.
-static int run_backend(PyModel *self, const Batch *b, const OutputPlan *p, Outputs *o, ArmError *e) {
+// One packed group of the call on the model's backend, with the GIL released; `cancel` polled on the CPU.
+static int run_backend(PyModel *self, const Batch *b, const OutputPlan *p, Outputs *o, CancelFn cancel,
+                       ArmError *e) {
     int r;
-    const CancelFn cancel = on_main_thread() ? cancel_check : NULL;
     Py_BEGIN_ALLOW_THREADS
 #ifdef ARMORM_WITH_CUDA
     if (self->cuda)
@@ -563,6 +560,10 @@ static PyObject *PyModel_forward(PyModel *self, PyObject *args, PyObject *kw) {
     if (!cu || (b.parent && !par)) { PyErr_NoMemory(); goto done; }
     // packed groups (given, or of at most batch_tokens tokens; 0: the whole call at once), each run on the backend
     self->busy++;
+    // Signals are polled only on the main thread: elsewhere (a server's scheduler thread) PyErr_CheckSignals
+    // does nothing, and taking the GIL for it between attention slices would hold every OpenMP thread at
+    // the next barrier while other Python threads hold the GIL.
+    const CancelFn cancel = on_main_thread() ? cancel_check : NULL;
     int r = 0;
     for (int first = 0, end, gi = 0; first < b.B && r == 0; first = end, gi++) {
         end = groups ? (int)((const int64_t *)PyArray_DATA(groups))[gi]
@@ -577,7 +578,7 @@ static PyObject *PyModel_forward(PyModel *self, PyObject *args, PyObject *kw) {
             if (arrays[f])
                 *outputs_slot(&o, (Field)f) = (float *)PyArray_DATA((PyArrayObject *)arrays[f]) +
                                               (f == FIELD_ALL_HIDDEN ? t0 : first) * row[f];
-        r = run_backend(self, &g, &plan, &o, &e);
+        r = run_backend(self, &g, &plan, &o, cancel, &e);
         if (r == 0 && progress != Py_None) {
             PyObject *pr = PyObject_CallFunction(progress, "ii", end, b.B);
             if (pr) Py_DECREF(pr);
