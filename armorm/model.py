@@ -34,6 +34,9 @@ from .tokenizer import gating_pattern as derive_gating_pattern
 #: "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n".
 LLAMA3_GATING_PATTERN: List[int] = [128009, 128006, 78191, 128007, 271]
 
+#: The names of from_pretrained's `prepack` values (CLI options, benchmark tables).
+PREPACK_SETTINGS: Dict[str, Optional[bool]] = {"auto": None, "on": True, "off": False}
+
 #: `prepack` for jobs of large packed batches that load a model for one run (CLI scoring, the
 #: RewardBench evaluations, the preparations, Ray's actors): not prepacked. Their calls run
 #: thousands of tokens, where packing the weights per call costs next to nothing, while

@@ -88,7 +88,7 @@ def child(task: str, path: str, threads: int, dtype: str, prefill_reps: int, pre
         kw["torch_dtype"] = dtype
     if task == "load_nocheck":
         kw["check_finite"] = False
-    kw["prepack"] = {"auto": None, "on": True, "off": False}[prepack]
+    kw["prepack"] = armorm.model.PREPACK_SETTINGS[prepack]
     t0 = time.perf_counter()
     model = armorm.ArmoRM.from_pretrained(path, **kw)
     out["load_s"] = time.perf_counter() - t0
@@ -197,7 +197,7 @@ def main() -> int:
         return 0
 
     sys.path.insert(0, str(ROOT))
-    from armorm.model import PREPACK_FOR_BATCH_JOBS
+    from armorm.model import PREPACK_FOR_BATCH_JOBS, PREPACK_SETTINGS
     root = Path(args.dir)
     bf16 = ensure_checkpoint(root / f"{args.shape}-bf16", args.shape, "bf16")
     fp32 = None if args.no_fp32 and args.prepack_checkpoint != "fp32" else \
@@ -211,7 +211,7 @@ def main() -> int:
     print(f"read {bf16.name} in {warm_s:.1f} s (page cache as found)", flush=True)
     # these rows load as the batch jobs do (armorm score: armorm.model.PREPACK_FOR_BATCH_JOBS, off);
     # the prepack rows below compare off with the library's default
-    batch = "on" if PREPACK_FOR_BATCH_JOBS else "off" if PREPACK_FOR_BATCH_JOBS is False else "auto"
+    batch = {v: k for k, v in PREPACK_SETTINGS.items()}[PREPACK_FOR_BATCH_JOBS]
     first = run_child("load", bf16, args, prepack=batch)  # page cache warm now (where RAM allows), not timed
     loads = [run_child("load", bf16, args, prepack=batch) for _ in range(args.reps)]
     nochecks = [run_child("load_nocheck", bf16, args, prepack=batch) for _ in range(args.reps)]

@@ -11,6 +11,7 @@ import sys
 from typing import Any, Callable
 
 from ..hub import DEFAULT_MODEL
+from ..model import PREPACK_SETTINGS
 from .inputs import DEFAULT_MAX_BODY_BYTES
 from .scheduler import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_QUEUE_TOKENS, DEFAULT_MAX_WAIT_MS
 
@@ -25,10 +26,6 @@ def _number(kind: Callable[[str], Any], lo: float) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(f"must be a finite number >= {lo}, got {text}")
         return v
     return parse
-
-
-#: --prepack's values, as from_pretrained's `prepack`.
-PREPACK_CHOICES = {"auto": None, "on": True, "off": False}
 
 
 def add_parser(sub: Any) -> None:
@@ -47,7 +44,7 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16", "auto"],
                    help="dtype the weights are held in; auto keeps the stored dtype (default: bfloat16)")
-    s.add_argument("--prepack", default="auto", choices=list(PREPACK_CHOICES),
+    s.add_argument("--prepack", default="auto", choices=list(PREPACK_SETTINGS),
                    help="hold the matrices in the CPU kernel's packed layout from load on: a lone short request "
                         "then reads each weight once instead of repacking it; auto where that takes no more "
                         "memory, on / off always / never (docs/model.md, 'Prepacked weights') (default: auto)")
@@ -94,7 +91,7 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         api_key = args.api_key if args.api_key is not None else os.environ.get("ARMORM_API_KEY") or None
         run(path, host=args.host, port=args.port, device=args.device, dtype=args.dtype, threads=args.threads,
-            prepack=PREPACK_CHOICES[args.prepack],
+            prepack=PREPACK_SETTINGS[args.prepack],
             served_model_name=args.served_model_name or [args.model], log_level=args.log_level,
             access_log=args.access_log, max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
             max_queue_tokens=args.max_queue_tokens, max_length=args.max_length, api_key=api_key,
